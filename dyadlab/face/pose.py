@@ -1,0 +1,77 @@
+"""Head pose from 2D landmarks, in OpenFace's conventions.
+
+A generic rigid 3D face (six points: nose tip 30, chin 8, outer eye corners
+36/45, lip corners 48/54; the widely used model of Mallick, LearnOpenCV 2016,
+scaled to millimetres so the outer eye corners are 90 mm apart) is fitted to
+the 2D landmarks with OpenCV's solvePnP. Camera intrinsics follow OpenFace's
+defaults when none are known: fx = fy = 500 * (w/640 + h/480) / 2, principal
+point at the image centre.
+
+Output: pose_Tx, pose_Ty, pose_Tz (mm, camera coordinates: x right, y down,
+z away from the camera) and pose_Rx (pitch), pose_Ry (yaw), pose_Rz (roll) in
+radians, Euler angles of R = Rx·Ry·Rz as OpenFace writes them. A frontal face
+looking into the camera has Rx ≈ Ry ≈ Rz ≈ 0.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+POSE_POINTS = [30, 8, 36, 45, 48, 54]
+# LearnOpenCV's model has y up and z towards the viewer; flip both into
+# OpenCV/OpenFace camera axes, then scale (its eye corners are 450 units apart).
+_MODEL = np.array([
+    (0.0, 0.0, 0.0),          # nose tip
+    (0.0, -330.0, -65.0),     # chin
+    (-225.0, 170.0, -135.0),  # subject's right eye, outer corner (36)
+    (225.0, 170.0, -135.0),   # subject's left eye, outer corner (45)
+    (-150.0, -150.0, -125.0),  # right lip corner (48)
+    (150.0, -150.0, -125.0),   # left lip corner (54)
+]) * np.array([1.0, -1.0, -1.0]) * (90.0 / 450.0)
+
+
+def camera_matrix(width: int, height: int) -> np.ndarray:
+    f = 500.0 * (width / 640.0 + height / 480.0) / 2.0
+    return np.array([[f, 0, width / 2.0], [0, f, height / 2.0], [0, 0, 1.0]])
+
+
+def euler_xyz(R: np.ndarray) -> tuple[float, float, float]:
+    """Angles (rx, ry, rz) with R = Rx(rx) @ Ry(ry) @ Rz(rz) (OpenFace's RotationMatrix2Euler)."""
+    ry = float(np.arcsin(np.clip(R[0, 2], -1.0, 1.0)))
+    rx = float(np.arctan2(-R[1, 2], R[2, 2]))
+    rz = float(np.arctan2(-R[0, 1], R[0, 0]))
+    return rx, ry, rz
+
+
+class PoseEstimator:
+    """Per-face pose with the previous solution as the starting guess (stable, fast)."""
+
+    def __init__(self, width: int, height: int):
+        self.K = camera_matrix(width, height)
+        self.dist = np.zeros(4)
+        self._guess: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, key: int, landmarks: np.ndarray) -> np.ndarray:
+        """[Tx, Ty, Tz, Rx, Ry, Rz] for one face's (68, 2) landmarks."""
+        img = np.ascontiguousarray(landmarks[POSE_POINTS], dtype=np.float64)
+        guess = self._guess.get(key)
+        if guess is None:
+            ok, rvec, tvec = cv2.solvePnP(_MODEL, img, self.K, self.dist,
+                                          flags=cv2.SOLVEPNP_EPNP)
+            if ok:
+                ok, rvec, tvec = cv2.solvePnP(_MODEL, img, self.K, self.dist, rvec, tvec,
+                                              useExtrinsicGuess=True,
+                                              flags=cv2.SOLVEPNP_ITERATIVE)
+        else:
+            rvec, tvec = guess[0].copy(), guess[1].copy()
+            ok, rvec, tvec = cv2.solvePnP(_MODEL, img, self.K, self.dist, rvec, tvec,
+                                          useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE)
+        if not ok or tvec[2, 0] <= 0:
+            self._guess.pop(key, None)
+            return np.full(6, np.nan)
+        self._guess[key] = (rvec, tvec)
+        R, _ = cv2.Rodrigues(rvec)
+        return np.array([*tvec[:, 0], *euler_xyz(R)])
+
+    def forget(self, key: int) -> None:
+        self._guess.pop(key, None)

@@ -1,0 +1,209 @@
+"""Server bootstrap shared by every service.
+
+`serve()` gives each service the same skeleton, modelled on grpc/grpc's
+examples/python: a `grpc.aio` server with the standard health service
+(NOT_SERVING until the service says it is ready, e.g. models loaded), server
+reflection, Prometheus metrics per RPC, JSON logs, and graceful shutdown on
+SIGTERM/SIGINT (health flips to NOT_SERVING first so load balancers drain).
+
+Servicer methods wrap themselves in `@status_errors` so that known failures
+become precise gRPC statuses with a message a person can act on.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import signal
+import time
+from typing import Awaitable, Callable, Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+import prometheus_client as prom
+
+from dyadlab import frames, storage
+from dyadlab.config import Settings
+
+log = logging.getLogger("dyadlab.rpc")
+
+MAX_MESSAGE_BYTES = 4 << 20  # messages carry references, never bulk data
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+RPCS = prom.Counter("dyadlab_rpc_total", "RPCs handled", ["method", "code"])
+RPC_SECONDS = prom.Histogram("dyadlab_rpc_seconds", "RPC wall time", ["method"],
+                             buckets=(.005, .02, .1, .5, 1, 2, 5, 10, 30, 60, 300, 1800))
+
+
+class Service(Protocol):
+    #: fully-qualified gRPC service name, e.g. "dyadlab.v1.Extractor"
+    name: str
+
+    def register(self, server: grpc.aio.Server) -> None: ...
+
+    async def start(self) -> None:
+        """Load models, start pools; the service is SERVING once this returns."""
+
+    async def stop(self) -> None: ...
+
+
+class UserError(Exception):
+    """A failure caused by the request; carries the status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, UserError):
+        return exc.code, str(exc)
+    if isinstance(exc, (frames.TableError, storage.InvalidKey)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, storage.NotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, storage.Unavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, storage.StoreError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the service log"
+
+
+def status_errors(fn):
+    """Turn exceptions raised by a servicer method into precise gRPC statuses."""
+    async def _abort(exc, context):
+        code, msg = status_for(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("unhandled error in %s", fn.__qualname__)
+        else:
+            log.info("request refused", extra={"rpc": fn.__name__, "code": code.name})
+        await context.abort(code, msg)
+
+    if inspect.isasyncgenfunction(fn):
+        @functools.wraps(fn)
+        async def gen(self, request, context):
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # noqa: BLE001 — mapped to a status
+                await _abort(exc, context)
+        return gen
+
+    @functools.wraps(fn)
+    async def unary(self, request, context):
+        try:
+            return await fn(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await _abort(exc, context)
+    return unary
+
+
+class _MetricsInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not (handler.unary_unary or handler.unary_stream):
+            return handler
+        method = details.method
+
+        def record(context, t0, failed):
+            code = context.code() if hasattr(context, "code") else None
+            name = code.name if isinstance(code, grpc.StatusCode) else (
+                "UNKNOWN" if failed else "OK")
+            RPCS.labels(method, name).inc()
+            RPC_SECONDS.labels(method).observe(time.perf_counter() - t0)
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def uu(request, context):
+                t0, failed = time.perf_counter(), True
+                try:
+                    resp = await inner(request, context)
+                    failed = False
+                    return resp
+                finally:
+                    record(context, t0, failed)
+            return grpc.unary_unary_rpc_method_handler(
+                uu, handler.request_deserializer, handler.response_serializer)
+
+        inner_s = handler.unary_stream
+
+        async def us(request, context):
+            t0, failed = time.perf_counter(), True
+            try:
+                async for item in inner_s(request, context):
+                    yield item
+                failed = False
+            finally:
+                record(context, t0, failed)
+        return grpc.unary_stream_rpc_method_handler(
+            us, handler.request_deserializer, handler.response_serializer)
+
+
+async def serve(service: Service, settings: Settings, addr: str,
+                grace_s: float = 10.0, started: Callable[[int], Awaitable[None] | None] | None = None,
+                stop_event: asyncio.Event | None = None) -> None:
+    """Run `service` on `addr` until SIGTERM/SIGINT (or `stop_event` is set)."""
+    server = grpc.aio.server(interceptors=[_MetricsInterceptor()], options=SERVER_OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", service.name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    service.register(server)
+    reflection.enable_server_reflection(
+        (service.name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(addr)
+    if port == 0:
+        raise OSError(f"cannot listen on {addr}")
+    await server.start()
+    if settings.metrics_port:
+        prom.start_http_server(settings.metrics_port, addr=settings.bind)
+    log.info("listening", extra={"port": port, "metrics_port": settings.metrics_port})
+
+    stop = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread (in-process tests): stop_event is used instead
+
+    try:
+        t0 = time.perf_counter()
+        await service.start()
+        for name in ("", service.name):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"startup_s": round(time.perf_counter() - t0, 3)})
+        if started is not None:
+            r = started(port)
+            if inspect.isawaitable(r):
+                await r
+        await stop.wait()
+        log.info("shutting down", extra={"grace_s": grace_s})
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace_s)
+    finally:
+        await service.stop()
+        await server.stop(0)
+    log.info("stopped")
+
+
+def run(service_factory: Callable[[Settings], Service], addr_of: Callable[[Settings], str]) -> None:
+    """Entry point of a service process: settings from env, JSON logs, serve."""
+    from dyadlab import log as jsonlog
+    settings = Settings.from_env()
+    svc = service_factory(settings)
+    jsonlog.setup(svc.name.rsplit(".", 1)[-1].lower(), settings.log_level)
+    addr = addr_of(settings)
+    port = settings.port_of(addr)
+    asyncio.run(serve(svc, settings, f"{settings.bind}:{port}"))

@@ -1,0 +1,305 @@
+"""One object-store interface, two backends: a local directory (the embedded
+default) and any S3-compatible server (MinIO, Swift's s3api, ...) via `minio`.
+
+Publishing is atomic in both: the local backend writes a temporary file and
+renames it into place; an S3 PUT only becomes visible once complete. A failure
+therefore never leaves a half-written object under a final key.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+import urllib3
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from dyadlab.config import Settings
+
+_CHUNK = 1 << 20
+
+
+class StoreError(Exception):
+    """Base class; the message is safe to show to a user."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Unavailable(StoreError):
+    pass
+
+
+class InvalidKey(StoreError, ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Ref:
+    bucket: str
+    key: str
+    sha256: str = ""
+    size: int = -1
+
+
+def validate_key(key: str) -> str:
+    """Reject keys that could escape the bucket or confuse a filesystem."""
+    if not key or len(key.encode()) > 1024:
+        raise InvalidKey("object key must be 1..1024 bytes")
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise InvalidKey("object key contains control characters")
+    if key.startswith("/") or "\\" in key:
+        raise InvalidKey(f"object key must be relative with '/' separators: {key!r}")
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise InvalidKey(f"object key has an empty, '.' or '..' segment: {key!r}")
+    return key
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ObjectStore(abc.ABC):
+    bucket: str
+
+    @abc.abstractmethod
+    def put_stream(self, key: str, stream: BinaryIO, size: int,
+                   content_type: str = "application/octet-stream") -> Ref: ...
+
+    @abc.abstractmethod
+    def open(self, key: str) -> BinaryIO:
+        """A readable stream of the object (caller closes it)."""
+
+    @abc.abstractmethod
+    def size(self, key: str) -> int | None:
+        """Size in bytes, or None when the key does not exist."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[str]: ...
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    # -- conveniences built on the primitives ---------------------------------
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> Ref:
+        ref = self.put_stream(key, io.BytesIO(data), len(data), content_type)
+        return dataclasses.replace(ref, sha256=hashlib.sha256(data).hexdigest())
+
+    def put_file(self, key: str, path: str | os.PathLike,
+                 content_type: str = "application/octet-stream", sha256: str = "") -> Ref:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            ref = self.put_stream(key, f, size, content_type)
+        return dataclasses.replace(ref, sha256=sha256 or sha256_file(path))
+
+    def get_bytes(self, key: str) -> bytes:
+        with self.open(key) as f:
+            return f.read()
+
+    def get_file(self, key: str, path: str | os.PathLike) -> Path:
+        """Download atomically: a partial download never appears at `path`."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as out, self.open(key) as src:
+                shutil.copyfileobj(src, out, _CHUNK)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def ref(self, key: str, sha256: str = "") -> Ref:
+        size = self.size(key)
+        if size is None:
+            raise NotFound(f"no object {key!r} in bucket {self.bucket!r}")
+        return Ref(self.bucket, key, sha256, size)
+
+
+class LocalStore(ObjectStore):
+    """Objects as files under ROOT/BUCKET/KEY; temporaries under ROOT/BUCKET/.tmp."""
+
+    def __init__(self, root: str | os.PathLike, bucket: str = "dyadlab"):
+        self.bucket = bucket
+        self.root = Path(root).expanduser().resolve() / bucket
+        self.tmp = self.root / ".tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        validate_key(key)
+        if key.split("/")[0] == ".tmp":
+            raise InvalidKey("keys under .tmp/ are reserved")
+        return self.root / key
+
+    def put_stream(self, key, stream, size, content_type="application/octet-stream"):
+        dest = self._path(key)
+        fd, tmp = tempfile.mkstemp(dir=self.tmp)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                written = _copy_exact(stream, out, size)
+            if written != size:
+                raise StoreError(f"short write for {key!r}: {written} of {size} bytes")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return Ref(self.bucket, key, "", size)
+
+    def open(self, key):
+        try:
+            return open(self._path(key), "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"no object {key!r} in bucket {self.bucket!r}") from None
+
+    def size(self, key):
+        p = self._path(key)
+        return p.stat().st_size if p.is_file() else None
+
+    def list(self, prefix=""):
+        keys = []
+        for p in self.root.rglob("*"):
+            if p.is_file() and not p.is_relative_to(self.tmp):
+                k = p.relative_to(self.root).as_posix()
+                if k.startswith(prefix):
+                    keys.append(k)
+        yield from sorted(keys)  # by key string, as S3 lists (Path order puts "a/1" before "a-b")
+
+    def delete(self, key):
+        self._path(key).unlink(missing_ok=True)
+
+    def local_path(self, key: str) -> Path:
+        """The file behind a key (local backend only: avoids a copy)."""
+        p = self._path(key)
+        if not p.is_file():
+            raise NotFound(f"no object {key!r} in bucket {self.bucket!r}")
+        return p
+
+
+def _copy_exact(src: BinaryIO, dst: BinaryIO, size: int) -> int:
+    n = 0
+    while n < size:
+        block = src.read(min(_CHUNK, size - n))
+        if not block:
+            break
+        dst.write(block)
+        n += len(block)
+    return n
+
+
+class S3Store(ObjectStore):
+    """An S3-compatible server through the `minio` client."""
+
+    def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
+                 secure: bool = True, region: str = "us-east-1", timeout_s: float = 30.0):
+        from minio import Minio
+        self.bucket = bucket
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5.0, read=timeout_s), maxsize=16,
+            retries=urllib3.Retry(total=3, backoff_factor=0.3,
+                                  status_forcelist=(500, 502, 503, 504)))
+        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key,
+                            secure=secure, region=region, http_client=http)
+        self._bucket_ready = False
+
+    def _call(self, fn, *args, **kw):
+        with self._errors(kw.get("object_name", args[1] if len(args) > 1 else "")):
+            if not self._bucket_ready:
+                if not self.client.bucket_exists(self.bucket):
+                    self.client.make_bucket(self.bucket)
+                self._bucket_ready = True
+            return fn(*args, **kw)
+
+    @contextlib.contextmanager
+    def _errors(self, key: str = ""):
+        """Translate minio / urllib3 / socket errors into StoreError subclasses."""
+        from minio.error import MinioException, S3Error
+        try:
+            yield
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchObject", "NoSuchBucket", "ResourceNotFound"):
+                raise NotFound(f"no object {key!r} in bucket {self.bucket!r}") from None
+            if e.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise StoreError(f"object store refused the credentials ({e.code})") from None
+            raise StoreError(f"object store error {e.code}") from None
+        except MinioException as e:  # non-S3 answers (HTML error page, bare 5xx, ...)
+            raise StoreError(f"object store gave an unexpected answer ({type(e).__name__}); "
+                             "is the endpoint an S3 server?") from None
+        except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as e:
+            raise Unavailable(f"object store unreachable: {type(e).__name__}") from None
+        except OSError as e:  # local I/O, e.g. minio's "stream having not enough data"
+            raise StoreError(f"object store transfer failed: {e}") from None
+
+    def put_stream(self, key, stream, size, content_type="application/octet-stream"):
+        validate_key(key)
+        self._call(self.client.put_object, self.bucket, key, stream, size,
+                   content_type=content_type, part_size=64 << 20)
+        return Ref(self.bucket, key, "", size)
+
+    def open(self, key):
+        validate_key(key)
+        resp = self._call(self.client.get_object, self.bucket, key)
+        return _Response(resp)
+
+    def size(self, key):
+        validate_key(key)
+        try:
+            return self._call(self.client.stat_object, self.bucket, key).size
+        except NotFound:
+            return None
+
+    def list(self, prefix=""):
+        objs = self._call(self.client.list_objects, self.bucket, prefix=prefix, recursive=True)
+        with self._errors():  # list_objects is lazy: the requests happen while iterating
+            for o in objs:
+                yield o.object_name
+
+    def delete(self, key):
+        validate_key(key)
+        self._call(self.client.remove_object, self.bucket, key)
+
+
+class _Response(io.RawIOBase):
+    """A file-like wrapper that releases the HTTP connection on close."""
+
+    def __init__(self, resp):
+        self._r = resp
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        data = self._r.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def read(self, n=-1):
+        return self._r.read() if n is None or n < 0 else self._r.read(n)
+
+    def close(self):
+        if not self.closed:
+            self._r.close()
+            self._r.release_conn()
+        super().close()
+
+
+def open_store(settings: Settings) -> ObjectStore:
+    if settings.uses_s3:
+        return S3Store(settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key,
+                       settings.bucket, secure=settings.s3_secure, region=settings.s3_region)
+    return LocalStore(settings.store_dir, settings.bucket)

@@ -1,0 +1,163 @@
+"""Video probing and frame decoding with PyAV.
+
+`probe()` demuxes the packets once (no decoding, thousands of packets per
+second) to learn every frame's presentation time and the keyframes. Frame
+numbers and timestamps therefore come from the container's real pts — correct
+for variable-frame-rate video — and any range of frames can be decoded
+independently by seeking to the keyframe before it (`frames()`), which lets
+the extractor split a video into chunks that run on different cores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator
+
+import av
+import numpy as np
+
+
+class VideoError(ValueError):
+    """Not a usable video; the message says why in words a user can act on."""
+
+
+@dataclasses.dataclass
+class VideoIndex:
+    width: int
+    height: int
+    codec: str
+    pts: np.ndarray          # int64 presentation timestamps in stream time base, sorted
+    keyframe: np.ndarray     # bool per frame
+    time_base: float
+    has_audio: bool
+    rotation: int = 0        # degrees, counter-clockwise, to apply to decoded frames
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.pts)
+
+    @property
+    def timestamps(self) -> np.ndarray:
+        """Seconds from the first frame (OpenFace's `timestamp`)."""
+        return (self.pts - self.pts[0]).astype(np.float64) * self.time_base
+
+    @property
+    def duration_s(self) -> float:
+        ts = self.timestamps
+        if len(ts) < 2:
+            return 0.0
+        return float(ts[-1] + np.median(np.diff(ts)))
+
+    @property
+    def avg_fps(self) -> float:
+        d = self.duration_s
+        return self.n_frames / d if d > 0 else 0.0
+
+    @property
+    def variable_frame_rate(self) -> bool:
+        if self.n_frames < 3:
+            return False
+        dt = np.diff(self.timestamps)
+        return bool(np.max(np.abs(dt - np.median(dt))) > 0.002 + 0.05 * np.median(dt))
+
+
+def _open(path: str | os.PathLike):
+    try:
+        c = av.open(str(path), metadata_errors="ignore")
+    except av.error.InvalidDataError:
+        raise VideoError("the file is not a video this program can read "
+                         "(no known container format)") from None
+    except av.error.FFmpegError as e:
+        raise VideoError(f"the file cannot be opened as a video ({type(e).__name__})") from None
+    if not c.streams.video:
+        kinds = sorted({s.type for s in c.streams}) or ["nothing"]
+        c.close()
+        raise VideoError(f"the file has no video stream (it contains {', '.join(kinds)})")
+    return c
+
+
+def probe(path: str | os.PathLike) -> VideoIndex:
+    """Index every frame of the first video stream; raise VideoError when unusable."""
+    if os.path.getsize(path) == 0:
+        raise VideoError("the file is empty (0 bytes)")
+    with _open(path) as c:
+        vs = c.streams.video[0]
+        if vs.time_base is None:
+            raise VideoError("the video stream has no time base")
+        pts, key = [], []
+        try:
+            for p in c.demux(vs):
+                if p.size == 0 or p.pts is None:
+                    continue
+                pts.append(p.pts)
+                key.append(p.is_keyframe)
+        except av.error.FFmpegError:
+            # A damaged tail: keep what was read, the decoder will tell whether it's usable.
+            pass
+        codec = vs.codec_context.name
+        width, height = vs.codec_context.width, vs.codec_context.height
+        has_audio = bool(c.streams.audio)
+        tb = float(vs.time_base)
+    if not pts:
+        raise VideoError("the video stream holds no frames with timestamps")
+    order = np.argsort(pts, kind="stable")
+    pts_a = np.asarray(pts, dtype=np.int64)[order]
+    key_a = np.asarray(key, dtype=bool)[order]
+    keep = np.concatenate([[True], np.diff(pts_a) > 0])  # drop duplicate pts
+    idx = VideoIndex(width, height, codec, pts_a[keep], key_a[keep], tb, has_audio)
+    if width <= 0 or height <= 0:
+        raise VideoError("the video stream has no picture size")
+    # Decode one frame: proves the stream is decodable and reads the rotation.
+    first = next(frames(path, idx, 0, min(idx.n_frames, 8)), None)
+    if first is None:
+        raise VideoError("no frame of the video could be decoded (truncated or corrupt file?)")
+    return idx
+
+
+def _gray(frame: av.VideoFrame) -> np.ndarray:
+    """Luma as C-contiguous uint8, without colour conversion when the frame is
+    planar YUV. Contiguity matters: dlib silently ignores numpy strides, so a
+    padded plane (line size > width) would be read as a sheared image."""
+    if frame.format.name in ("yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "nv12"):
+        plane = frame.planes[0]
+        buf = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+        return np.ascontiguousarray(buf[:, :plane.width])
+    return np.ascontiguousarray(frame.to_ndarray(format="gray"))
+
+
+def frames(path: str | os.PathLike, index: VideoIndex, start: int, stop: int,
+           threads: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (frame number, grayscale image) for frames start..stop-1.
+
+    Seeks to the keyframe at or before `start`, decodes forward and keeps the
+    frames whose pts fall in range. A corrupt stretch ends the iteration early
+    (the caller sees which frames never came).
+    """
+    if start >= stop:
+        return
+    lo, hi = index.pts[start], index.pts[stop - 1]
+    number = {int(p): i for i, p in enumerate(index.pts[start:stop], start)}
+    with _open(path) as c:
+        vs = c.streams.video[0]
+        vs.thread_type = "AUTO" if threads > 1 else "SLICE"
+        vs.codec_context.thread_count = threads
+        if start > 0:
+            c.seek(int(lo), stream=vs, backward=True, any_frame=False)
+        try:
+            for fr in c.decode(vs):
+                if fr.pts is None or fr.pts < lo:
+                    continue
+                if fr.pts > hi:
+                    break
+                i = number.get(int(fr.pts))
+                if i is None:
+                    continue
+                img = _gray(fr)
+                rot = getattr(fr, "rotation", 0) or 0
+                if rot:
+                    img = np.ascontiguousarray(np.rot90(img, k=int(rot) // 90))
+                yield i, img
+                if i == stop - 1:
+                    break
+        except av.error.FFmpegError:
+            return

@@ -1,0 +1,87 @@
+"""Who is who: join per-chunk tracks into people, and label parent and infant.
+
+Joining (in order of first appearance): a track continues a person when it
+starts on the frame after that person was last seen at an overlapping box
+(a chunk boundary or a re-detection), or — after a gap — when dlib's 128-D
+face descriptors are closer than `SAME_PERSON` (dlib's own 0.6 rule, a bit
+stricter). Two tracks that overlap in time are never the same person.
+
+Roles (documented heuristic, overridable with `adult_face_id`): with one
+person, that person is the adult (the usual single-camera parent recording);
+with two or more, the adult is the person with the larger median
+inter-ocular distance and the infant the next one. Parents lean in and out,
+infants sit in a chair — size is a reliable cue in free-play and
+high-chair recordings; the override exists for the rest (and for recordings
+of an infant alone).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+SAME_PERSON = 0.55
+MIN_PERSON_FRAMES = 5
+
+
+def _iou(a, b) -> float:
+    x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / u if u > 0 else 0.0
+
+
+@dataclasses.dataclass
+class Person:
+    members: list = dataclasses.field(default_factory=list)  # (chunk index, local tid)
+    last: int = -1
+    last_rect: tuple = (0, 0, 0, 0)
+    embeddings: list = dataclasses.field(default_factory=list)
+
+    def distance(self, e: np.ndarray | None) -> float:
+        if e is None or not self.embeddings:
+            return np.inf
+        return float(np.linalg.norm(np.mean(self.embeddings, axis=0) - e))
+
+
+def join(chunks) -> dict[tuple[int, int], int]:
+    """Map (chunk index, local track id) -> person index, persons in order of appearance."""
+    tracks = sorted(((t.first, ci, t) for ci, c in enumerate(chunks) for t in c.tracks),
+                    key=lambda x: (x[0], x[1], x[2].tid))
+    people: list[Person] = []
+    for first, ci, t in tracks:
+        free = [p for p in people if p.last < first]
+        best = None
+        cont = [p for p in free if p.last == first - 1 and _iou(p.last_rect, t.first_rect) > 0.3]
+        if cont:
+            best = max(cont, key=lambda p: _iou(p.last_rect, t.first_rect))
+        else:
+            d = [(p.distance(t.embedding), i) for i, p in enumerate(free)]
+            d = [x for x in d if x[0] < SAME_PERSON]
+            if d:
+                best = free[min(d)[1]]
+        if best is None:
+            best = Person()
+            people.append(best)
+        best.members.append((ci, t.tid))
+        best.last, best.last_rect = t.last, t.last_rect
+        if t.embedding is not None and len(best.embeddings) < 8:
+            best.embeddings.append(t.embedding)
+    return {m: i for i, p in enumerate(people) for m in p.members}
+
+
+def assign_roles(person_ids: list[int], median_iod: dict[int, float],
+                 adult_face_id: int = -1) -> dict[int, str]:
+    """Role per person: "adult", "infant" or "" (see module docstring)."""
+    roles = {p: "" for p in person_ids}
+    if not person_ids:
+        return roles
+    if adult_face_id >= 0 and adult_face_id in roles:
+        adult = adult_face_id
+    else:
+        adult = max(person_ids, key=lambda p: median_iod.get(p, 0.0))
+    roles[adult] = "adult"
+    rest = sorted((p for p in person_ids if p != adult), key=lambda p: -median_iod.get(p, 0.0))
+    if rest:
+        roles[rest[0]] = "infant"
+    return roles

@@ -1,0 +1,185 @@
+"""Video -> frame table: index, chunked tracking on worker processes, identity
+join, roles, AU estimation. Usable without gRPC (benchmarks, tests).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import io
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from dyadlab import frames as ft
+from dyadlab import video
+from services.extractor import au, chunks, identity
+
+log = logging.getLogger("dyadlab.extractor")
+
+#: Bump when the output of the pipeline changes, so cached tables are not reused.
+PIPELINE_VERSION = "1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    max_faces: int = 2
+    verify_every: int = 0
+    adult_face_id: int = -1
+    chunk_frames: int = chunks.CHUNK_FRAMES
+
+    def cache_tag(self) -> str:
+        """What changes the frame table (the chunking does not)."""
+        return f"v{PIPELINE_VERSION}-f{self.max_faces}-d{self.verify_every}-a{self.adult_face_id}"
+
+
+@dataclasses.dataclass
+class Extraction:
+    table: pd.DataFrame
+    index: video.VideoIndex
+    notes: list[str]
+    faces: list[dict]
+    seconds: float
+    chunk_seconds: float
+
+
+ProgressFn = Callable[[str, int, int, str], None]
+
+
+class ChunkCache:
+    """Finished chunks kept in the object store so an interrupted job resumes."""
+
+    def __init__(self, store, prefix: str):
+        self.store, self.prefix = store, prefix
+
+    def key(self, start: int, stop: int) -> str:
+        return f"{self.prefix}/chunk-{start:08d}-{stop:08d}.npz"
+
+    def get(self, start: int, stop: int) -> chunks.ChunkResult | None:
+        if self.store is None or not self.store.exists(self.key(start, stop)):
+            return None
+        with np.load(io.BytesIO(self.store.get_bytes(self.key(start, stop)))) as z:
+            return chunks.ChunkResult.from_npz(z)
+
+    def put(self, res: chunks.ChunkResult) -> None:
+        if self.store is None:
+            return
+        buf = io.BytesIO()
+        np.savez(buf, **res.to_npz())
+        self.store.put_bytes(self.key(res.start, res.stop), buf.getvalue())
+
+    def clear(self) -> None:
+        if self.store is not None:
+            for k in list(self.store.list(self.prefix + "/")):
+                self.store.delete(k)
+
+
+def extract(path: str, opts: Options, executor: cf.Executor | None = None,
+            index: video.VideoIndex | None = None, cache: ChunkCache | None = None,
+            progress: ProgressFn | None = None) -> Extraction:
+    t0 = time.perf_counter()
+    progress = progress or (lambda *a: None)
+    index = index or video.probe(path)
+    plan = chunks.plan(index, opts.chunk_frames)
+    cache = cache or ChunkCache(None, "")
+    results: dict[int, chunks.ChunkResult] = {}
+    todo = []
+    for i, (a, b) in enumerate(plan):
+        hit = cache.get(a, b)
+        if hit is not None:
+            results[i] = hit
+        else:
+            todo.append(i)
+    done = sum(results[i].stop - results[i].start for i in results)
+    progress("landmarks", done, index.n_frames, f"{len(results)} of {len(plan)} chunks cached")
+    if todo:
+        own = executor is None
+        ex = executor or cf.ThreadPoolExecutor(1)
+        try:
+            futs = {ex.submit(chunks.process, str(path), index, *plan[i], opts.max_faces,
+                              opts.verify_every): i for i in todo}
+            for fut in cf.as_completed(futs):
+                res = fut.result()
+                results[futs[fut]] = res
+                cache.put(res)
+                done += res.stop - res.start
+                progress("landmarks", done, index.n_frames, "")
+        finally:
+            if own:
+                ex.shutdown()
+    ordered = [results[i] for i in range(len(plan))]
+    decoded = sum(r.frames_decoded for r in ordered)
+    table, faces, notes = assemble(ordered, index, opts)
+    if decoded < index.n_frames:
+        notes.append(f"{index.n_frames - decoded} of {index.n_frames} frames could not be "
+                     "decoded (damaged video?); they have success = 0")
+    return Extraction(table, index, notes, faces, time.perf_counter() - t0,
+                      sum(r.seconds for r in ordered))
+
+
+def assemble(results: list[chunks.ChunkResult], index: video.VideoIndex,
+             opts: Options) -> tuple[pd.DataFrame, list[dict], list[str]]:
+    n = index.n_frames
+    person_of = identity.join(results)
+    n_people = (max(person_of.values()) + 1) if person_of else 0
+    conf = np.zeros((n_people, n), np.float32)
+    ok = np.zeros((n_people, n), bool)
+    lm = np.full((n_people, n, 68, 2), np.nan, np.float32)
+    pose = np.full((n_people, n, 6), np.nan, np.float32)
+    for ci, r in enumerate(results):
+        if len(r.frame) == 0:
+            continue
+        p = np.array([person_of[(ci, int(t))] for t in r.tid])
+        conf[p, r.frame] = r.confidence
+        ok[p, r.frame] = True
+        lm[p, r.frame] = r.landmarks
+        pose[p, r.frame] = r.pose
+    keep = [p for p in range(n_people) if ok[p].sum() >= identity.MIN_PERSON_FRAMES]
+    notes: list[str] = []
+    if n_people > len(keep):
+        notes.append(f"{n_people - len(keep)} brief detection(s) of under "
+                     f"{identity.MIN_PERSON_FRAMES} frames ignored")
+    iod = {}
+    for new, p in enumerate(keep):
+        e = lm[p, ok[p]]
+        iod[new] = float(np.median(np.linalg.norm(e[:, 45] - e[:, 36], axis=1)))
+    roles = identity.assign_roles(list(range(len(keep))), iod, opts.adult_face_id)
+
+    ts = index.timestamps
+    blocks, faces = [], []
+    for new, p in enumerate(keep):
+        # Unstable landmarks (occlusion, a face turning away) lower confidence.
+        conf[p] *= au.stability(au.jitter(lm[p], index.avg_fps)).astype(np.float32)
+        est = au.estimate(lm[p], index.avg_fps, usable=ok[p] & (conf[p] >= 0.5),
+                          rest_width=au.ADULT_REST_WIDTH if roles[new] == "adult"
+                          else au.INFANT_REST_WIDTH)
+        block = {
+            "frame": np.arange(1, n + 1), "face_id": np.full(n, new), "timestamp": ts,
+            "confidence": np.where(ok[p], conf[p], 0.0).astype(np.float64),
+            "success": ok[p].astype(np.int64), ft.ROLE_COL: np.full(n, roles[new], object),
+        }
+        for j, c in enumerate(ft.POSE_COLS):
+            block[c] = pose[p, :, j].astype(np.float64)
+        for j in range(68):
+            block[f"x_{j}"] = lm[p, :, j, 0].astype(np.float64)
+        for j in range(68):
+            block[f"y_{j}"] = lm[p, :, j, 1].astype(np.float64)
+        for k, v in est.items():
+            block[k] = np.where(ok[p], v, np.nan)
+        blocks.append(pd.DataFrame(block))
+        faces.append({"face_id": new, "role": roles[new], "frames_tracked": int(ok[p].sum()),
+                      "mean_confidence": float(conf[p, ok[p]].mean()),
+                      "median_iod_px": iod[new]})
+    if not blocks:
+        notes.append(f"no face found in any of the {n} frames")
+        empty = {"frame": np.arange(1, n + 1), "face_id": np.zeros(n, np.int64), "timestamp": ts,
+                 "confidence": np.zeros(n), "success": np.zeros(n, np.int64),
+                 ft.ROLE_COL: np.full(n, "", object)}
+        for c in ft.POSE_COLS + ft.LANDMARK_COLS + ["AU06_r", "AU12_r", "AU25_r"]:
+            empty[c] = np.full(n, np.nan)
+        blocks.append(pd.DataFrame(empty))
+    table = pd.concat(blocks, ignore_index=True).sort_values(["frame", "face_id"], kind="stable")
+    table = table[ft.column_order(list(table.columns))].reset_index(drop=True)
+    return table, faces, notes

