@@ -109,6 +109,20 @@ class Settings:
             raise ConfigError(f"DYADLAB_LOG_LEVEL={s.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
         return s
 
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        return {
+            "DYADLAB_HOME": str(self.home), "DYADLAB_STORE_DIR": str(self.store_dir),
+            "DYADLAB_S3_ENDPOINT": self.s3_endpoint, "DYADLAB_S3_ACCESS_KEY": self.s3_access_key,
+            "DYADLAB_S3_SECRET_KEY": self.s3_secret_key,
+            "DYADLAB_S3_SECURE": "true" if self.s3_secure else "false",
+            "DYADLAB_S3_REGION": self.s3_region, "DYADLAB_BUCKET": self.bucket,
+            "DYADLAB_BIND": self.bind, "DYADLAB_EXTRACTOR_ADDR": self.extractor_addr,
+            "DYADLAB_SMILES_ADDR": self.smiles_addr, "DYADLAB_LOG_LEVEL": self.log_level,
+            "DYADLAB_WORKERS": str(self.workers), "DYADLAB_MAX_VIDEO_BYTES": str(self.max_video_bytes),
+            "DYADLAB_RPC_TIMEOUT_S": str(int(self.rpc_timeout_s)),
+        }
+
     def port_of(self, addr: str) -> int:
         try:
             return int(addr.rsplit(":", 1)[1])

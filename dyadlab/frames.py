@@ -138,3 +138,32 @@ def describe_faces(df: pd.DataFrame) -> str:
             role = f" ({sub[ROLE_COL].iloc[0]})"
         parts.append(f"{fid}{role}: {int((sub['success'] > 0).sum())} frames")
     return "; ".join(parts)
+
+
+def read_table(data: bytes) -> tuple[pd.DataFrame, list[str]]:
+    """A frame table from Parquet (dyadlab's own) or CSV (OpenFace 2.x or a
+    dyadlab export) bytes; returns (table, notes). Raises TableError."""
+    import io
+
+    if data[:4] == b"PAR1":
+        try:
+            df = pd.read_parquet(io.BytesIO(data))
+        except Exception as e:  # noqa: BLE001 — pyarrow raises many kinds
+            raise TableError(f"the data is not a readable Parquet file ({type(e).__name__})") from None
+        validate(df)
+        return df, []
+    from dyadlab.openface import read_openface_csv
+    return read_openface_csv(data)
+
+
+def to_bytes(df: pd.DataFrame, fmt: str) -> bytes:
+    """Serialise a frame (or smile) table as 'parquet' or 'csv'."""
+    import io
+
+    if fmt == "parquet":
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        return buf.getvalue()
+    if fmt == "csv":
+        return df.to_csv(index=False, float_format="%.6g").encode()
+    raise ValueError(f"unknown table format {fmt!r}")

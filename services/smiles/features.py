@@ -6,9 +6,12 @@ phase positions onset ``[i0, i1]``, offset ``[i2, i3]``:
 * ``onset_amplitude  = r[i1] - r[i0]``; ``offset_amplitude = r[i2] - r[i3]``
 * ``onset_duration_s = t[i1] - t[i0]``, ``apex_duration_s = t[i2] - t[i1]``,
   ``offset_duration_s = t[i3] - t[i2]``, ``total_duration_s = end_s - start_s``
-* speed ``v = dr/dt = np.gradient(r, t)`` with the real timestamps (VFR safe);
-  ``max_onset_speed = max v[i0..i1]``, ``max_offset_speed = max -v[i2..i3]``
-  (a positive number); ``mean_onset_speed = onset_amplitude / onset_duration_s``
+* speed ``v_k = (r[k+1] - r[k-1]) / (t[k+1] - t[k-1])`` (central difference,
+  real timestamps, VFR safe) at the frames *inside* a phase (both neighbours
+  in the phase), or the phase's own rise over its time for a one-step phase;
+  ``max_onset_speed = max v`` over the onset and ``max_offset_speed = max -v``
+  over the offset: positive by construction, since r rises strictly through
+  the onset and falls strictly through the offset; ``mean_onset_speed = onset_amplitude / onset_duration_s``
   and ``mean_offset_speed = offset_amplitude / offset_duration_s`` (average
   rates over the phase).
 * ``au12_max``: max AU12_r from start to end.  ``au6_apex_mean``: mean AU06_r
@@ -103,14 +106,13 @@ def _features(s: Smile, au6: np.ndarray | None) -> dict:
     t, r = s.t, s.r
     i0, i1 = s.onset
     i2, i3 = s.offset if s.offset is not None else (None, None)
-    v = np.gradient(r, t) if len(r) > 1 else np.zeros_like(r)
     onset_amp = r[i1] - r[i0]
     onset_dur = t[i1] - t[i0]
     if s.offset is not None:
         offset_amp = r[i2] - r[i3]
         offset_dur = t[i3] - t[i2]
         apex_dur = t[i2] - t[i1]
-        max_off = float(np.max(-v[i2:i3 + 1]))
+        max_off = float(np.max(-_speeds(r, t, i2, i3)))
         apex_end = i2
     else:
         offset_amp = offset_dur = apex_dur = max_off = NAN
@@ -126,7 +128,7 @@ def _features(s: Smile, au6: np.ndarray | None) -> dict:
         "onset_duration_s": float(onset_dur), "apex_duration_s": float(apex_dur),
         "offset_duration_s": float(offset_dur),
         "total_duration_s": s.end_s - s.start_s,
-        "max_onset_speed": float(np.max(v[i0:i1 + 1])), "max_offset_speed": max_off,
+        "max_onset_speed": float(np.max(_speeds(r, t, i0, i1))), "max_offset_speed": max_off,
         "complete": s.complete,
         "mean_onset_speed": _ratio(onset_amp, onset_dur),
         "mean_offset_speed": _ratio(offset_amp, offset_dur),
@@ -138,6 +140,13 @@ def _features(s: Smile, au6: np.ndarray | None) -> dict:
         "n_frames": s.end_pos - i0 + 1,
         "start_cut": s.start_cut,
     }
+
+
+def _speeds(r: np.ndarray, t: np.ndarray, a: int, b: int) -> np.ndarray:
+    """dr/dt at the frames strictly inside the phase [a, b] (see module doc)."""
+    if b - a < 2:
+        return np.array([(r[b] - r[a]) / (t[b] - t[a])])
+    return (r[a + 2:b + 1] - r[a:b - 1]) / (t[a + 2:b + 1] - t[a:b - 1])
 
 
 def _ratio(a: float, b: float) -> float:

@@ -29,8 +29,9 @@ Columns kept (all float64 unless said otherwise)
 ------------------------------------------------
 * required: ``frame`` (int), ``face_id`` (int), ``timestamp`` (seconds),
   ``confidence`` (must lie in [0, 1]), ``success`` (int, 0 or 1);
-* ``role``: always ``""`` -- roles (adult/infant) only come from dyadlab's own
-  extractor, never from an imported file;
+* ``role``: ``""`` for OpenFace's files; a ``role`` column (dyadlab's own CSV
+  export, values ``adult``/``infant``/empty) is kept, so an exported table
+  reads back the same;
 * ``pose_Tx .. pose_Rz``; 2D landmarks ``x_0..x_67``, ``y_0..y_67`` (pixels);
 * AU intensities ``AU##_r`` (0-5) and AU presence ``AU##_c`` (0/1, includes
   OpenFace's presence-only ``AU28_c``);
@@ -65,7 +66,7 @@ import numpy as np
 import pandas as pd
 
 from dyadlab.frames import (LANDMARK_COLS, MIN_CONFIDENCE, OPENFACE_AUS, POSE_COLS,
-                            REQUIRED_COLS, ROLE_COL, TableError, X_COLS, Y_COLS,
+                            REQUIRED_COLS, ROLE_COL, ROLES, TableError, X_COLS, Y_COLS,
                             column_order, validate)
 
 __all__ = ["read_openface_csv", "DEFAULT_MAX_BYTES", "FILE_REQUIRED_COLS"]
@@ -231,6 +232,8 @@ def _check_field_counts(body: bytes, n_fields: int, name: str) -> int:
 def _classify(names: list[str]) -> tuple[list[str], dict[str, int], list[str]]:
     keep, dropped_groups, unknown = [], {}, []
     for c in names:
+        if c == ROLE_COL:
+            continue  # read as text in read_openface_csv
         if c in REQUIRED_COLS or _KEEP_RE.match(c):
             keep.append(c)
             continue
@@ -415,6 +418,18 @@ def _notes(df: pd.DataFrame, had_face_id: bool,
     return notes
 
 
+def _roles(data: bytes, name: str, n: int) -> pd.Series:
+    """The text `role` column of a dyadlab CSV export, validated."""
+    r = pd.read_csv(io.BytesIO(data), usecols=lambda c: c.strip() == ROLE_COL, dtype=str,
+                    skipinitialspace=True, keep_default_na=False).iloc[:, 0].str.strip()
+    bad = ~r.isin(["", *ROLES])
+    if bad.any():
+        i = int(np.argmax(bad.to_numpy()))
+        raise TableError(f"{name}: column 'role' at {_where(i)}: {_short(r.iloc[i])} "
+                         "(use adult, infant or leave it empty)")
+    return r.reset_index(drop=True).iloc[:n]
+
+
 # --------------------------------------------------------------------------- API
 
 def read_openface_csv(source: Source, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -457,7 +472,7 @@ def read_openface_csv(source: Source, max_bytes: int = DEFAULT_MAX_BYTES,
         df[c] = df[c].astype("int64")
     _check_duplicates(df, name)
 
-    df[ROLE_COL] = ""
+    df[ROLE_COL] = _roles(data, name, len(df)) if ROLE_COL in names else ""
     df = df[column_order(list(df.columns))]
     notes = _notes(df, had_face_id, dropped, unknown, name)
     validate(df)

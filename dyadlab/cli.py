@@ -1,0 +1,293 @@
+"""`dyadlab`: the command line. Every command talks gRPC to the services.
+
+    dyadlab up | down | status
+    dyadlab extract VIDEO_OR_OPENFACE_CSV --out frames.csv|frames.parquet
+    dyadlab smiles VIDEO_OR_TABLE --out smiles.csv [--plot smiles.png]
+                   [--keep-speech] [--face adult|infant|ID]
+
+Inputs are uploaded to the object store under their content hash (never
+under their file name: names of participants stay on the user's machine).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import re
+import sys
+from pathlib import Path
+
+import grpc
+import pandas as pd
+
+from dyadlab import client, stack, storage
+from dyadlab import frames as ft
+from dyadlab.config import ConfigError, Settings
+from dyadlab.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2, smiles_pb2_grpc
+
+TABLE_SUFFIXES = {".csv", ".parquet"}
+SHOW_COLUMNS = ["smile_id", "start_s", "onset_end_s", "offset_start_s", "end_s",
+                "onset_amplitude", "offset_amplitude", "total_duration_s",
+                "max_onset_speed", "max_offset_speed", "overlaps_speech"]
+
+
+class CliError(Exception):
+    pass
+
+
+def say(msg: str) -> None:
+    print(f"dyadlab: {msg}", file=sys.stderr, flush=True)
+
+
+# -- progress --------------------------------------------------------------------
+class ProgressBar:
+    """A tqdm bar per stage on a terminal; plain lines otherwise (logs, CI)."""
+
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+        self.stage = None
+        self.last_pct = -1
+
+    def __call__(self, p: common_pb2.Progress) -> None:
+        if p.stage != self.stage:
+            self.close()
+            self.stage = p.stage
+            self.last_pct = -1
+            if self.tty:
+                from tqdm import tqdm
+                self.bar = tqdm(total=p.total or None, desc=p.stage, unit="frame" if p.total > 1 else "",
+                                file=sys.stderr, leave=False, dynamic_ncols=True)
+        if self.bar is not None:
+            if p.total and self.bar.total != p.total:
+                self.bar.total = p.total
+            self.bar.n = p.done
+            self.bar.set_postfix_str(p.message, refresh=False)
+            self.bar.refresh()
+        elif p.total > 1:
+            pct = int(100 * p.done / p.total)
+            if pct // 25 != self.last_pct // 25 or p.done == p.total:
+                self.last_pct = pct
+                say(f"{p.stage}: {p.done}/{p.total} ({pct}%) {p.message}".rstrip())
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# -- store helpers -----------------------------------------------------------------
+def upload(store: storage.ObjectStore, path: Path, prefix: str) -> common_pb2.ObjectRef:
+    """Put a local file under inputs/<sha256><ext>; skip if already there."""
+    if not path.is_file():
+        raise CliError(f"no such file: {path}")
+    sha = storage.sha256_file(path)
+    ext = path.suffix.lower() if re.fullmatch(r"\.[a-z0-9]{1,8}", path.suffix.lower()) else ""
+    key = f"{prefix}/{sha}{ext}"
+    size = path.stat().st_size
+    if store.size(key) != size:
+        store.put_file(key, path, sha256=sha)
+    return common_pb2.ObjectRef(bucket=store.bucket, key=key, sha256=sha, size=size)
+
+
+def write_table(df: pd.DataFrame, out: Path) -> None:
+    fmt = "parquet" if out.suffix.lower() == ".parquet" else "csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.part")
+    tmp.write_bytes(ft.to_bytes(df, fmt))
+    os.replace(tmp, out)
+
+
+def stream(call, bar: ProgressBar):
+    result = None
+    try:
+        for ev in call:
+            if ev.HasField("progress"):
+                bar(ev.progress)
+            else:
+                result = ev.result
+    finally:
+        bar.close()
+    if result is None:
+        raise CliError("the service ended the call without a result")
+    return result
+
+
+# -- commands ----------------------------------------------------------------------
+def cmd_up(settings: Settings, args) -> int:
+    rec = stack.recorded(settings)
+    if rec is not None:
+        say(f"already running: {rec.addrs}")
+        return 0
+    st = stack.start(settings, metrics=not args.no_metrics)
+    say("stack up: " + ", ".join(f"{n} {a} (pid {st.pids[n]})" for n, a in st.addrs.items()))
+    say(f"store: {settings.s3_endpoint or settings.store_dir}; logs: {settings.home / 'logs'}")
+    return 0
+
+
+def cmd_down(settings: Settings, args) -> int:
+    rec = stack.recorded(settings)
+    if rec is None:
+        say("no stack is running")
+        return 0
+    stack.stop(settings, rec)
+    say("stack stopped")
+    return 0
+
+
+def cmd_status(settings: Settings, args) -> int:
+    rec = stack.recorded(settings)
+    addrs = rec.addrs if rec else stack.configured_addrs(settings)
+    print(f"store: {'s3 ' + settings.s3_endpoint if settings.uses_s3 else settings.store_dir}")
+    ok = True
+    for name, addr in addrs.items():
+        state = client.health_status(addr, stack.SERVICES[name][2])
+        pid = f" pid {rec.pids[name]}" if rec else ""
+        print(f"{name:10s} {addr:22s} {state}{pid}")
+        ok &= state == "SERVING"
+    return 0 if ok else 3
+
+
+def _extract_options(args) -> extractor_pb2.ExtractOptions:
+    o = extractor_pb2.ExtractOptions(max_faces=args.max_faces, skip_speech=args.no_speech)
+    if args.adult_face is not None:
+        o.adult_face_id = args.adult_face
+    return o
+
+
+def cmd_extract(settings: Settings, args) -> int:
+    src, out = Path(args.input), Path(args.out)
+    store = storage.open_store(settings)
+    with stack.ensure(settings, say) as st:
+        with client.channel(st.addrs["extractor"]) as ch:
+            stub = extractor_pb2_grpc.ExtractorStub(ch)
+            if src.suffix.lower() == ".csv":
+                ref = upload(store, src, "inputs")
+                res = stub.ImportOpenFace(extractor_pb2.ImportOpenFaceRequest(csv=ref),
+                                          timeout=settings.rpc_timeout_s)
+                notes, faces = list(res.notes), res.faces
+            else:
+                ref = upload(store, src, "inputs")
+                res = stream(stub.Extract(extractor_pb2.ExtractRequest(
+                    video=ref, options=_extract_options(args)), timeout=settings.rpc_timeout_s),
+                    ProgressBar())
+                notes, faces = list(res.notes), res.faces
+                v = res.video
+                say(f"{v.frames} frames, {v.width}x{v.height}, {v.duration_s:.1f} s"
+                    f"{', variable frame rate' if v.variable_frame_rate else ''}"
+                    f"{' (cached)' if res.cache_hit else f'; {res.seconds:.1f} s, {v.frames / max(res.seconds, 1e-9):.0f} fps'}")
+        df, _ = ft.read_table(store.get_bytes(res.frames.key))
+    write_table(df, out)
+    for f in faces:
+        role = common_pb2.Role.Name(f.role).removeprefix("ROLE_").lower()
+        say(f"face {f.face_id}: {role}, {f.frames_tracked} frames tracked, "
+            f"mean confidence {f.mean_confidence:.2f}")
+    for n in notes:
+        say(f"note: {n}")
+    say(f"wrote {len(df)} rows to {out}")
+    return 0
+
+
+def _face(value: str | None) -> common_pb2.FaceSelector:
+    if value is None:
+        return common_pb2.FaceSelector()
+    if value in ("adult", "infant"):
+        return common_pb2.FaceSelector(role=common_pb2.ROLE_ADULT if value == "adult"
+                                       else common_pb2.ROLE_INFANT)
+    if value.isdigit():
+        return common_pb2.FaceSelector(face_id=int(value))
+    raise CliError(f"--face {value!r}: use adult, infant or a face_id")
+
+
+def cmd_smiles(settings: Settings, args) -> int:
+    src, out = Path(args.input), Path(args.out)
+    face = _face(args.face)
+    store = storage.open_store(settings)
+    req = smiles_pb2.AnalyzeRequest(face=face, keep_speech=args.keep_speech,
+                                    plot=args.plot is not None,
+                                    params=smiles_pb2.SmileParams(au12_threshold=args.threshold or 0))
+    if src.suffix.lower() in TABLE_SUFFIXES:
+        req.frames.CopyFrom(upload(store, src, "inputs"))
+    else:
+        req.video.CopyFrom(upload(store, src, "inputs"))
+        req.extract.CopyFrom(_extract_options(args))
+    with stack.ensure(settings, say) as st:
+        with client.channel(st.addrs["smiles"]) as ch:
+            res = stream(smiles_pb2_grpc.SmilesStub(ch).Analyze(req, timeout=settings.rpc_timeout_s),
+                         ProgressBar())
+    for n in res.notes:
+        say(f"note: {n}")
+    if res.face_id < 0:
+        write_table(pd.DataFrame(columns=SHOW_COLUMNS), out)
+        say(f"no faces, no smiles; wrote an empty table to {out}")
+        return 0
+    table = pd.read_csv(io.BytesIO(store.get_bytes(res.smiles.key)))
+    write_table(table, out)
+    if args.plot is not None and res.plot.key:
+        store.get_file(res.plot.key, args.plot)
+    kept = len(table)
+    speech = ("" if not res.speech_checked else
+              f", {res.smiles_dropped_speech} dropped for overlapping speech" if not args.keep_speech
+              else f", {int(table['overlaps_speech'].sum()) if kept else 0} overlap speech (kept)")
+    print(f"face {res.face_id}: {res.smiles_found} smiles found{speech}")
+    if kept:
+        with pd.option_context("display.width", 160, "display.max_columns", 20):
+            print(table[[c for c in SHOW_COLUMNS if c in table.columns]].round(3).to_string(index=False))
+    say(f"wrote {kept} smiles to {out}" + (f", plot to {args.plot}" if args.plot else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dyadlab", description="Parent-infant smile analysis from video.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start the local stack in the background")
+    up.add_argument("--no-metrics", action="store_true", help="no Prometheus endpoints")
+    sub.add_parser("down", help="stop the local stack")
+    sub.add_parser("status", help="health of every service")
+
+    def extract_opts(sp):
+        sp.add_argument("--max-faces", type=int, default=0, help="faces to track (default 2)")
+        sp.add_argument("--no-speech", action="store_true", help="skip voice activity detection")
+        sp.add_argument("--adult-face", type=int, default=None, metavar="ID",
+                        help="face_id that is the adult (overrides the size heuristic)")
+
+    ex = sub.add_parser("extract", help="per-frame landmarks, AUs, pose (OpenFace columns)")
+    ex.add_argument("input", help="a video, or an OpenFace 2.x CSV to import")
+    ex.add_argument("--out", required=True, help="frames.csv or frames.parquet")
+    extract_opts(ex)
+    sm = sub.add_parser("smiles", help="segment one face's smiles")
+    sm.add_argument("input", help="a video, or a frame table (.csv/.parquet)")
+    sm.add_argument("--out", required=True, help="smiles.csv or smiles.parquet")
+    sm.add_argument("--plot", default=None, help="write a PNG of AU12 and r with the phases")
+    sm.add_argument("--keep-speech", action="store_true",
+                    help="keep smiles that overlap speech (flagged in overlaps_speech)")
+    sm.add_argument("--face", default=None, help="adult, infant or a face_id (default: the adult)")
+    sm.add_argument("--threshold", type=float, default=None, help="AU12 threshold (default 1.5)")
+    extract_opts(sm)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        cmd = {"up": cmd_up, "down": cmd_down, "status": cmd_status,
+               "extract": cmd_extract, "smiles": cmd_smiles}[args.cmd]
+        return cmd(settings, args)
+    except grpc.RpcError as e:
+        say(f"error: {e.code().name}: {e.details()}")
+        return 2
+    except (CliError, ConfigError, storage.StoreError, ft.TableError) as e:
+        say(f"error: {e}")
+        return 2
+    except (TimeoutError, RuntimeError) as e:
+        say(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

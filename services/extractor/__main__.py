@@ -1,0 +1,3 @@
+from services.extractor.server import main
+
+main()

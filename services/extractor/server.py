@@ -1,0 +1,278 @@
+"""The extractor service: video in the store -> frame table + speech table in the store.
+
+Results are keyed by the video's SHA-256 and the options, so a repeated call
+is a cache hit, and published summary-last: the summary JSON is what marks a
+result complete, so a crash leaves no result that looks finished. Finished
+chunks are kept under work/ while a job runs, so a restarted job resumes.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import multiprocessing as mp
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import prometheus_client as prom
+from google.protobuf import json_format
+
+from dyadlab import frames as ft
+from dyadlab import log as jsonlog
+from dyadlab import openface, rpc, storage, video
+from dyadlab.config import Settings
+from dyadlab.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc
+from services.extractor import chunks, pipeline, speech
+
+log = logging.getLogger("dyadlab.extractor")
+
+FRAMES = prom.Counter("dyadlab_extractor_frames_total", "Video frames analysed")
+JOBS = prom.Counter("dyadlab_extractor_jobs_total", "Extraction jobs", ["outcome"])
+SPEECH_VERSION = "1"
+ROLE = {"adult": common_pb2.ROLE_ADULT, "infant": common_pb2.ROLE_INFANT}
+
+
+def video_info(idx: video.VideoIndex) -> extractor_pb2.VideoInfo:
+    return extractor_pb2.VideoInfo(
+        width=idx.width, height=idx.height, frames=idx.n_frames, duration_s=idx.duration_s,
+        avg_fps=idx.avg_fps, variable_frame_rate=idx.variable_frame_rate,
+        has_audio=idx.has_audio, codec=idx.codec)
+
+
+def face_summaries(faces: list[dict]) -> list[extractor_pb2.FaceSummary]:
+    return [extractor_pb2.FaceSummary(
+        face_id=f["face_id"], role=ROLE.get(f["role"], common_pb2.ROLE_UNSPECIFIED),
+        frames_tracked=f["frames_tracked"], mean_confidence=f["mean_confidence"],
+        median_iod_px=f["median_iod_px"]) for f in faces]
+
+
+def summarize_table(df) -> list[dict]:
+    """Face summaries of any frame table (e.g. an imported OpenFace CSV)."""
+    out = []
+    for fid in ft.face_ids(df):
+        sub = df[df["face_id"] == fid]
+        ok = sub["success"] > 0
+        eyes = (ft.RIGHT_EYE_OUTER, ft.LEFT_EYE_OUTER)
+        iod = 0.0
+        if all(f"x_{i}" in sub.columns for i in eyes) and ok.any():
+            s = sub[ok]
+            iod = float(((s[f"x_{eyes[1]}"] - s[f"x_{eyes[0]}"]) ** 2
+                         + (s[f"y_{eyes[1]}"] - s[f"y_{eyes[0]}"]) ** 2).pow(0.5).median())
+        out.append({"face_id": fid, "role": str(sub[ft.ROLE_COL].iloc[0]) if ft.ROLE_COL in sub else "",
+                    "frames_tracked": int(ok.sum()),
+                    "mean_confidence": float(sub.loc[ok, "confidence"].mean()) if ok.any() else 0.0,
+                    "median_iod_px": iod})
+    return out
+
+
+@dataclasses.dataclass
+class Keys:
+    """Where the results of one (video, options) job live."""
+    sha: str
+    tag: str
+
+    @property
+    def frames(self) -> str:
+        return f"frames/{self.sha}/{self.tag}.parquet"
+
+    @property
+    def speech(self) -> str:
+        return f"speech/{self.sha}/v{SPEECH_VERSION}.parquet"
+
+    @property
+    def summary(self) -> str:
+        return f"frames/{self.sha}/{self.tag}.json"
+
+    @property
+    def work(self) -> str:
+        return f"work/extract/{self.sha}/{self.tag}"
+
+
+class ExtractorService:
+    name = "dyadlab.v1.Extractor"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = storage.open_store(settings)
+        self.pool: cf.ProcessPoolExecutor | None = None
+        self._jobs: dict[str, asyncio.Lock] = {}
+
+    def register(self, server: grpc.aio.Server) -> None:
+        extractor_pb2_grpc.add_ExtractorServicer_to_server(_Servicer(self), server)
+
+    async def start(self) -> None:
+        """Ready = worker processes up with dlib's models loaded, VAD model loaded."""
+        n = self.settings.workers
+        self.pool = cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"),
+                                           initializer=chunks.warm_up)
+        loop = asyncio.get_running_loop()
+        pids = await asyncio.gather(*(loop.run_in_executor(self.pool, chunks.warm_up, None)
+                                      for _ in range(n)))
+        await asyncio.to_thread(speech.load_model)
+        log.info("workers ready", extra={"workers": len(set(pids))})
+
+    async def stop(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- the work ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def local_copy(self, key: str):
+        """A local file with the object's bytes (no copy for the local backend)."""
+        if isinstance(self.store, storage.LocalStore):
+            yield self.store.local_path(key)
+            return
+        with tempfile.TemporaryDirectory(prefix="dyadlab-") as d:
+            yield self.store.get_file(key, Path(d) / "input")
+
+    def check_video(self, ref: common_pb2.ObjectRef) -> int:
+        if not ref.key:
+            raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "video.key is empty")
+        storage.validate_key(ref.key)
+        if ref.bucket and ref.bucket != self.store.bucket:
+            raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"bucket {ref.bucket!r} is not this service's bucket "
+                                f"{self.store.bucket!r}")
+        size = self.store.size(ref.key)
+        if size is None:
+            raise rpc.UserError(grpc.StatusCode.NOT_FOUND, f"no video at key {ref.key!r}")
+        if size == 0:
+            raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "the video is empty (0 bytes)")
+        if size > self.settings.max_video_bytes:
+            raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the video is {size / 2**30:.2f} GiB, over the limit of "
+                                f"{self.settings.max_video_bytes / 2**30:.2f} GiB "
+                                "(DYADLAB_MAX_VIDEO_BYTES)")
+        return size
+
+    def run(self, key: str, opts: pipeline.Options, skip_speech: bool,
+            report: rpc.Report) -> extractor_pb2.ExtractResult:
+        t0 = time.perf_counter()
+        with self.local_copy(key) as path:
+            report("hash", 0, 1, "")
+            sha = storage.sha256_file(path)
+            keys = Keys(sha, opts.cache_tag())
+            if self.store.exists(keys.summary):
+                res = json_format.Parse(self.store.get_bytes(keys.summary), extractor_pb2.ExtractResult())
+                res.cache_hit, res.seconds = True, 0.0
+                if skip_speech or self.store.exists(keys.speech):
+                    log.info("cache hit", extra={"video": jsonlog.short(sha)})
+                    return res
+            report("index", 0, 1, "")
+            try:
+                idx = video.probe(path)
+            except video.VideoError as e:
+                raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            report("index", 1, 1, f"{idx.n_frames} frames")
+            speech_out: dict = {}
+            th = None
+            if not skip_speech:
+                th = threading.Thread(target=self._speech, args=(path, keys, speech_out), daemon=True)
+                th.start()
+            ex = pipeline.extract(str(path), opts, self.pool, index=idx,
+                                  cache=pipeline.ChunkCache(self.store, keys.work),
+                                  progress=lambda st, d, t, m: report(st, d, t, m))
+            if th is not None:
+                th.join()
+                if "error" in speech_out:
+                    raise speech_out["error"]
+            report("write", 0, 1, "")
+            frames_ref = self.store.put_bytes(keys.frames, ft.to_bytes(ex.table, "parquet"))
+            res = extractor_pb2.ExtractResult(
+                frames=_ref(frames_ref), video=video_info(idx), faces=face_summaries(ex.faces),
+                notes=ex.notes + speech_out.get("notes", []), cache_hit=False,
+                seconds=time.perf_counter() - t0)
+            if "ref" in speech_out:
+                res.speech.CopyFrom(_ref(speech_out["ref"]))
+            # Publish last: the summary marks the result complete.
+            self.store.put_bytes(keys.summary, json_format.MessageToJson(res).encode(),
+                                 content_type="application/json")
+            pipeline.ChunkCache(self.store, keys.work).clear()
+            FRAMES.inc(idx.n_frames)
+            log.info("extracted", extra={"video": jsonlog.short(sha), "frames": idx.n_frames,
+                                         "faces": len(ex.faces), "seconds": round(res.seconds, 2),
+                                         "fps": round(idx.n_frames / max(res.seconds, 1e-9), 1)})
+            return res
+
+    def _speech(self, path: Path, keys: Keys, out: dict) -> None:
+        try:
+            if self.store.exists(keys.speech):
+                out["ref"] = self.store.ref(keys.speech)
+                return
+            r = speech.detect_speech(path)
+            out["notes"] = list(r.notes)
+            out["ref"] = self.store.put_bytes(keys.speech, ft.to_bytes(speech.speech_table(r), "parquet"))
+        except Exception as e:  # noqa: BLE001 — re-raised in the job's thread
+            out["error"] = e
+
+    def import_openface(self, key: str) -> extractor_pb2.ImportOpenFaceResponse:
+        storage.validate_key(key)
+        size = self.store.size(key)
+        if size is None:
+            raise rpc.UserError(grpc.StatusCode.NOT_FOUND, f"no CSV at key {key!r}")
+        if size > openface.DEFAULT_MAX_BYTES:
+            raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the CSV is {size / 2**20:.0f} MiB, over the import limit of "
+                                f"{openface.DEFAULT_MAX_BYTES / 2**20:.0f} MiB")
+        data = self.store.get_bytes(key)
+        sha = hashlib.sha256(data).hexdigest()
+        df, notes = ft.read_table(data)
+        ref = self.store.put_bytes(f"frames/{sha}/imported.parquet", ft.to_bytes(df, "parquet"))
+        return extractor_pb2.ImportOpenFaceResponse(
+            frames=_ref(ref), rows=len(df), faces=face_summaries(summarize_table(df)), notes=notes)
+
+
+def _ref(r: storage.Ref) -> common_pb2.ObjectRef:
+    return common_pb2.ObjectRef(bucket=r.bucket, key=r.key, sha256=r.sha256, size=max(r.size, 0))
+
+
+def options_from(msg: extractor_pb2.ExtractOptions) -> pipeline.Options:
+    if not 0 <= msg.max_faces <= 8:
+        raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "options.max_faces must be 0..8")
+    if not 0 <= msg.detect_every <= 10_000:
+        raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "options.detect_every must be 0..10000")
+    adult = msg.adult_face_id if msg.HasField("adult_face_id") else -1
+    if msg.HasField("adult_face_id") and adult < 0:
+        raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "options.adult_face_id must be >= 0")
+    return pipeline.Options(max_faces=msg.max_faces or 2, verify_every=msg.detect_every,
+                            adult_face_id=adult)
+
+
+class _Servicer(extractor_pb2_grpc.ExtractorServicer):
+    def __init__(self, svc: ExtractorService):
+        self.svc = svc
+
+    @rpc.status_errors
+    async def Extract(self, request, context):
+        self.svc.check_video(request.video)
+        opts = options_from(request.options)
+        # One job per (video key, options) at a time; a second caller waits and hits the cache.
+        lock = self.svc._jobs.setdefault(f"{request.video.key}|{opts.cache_tag()}", asyncio.Lock())
+        async with lock:
+            async for kind, value in rpc.progress_stream(
+                    lambda report: self.svc.run(request.video.key, opts,
+                                                request.options.skip_speech, report)):
+                if kind == "progress":
+                    stage, done, total, msg = value
+                    yield extractor_pb2.ExtractEvent(progress=common_pb2.Progress(
+                        stage=stage, done=done, total=total, message=msg))
+                else:
+                    JOBS.labels("cache_hit" if value.cache_hit else "done").inc()
+                    yield extractor_pb2.ExtractEvent(result=value)
+
+    @rpc.status_errors
+    async def ImportOpenFace(self, request, context):
+        if not request.csv.key:
+            raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "csv.key is empty")
+        return await asyncio.to_thread(self.svc.import_openface, request.csv.key)
+
+
+def main() -> None:
+    rpc.run(ExtractorService, lambda s: s.extractor_addr)

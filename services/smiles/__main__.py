@@ -1,0 +1,3 @@
+from services.smiles.server import main
+
+main()
