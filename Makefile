@@ -9,7 +9,7 @@ MEDIA   := $(CACHE)/media
 PROTOS  := $(wildcard proto/dyadlab/v1/*.proto)
 STAMP   := $(VENV)/.stamp-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup proto media demo test test-slow bench clean
+.PHONY: setup proto media demo test bench clean
 setup: $(STAMP) proto
 
 $(STAMP): requirements.lock pyproject.toml
@@ -36,29 +36,19 @@ $(MEDIA)/.stamp: | $(STAMP)
 	touch $@
 
 demo: setup media
-	$(BIN)/python scripts/demo.py $(MEDIA)/WolfgangLanger_Pexels.mp4
+	bash scripts/demo.sh $(MEDIA)/WolfgangLanger_Pexels.mp4
 
-# A real S3 server for the tests: OpenStack Swift + s3api (tests/s3server.py), in
-# its own venv so eventlet & co. never enter the project venv. Pinned, whole closure.
-SWIFT_PINS := swift==2.38.3 eventlet==0.41.3 greenlet==3.5.6 PasteDeploy==3.1.0 \
-	pyeclib==1.8.0 xattr==1.3.0 lxml==6.1.3 requests==2.34.2 cryptography==50.0.2 \
-	dnspython==2.9.2 cffi==2.1.1 pycparser==3.12 urllib3==2.8.0 idna==3.20 \
-	charset-normalizer==3.5.2 certifi==2026.10.18
-# The stamp holds the pins it was built with: rebuilt when they change.
-SWIFT_BUILT := $(strip $(file < $(CACHE)/swift-venv/.stamp))
-$(CACHE)/swift-venv/.stamp: $(if $(and $(findstring $(strip $(SWIFT_PINS)),$(SWIFT_BUILT)),$(findstring $(SWIFT_BUILT),$(strip $(SWIFT_PINS)))),,swift-venv-outdated)
-	rm -rf $(CACHE)/swift-venv
-	$(PY) -m venv $(CACHE)/swift-venv
-	$(CACHE)/swift-venv/bin/pip install -q --disable-pip-version-check $(SWIFT_PINS) 2>&1 | grep -v "is ignored" || true
-	$(CACHE)/swift-venv/bin/python -c "import swift.common.middleware.s3api, pyeclib_c, xattr" # fail loudly if the install broke
-	echo '$(strip $(SWIFT_PINS))' > $@
-.PHONY: swift-venv-outdated
+# A real S3 server for the tests, in its own venv (see tests/requirements-s3.txt).
+SWIFT := $(CACHE)/swift-venv
+$(SWIFT)/.stamp: tests/requirements-s3.txt
+	rm -rf $(SWIFT)
+	$(PY) -m venv $(SWIFT)
+	$(SWIFT)/bin/pip install -q --disable-pip-version-check -r tests/requirements-s3.txt 2>&1 | grep -v "is ignored" || true
+	$(SWIFT)/bin/python -c "import swift.common.middleware.s3api, pyeclib_c, xattr" # fail loudly if the install broke
+	touch $@
 
-test: setup media $(CACHE)/swift-venv/.stamp
+test: setup media $(SWIFT)/.stamp
 	$(BIN)/python -m pytest -q
-
-test-slow: setup media
-	$(BIN)/python -m pytest -q -m slow --run-slow
 
 bench: setup media
 	$(BIN)/python scripts/bench_extract.py $(MEDIA)/WolfgangLanger_Pexels.mp4

@@ -1,20 +1,19 @@
 """Client helpers: channels with retries, readiness waits, deadlines everywhere.
 
-Unary calls retry on UNAVAILABLE through gRPC's own retry policy (service
-config); streamed calls are not retried automatically because they may have
-side effects half-way — the callers here are idempotent (content-addressed
-results), so `call_stream` retries the whole call on UNAVAILABLE.
+Calls retry on UNAVAILABLE through gRPC's own retry policy (service config):
+a call that failed before the server sent anything is sent again, with
+backoff. Every call made with these channels passes a deadline.
 """
 from __future__ import annotations
 
 import json
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dyadlab.rpc import MAX_MESSAGE_BYTES
+MAX_MESSAGE_BYTES = 4 << 20  # messages carry references, never bulk data
 
 _SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
@@ -36,10 +35,6 @@ CHANNEL_OPTIONS = [
     ("grpc.service_config", _SERVICE_CONFIG),
     ("grpc.keepalive_time_ms", 30_000),
 ]
-
-#: Deadline of short calls (health, imports of small tables).
-SHORT_TIMEOUT_S = 30.0
-
 
 def channel(addr: str) -> grpc.Channel:
     return grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
@@ -74,17 +69,3 @@ def wait_ready(addr: str, timeout_s: float = 60.0, service: str = "",
             raise RuntimeError(f"service at {addr} exited before it was ready (last state {state})")
         time.sleep(0.1)
     raise TimeoutError(f"service at {addr} not ready after {timeout_s:.0f} s (last state {state})")
-
-
-def call_stream(start: Callable[[], Iterator], attempts: int = 3,
-                backoff_s: float = 1.0) -> Iterator:
-    """Iterate a server stream, restarting it on UNAVAILABLE before the first
-    result arrives (safe because our long calls are idempotent)."""
-    for attempt in range(attempts):
-        try:
-            yield from start()
-            return
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts - 1:
-                raise
-            time.sleep(backoff_s * (2 ** attempt))

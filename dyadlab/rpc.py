@@ -25,11 +25,11 @@ from grpc_reflection.v1alpha import reflection
 import prometheus_client as prom
 
 from dyadlab import frames, storage
+from dyadlab.client import MAX_MESSAGE_BYTES
 from dyadlab.config import Settings
 
 log = logging.getLogger("dyadlab.rpc")
 
-MAX_MESSAGE_BYTES = 4 << 20  # messages carry references, never bulk data
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

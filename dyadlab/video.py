@@ -94,6 +94,7 @@ def probe(path: str | os.PathLike) -> VideoIndex:
         except av.error.FFmpegError:
             # A damaged tail: keep what was read, the decoder will tell whether it's usable.
             pass
+        start = vs.start_time
         codec = vs.codec_context.name
         width, height = vs.codec_context.width, vs.codec_context.height
         has_audio = bool(c.streams.audio)
@@ -104,6 +105,12 @@ def probe(path: str | os.PathLike) -> VideoIndex:
     pts_a = np.asarray(pts, dtype=np.int64)[order]
     key_a = np.asarray(key, dtype=bool)[order]
     keep = np.concatenate([[True], np.diff(pts_a) > 0])  # drop duplicate pts
+    if start is not None:
+        # Packets before the stream's start (an edit list's pre-roll, negative
+        # pts) are decoded but never shown: they are not frames of the video.
+        keep &= pts_a >= start
+    if not keep.any():
+        raise VideoError("the video stream holds no frames at or after its start time")
     idx = VideoIndex(width, height, codec, pts_a[keep], key_a[keep], tb, has_audio)
     if width <= 0 or height <= 0:
         raise VideoError("the video stream has no picture size")

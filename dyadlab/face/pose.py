@@ -72,6 +72,3 @@ class PoseEstimator:
         self._guess[key] = (rvec, tvec)
         R, _ = cv2.Rodrigues(rvec)
         return np.array([*tvec[:, 0], *euler_xyz(R)])
-
-    def forget(self, key: int) -> None:
-        self._guess.pop(key, None)

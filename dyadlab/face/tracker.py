@@ -14,7 +14,13 @@ Per frame and tracked face:
    confidence and its box resets landmark drift. A face that fails
    verification for `lost_after` frames, or whose appearance broke, is lost.
 5. Search: while fewer than `max_faces` faces are tracked, the whole frame is
-   searched every `search_every` frames.
+   searched every `search_every` frames (~1 s). One exception: while some face
+   is tracked and this tracker has never held two faces at once (a
+   single-person recording, so far), the search for a second face runs every
+   `search_every_alone` frames (~3 s). A full-frame HOG search costs as much
+   as ~15-20 landmark fits; in a single-person video the 1 s search was a
+   quarter of all the work and never found anything. As soon as two faces
+   have been tracked together, the 1 s cadence applies to re-finding either.
 
 Confidence in [0, 1] = logistic(2.5·(s + 0.45)) · clip((NCC − 0.3)/0.3, 0, 1),
 with s the running mean (EMA, weight 0.5) of the verification scores (dlib
@@ -26,6 +32,7 @@ too, and is no evidence of a lost face.
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import cv2
 import dlib
@@ -42,6 +49,7 @@ FAILED_SCORE = -1.0
 REFIT_BELOW_IOU = 0.7
 SCORE_EMA = 0.5
 SEARCH_THRESHOLD = -0.3     # HOG margin for new faces (weak ones get low confidence)
+CHIP_PX, CHIP_PADDING = 150, 0.25   # dlib's face descriptor input (its defaults)
 
 
 def confidence(score: float, ncc: float) -> float:
@@ -74,6 +82,7 @@ class Track:
     ncc: float = 1.0
     embedding: np.ndarray | None = None
     first_frame: int = 0
+    chip: np.ndarray | None = None     # aligned grey face chip, when the descriptor is deferred
 
     def rect(self) -> tuple[float, float, float, float]:
         c, s = _center_scale(self.lm)
@@ -93,12 +102,14 @@ class Observation:
 class FaceTracker:
     def __init__(self, width: int, height: int, fps: float, max_faces: int = 2,
                  verify_every: int = 0, search_every: int = 0, lost_after_s: float = 1.5,
-                 min_face_px: float = 0.0, with_embeddings: bool = True):
+                 min_face_px: float = 0.0, with_embeddings: bool = True,
+                 defer_embeddings_on: int | None = None):
         self.w, self.h = width, height
         fps = fps if fps > 0 else 30.0
         self.max_faces = max_faces
         self.verify_every = verify_every or max(1, round(fps / 3))
         self.search_every = search_every or max(1, round(fps))
+        self.search_every_alone = 3 * self.search_every
         self.lost_after = max(self.verify_every, round(lost_after_s * fps))
         # Whole-frame search runs on a copy no larger than 640 px unless small
         # faces are asked for (HOG finds faces of >= 80 px at its scale).
@@ -107,20 +118,30 @@ class FaceTracker:
             scale = max(scale, min(1.0, 80.0 / min_face_px))
         self.search_scale = scale
         self.with_embeddings = with_embeddings
+        # Faces found on this frame keep their aligned face chip instead of the
+        # descriptor (~85 ms each), for `describe` to compute only if needed:
+        # the extractor passes a chunk's first frame, whose faces are nearly
+        # always joined to the previous chunk's by position, never by descriptor.
+        self.defer_embeddings_on = defer_embeddings_on
         self.detector = models.detector()
         self.predictor = models.shape_predictor()
         self.tracks: list[Track] = []
         self.finished: list[Track] = []
         self._next_id = 0
         self._last_search = -10 ** 9
+        self._held_several = False     # two or more faces tracked at once, ever
         self.stats = {"searches": 0, "verifications": 0, "fits": 0}
 
     # -- the per-frame step ----------------------------------------------------
     def step(self, no: int, img: np.ndarray) -> list[Observation]:
         for tr in list(self.tracks):
             self._follow(no, img, tr)
-        if len(self.tracks) < self.max_faces and no - self._last_search >= self.search_every:
-            self._search(no, img)
+        if len(self.tracks) < self.max_faces:
+            every = (self.search_every if self._held_several or not self.tracks
+                     else self.search_every_alone)
+            if no - self._last_search >= every:
+                self._search(no, img)
+                self._held_several |= len(self.tracks) > 1
         return [Observation(t.tid, t.lm, confidence(t.score, t.ncc), t.score) for t in self.tracks]
 
     def close(self) -> list[Track]:
@@ -181,7 +202,9 @@ class FaceTracker:
                        float(score), no, first_frame=no)
             self._next_id += 1
             if self.with_embeddings:
-                tr.embedding = self._embed(img, lm)
+                tr.chip = self._chip(img, lm)
+                if tr.chip is not None and no != self.defer_embeddings_on:
+                    tr.embedding, tr.chip = describe(tr.chip), None
             self.tracks.append(tr)
 
     def _verify(self, img: np.ndarray, tr: Track):
@@ -254,8 +277,8 @@ class FaceTracker:
     def _ncc(self, img, lm, template) -> float:
         return float(self._patch(img, lm) @ template)
 
-    def _embed(self, img: np.ndarray, lm: np.ndarray) -> np.ndarray | None:
-        """128-D dlib descriptor of the face (grey replicated to RGB)."""
+    def _chip(self, img: np.ndarray, lm: np.ndarray) -> np.ndarray | None:
+        """The face aligned by its landmarks, 150x150 grey: dlib's descriptor input."""
         if not np.isfinite(lm).all():
             return None
         x0, y0 = lm.min(axis=0)
@@ -263,7 +286,19 @@ class FaceTracker:
         m = 0.5 * max(x1 - x0, y1 - y0)
         L, T = int(max(0, x0 - m)), int(max(0, y0 - m))
         R, B = int(min(self.w, x1 + m)), int(min(self.h, y1 + m))
-        crop = np.ascontiguousarray(np.repeat(img[T:B, L:R, None], 3, axis=2))
+        crop = np.ascontiguousarray(img[T:B, L:R])
         pts = [dlib.point(int(round(x - L)), int(round(y - T))) for x, y in lm]
         shape = dlib.full_object_detection(dlib.rectangle(0, 0, R - L - 1, B - T - 1), pts)
-        return np.asarray(models.face_encoder().compute_face_descriptor(crop, shape), np.float32)
+        return dlib.get_face_chip(crop, shape, size=CHIP_PX, padding=CHIP_PADDING)
+
+
+_describe_lock = threading.Lock()
+
+
+def describe(chip: np.ndarray) -> np.ndarray:
+    """128-D dlib descriptor of a grey face chip (replicated to RGB); identical
+    to `compute_face_descriptor(image, landmarks)`, which cuts the same chip.
+    Serialised: a dlib network is not safe to run from two threads at once."""
+    rgb = np.ascontiguousarray(np.repeat(chip[:, :, None], 3, axis=2))
+    with _describe_lock:
+        return np.asarray(models.face_encoder().compute_face_descriptor(rgb), np.float32)

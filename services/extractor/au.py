@@ -9,21 +9,20 @@ Coordinates: each face is put in its own frame — origin between the outer eye
 corners (36, 45), x along the eye line, y down, unit = inter-ocular distance
 (IOD) — which removes position, in-plane rotation and scale.
 
-AU12. Two measurements of the lip corners (48, 54), both in IOD:
-  w = |P48 − P54|                            mouth width
-  c = mean(y48, y54) − (y62 + y66)/2         corner height against the lip line
-The zygomaticus major pulls the corners out *and up*: a smile widens w and
-lifts the corners above the line where the lips meet (c falls). Crying, lip
-stretching (AU20) and speech widen the mouth with the corners level or low.
-Measured on real clips (scripts/calibrate_au.py): at rest c = −0.02 in all
-three adults (±0.002), in smiles −0.06 to −0.14, in a pucker ≈ 0.
-With Δw = w − w₀ and Δc = c₀ − c against the person's neutral:
-  AU12 = clip(K · (Δw + Δc) / (1 + ρ), 0, 5),   K = 1.5 / 0.13
+AU12. The lip corner puller widens the mouth: w = |P48 − P54| in IOD, and
+  AU12 = clip(K · (w − w₀), 0, 5),   K = 1.5 / 0.13
 K is the calibration anchor measured against real OpenFace 2.x output on a
 held-out video: AU12_r = 1.5 at 0.13 IOD above the person's 10th-percentile
-width (width alone correlated r = 0.94 with AU12_r). ρ = Δc/Δw in real smiles
-(0.35–0.52 on the calibration clips, RHO = 0.45), so a typical smile scores
-as the anchor does, while widening without corner lift scores lower.
+width, and this width trace correlated r = 0.94 with AU12_r over 288 frames
+with head motion and talking.
+We tried to do better with the corners' lift over the lip line,
+c = mean(y48, y54) − (y62 + y66)/2 (at rest −0.02 in all three adults, in
+smiles −0.06 to −0.14): on the labelled real clips, width + lift separated
+smile from non-smile frames no better than width alone (ROC AUC 0.878 vs
+0.901 on the crying/laughing clip, 0.983 vs 0.975 on the talking clip, 1.0
+for both on the others; frames at AU12 >= 1.5: 59 % vs 75 % of smile frames
+and 3 % vs 5 % of the others on the crying/laughing clip), so AU12 keeps the
+anchor's validated width measure; scripts/calibrate_au.py prints both.
 Neutral: w₀ = the person's 10th-percentile width (the anchor's definition),
 kept inside the anthropometric range of a resting mouth. Adults' mouth width
 (cheilion–cheilion) is 0.55–0.62 of their outer-canthal width (exocanthion–
@@ -32,17 +31,13 @@ adults of the calibration clips rest at 0.585–0.61; a clip spent mostly
 pursing or talking with rounded lips would otherwise set w₀ far too low (d5:
 0.45) and read rest as a smile. Range: ADULT_REST_WIDTH; for infants and
 unknown roles the wider INFANT_REST_WIDTH (a guess: infants' mouths are
-relatively narrower; configurable). c₀ = median c over the frames within
-0.03 IOD of w₀, kept within REST_CORNER_RANGE around the measured resting
-value −0.02 (corners at or below the lip line are a frown or pressed lips,
-not rest), or −0.02 when fewer than 3 frames are near w₀.
-Like OpenFace's own per-person correction this assumes the person rests some
+relatively narrower; configurable). Like OpenFace's own per-person correction this assumes the person rests some
 of the time: someone who smiles through a whole clip scores low.
 
 AU6. The cheek raiser lifts the lower eyelid: its depth below the line of the
 eye corners shrinks. d = mean over both eyes of (lower-lid y − corner-line y)
-in IOD; Δd = d₀ − d against the median depth of the neutral frames above
-(measured: d ≈ 0.018–0.031 at rest, 0.002–0.015 in broad smiles);
+in IOD; Δd = d₀ − d against the median depth over the frames within 0.03
+IOD of w₀ (measured: d ≈ 0.018–0.031 at rest, 0.002–0.015 in broad smiles);
 AU6 = clip(K6 · Δd, 0, 5). A running median over ~0.25 s removes blinks
 (in which dlib's lids meet in the middle). K6 is set so that the broad,
 eye-crinkling smiles of the calibration clips reach AU6 ≈ 2.5–3, OpenFace's
@@ -57,17 +52,15 @@ import numpy as np
 from scipy.ndimage import median_filter
 
 K_AU12 = 1.5 / 0.13
-RHO = 0.45
 ADULT_REST_WIDTH = (0.54, 0.64)
 INFANT_REST_WIDTH = (0.40, 0.64)
-REST_CORNER = -0.02
-REST_CORNER_RANGE = (-0.03, -0.01)
 K_AU6 = 140.0
 K_AU25 = 12.0
 NEUTRAL_PCT = 10.0
 MIN_FRAMES = 10
 JITTER_OK = 0.015
 JITTER_SPAN = 0.02
+JITTER_MIN_PX = 1.0
 
 
 def face_coordinates(lm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,22 +105,26 @@ def jitter(lm: np.ndarray, fps: float) -> np.ndarray:
     return j
 
 
-def stability(j: np.ndarray) -> np.ndarray:
-    """Confidence factor in [0, 1]: 1 up to jitter 0.015 IOD, 0 at 0.035."""
-    f = np.clip(1.0 - (j - JITTER_OK) / JITTER_SPAN, 0.0, 1.0)
-    return np.where(np.isfinite(j), f, 1.0)
+def stability(j: np.ndarray, iod_px: np.ndarray) -> np.ndarray:
+    """Confidence factor in [0, 1]: 1 up to jitter JITTER_OK, 0 at OK + SPAN.
+
+    On small faces the threshold never goes below what one pixel of landmark
+    noise amounts to (JITTER_MIN_PX / IOD). Measured at 24-30 fps; at much
+    lower frame rates real movement between frames is larger and lively
+    faces lose confidence (the 14-fps infant clips: see the dyad issue).
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ok = np.maximum(JITTER_OK, JITTER_MIN_PX / iod_px)
+    f = np.clip(1.0 - (j - ok) / JITTER_SPAN, 0.0, 1.0)
+    return np.where(np.isfinite(j) & np.isfinite(ok), f, 1.0)
 
 
 def neutral(g: dict[str, np.ndarray], ok: np.ndarray,
-            rest_width: tuple[float, float] = ADULT_REST_WIDTH) -> tuple[float, float, float]:
-    """The person's resting width w₀, corner height c₀ and lower-lid depth d₀."""
+            rest_width: tuple[float, float] = ADULT_REST_WIDTH) -> tuple[float, np.ndarray]:
+    """The person's resting width w₀ and the frames near it (rest for AU6)."""
     w0 = float(np.clip(np.percentile(g["width"][ok], NEUTRAL_PCT), *rest_width))
     near = ok & (np.abs(g["width"] - w0) <= 0.03)
-    if near.sum() >= 3:
-        c0 = float(np.clip(np.median(g["corner"][near]), *REST_CORNER_RANGE))
-    else:
-        c0, near = REST_CORNER, ok
-    return w0, c0, float(np.median(g["lid"][near]))
+    return w0, (near if near.sum() >= 3 else ok)
 
 
 def estimate(lm: np.ndarray, fps: float, usable: np.ndarray | None = None,
@@ -145,10 +142,9 @@ def estimate(lm: np.ndarray, fps: float, usable: np.ndarray | None = None,
         ok = np.isfinite(g["width"])
         if ok.sum() < 2:
             return out
-    w0, c0, d0 = neutral(g, ok, rest_width)
-    dw = g["width"] - w0
-    dc = c0 - g["corner"]
-    out["AU12_r"] = np.clip(K_AU12 * (dw + dc) / (1 + RHO), 0, 5)
+    w0, rest = neutral(g, ok, rest_width)
+    d0 = float(np.median(g["lid"][rest]))
+    out["AU12_r"] = np.clip(K_AU12 * (g["width"] - w0), 0, 5)
     k = max(3, int(round(0.25 * (fps if fps > 0 else 30))) | 1)
     lid = g["lid"].copy()
     finite = np.isfinite(lid)

@@ -5,6 +5,9 @@ starts on the frame after that person was last seen at an overlapping box
 (a chunk boundary or a re-detection), or — after a gap — when dlib's 128-D
 face descriptors are closer than `SAME_PERSON` (dlib's own 0.6 rule, a bit
 stricter). Two tracks that overlap in time are never the same person.
+Tracks found on a chunk's first frame carry a face chip instead of a
+descriptor (they nearly always continue by position); their descriptors are
+computed here only when a comparison needs them (same values either way).
 
 Roles (documented heuristic, overridable with `adult_face_id`): with one
 person, that person is the adult (the usual single-camera parent recording);
@@ -31,17 +34,30 @@ def _iou(a, b) -> float:
     return inter / u if u > 0 else 0.0
 
 
+def _has_embedding(t) -> bool:
+    return t.embedding is not None or getattr(t, "chip", None) is not None
+
+
+def _embedding(t) -> np.ndarray | None:
+    """The track's descriptor, computed from its face chip on first use."""
+    if t.embedding is None and getattr(t, "chip", None) is not None:
+        from dyadlab.face.tracker import describe
+        t.embedding, t.chip = describe(t.chip), None
+    return t.embedding
+
+
 @dataclasses.dataclass
 class Person:
     members: list = dataclasses.field(default_factory=list)  # (chunk index, local tid)
     last: int = -1
     last_rect: tuple = (0, 0, 0, 0)
-    embeddings: list = dataclasses.field(default_factory=list)
+    sources: list = dataclasses.field(default_factory=list)  # tracks whose descriptors define it
 
-    def distance(self, e: np.ndarray | None) -> float:
-        if e is None or not self.embeddings:
+    def distance(self, t) -> float:
+        if not _has_embedding(t) or not self.sources:
             return np.inf
-        return float(np.linalg.norm(np.mean(self.embeddings, axis=0) - e))
+        mean = np.mean([_embedding(s) for s in self.sources], axis=0)
+        return float(np.linalg.norm(mean - _embedding(t)))
 
 
 def join(chunks) -> dict[tuple[int, int], int]:
@@ -56,7 +72,7 @@ def join(chunks) -> dict[tuple[int, int], int]:
         if cont:
             best = max(cont, key=lambda p: _iou(p.last_rect, t.first_rect))
         else:
-            d = [(p.distance(t.embedding), i) for i, p in enumerate(free)]
+            d = [(p.distance(t), i) for i, p in enumerate(free)]
             d = [x for x in d if x[0] < SAME_PERSON]
             if d:
                 best = free[min(d)[1]]
@@ -65,8 +81,8 @@ def join(chunks) -> dict[tuple[int, int], int]:
             people.append(best)
         best.members.append((ci, t.tid))
         best.last, best.last_rect = t.last, t.last_rect
-        if t.embedding is not None and len(best.embeddings) < 8:
-            best.embeddings.append(t.embedding)
+        if _has_embedding(t) and len(best.sources) < 8:
+            best.sources.append(t)
     return {m: i for i, p in enumerate(people) for m in p.members}
 
 

@@ -20,7 +20,7 @@ from services.extractor import au, chunks, identity
 log = logging.getLogger("dyadlab.extractor")
 
 #: Bump when the output of the pipeline changes, so cached tables are not reused.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"   # 2: searches every 3 s while alone, chunking by worker count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +78,15 @@ class ChunkCache:
 
 def extract(path: str, opts: Options, executor: cf.Executor | None = None,
             index: video.VideoIndex | None = None, cache: ChunkCache | None = None,
-            progress: ProgressFn | None = None) -> Extraction:
+            progress: ProgressFn | None = None, workers: int = 1) -> Extraction:
+    """Run the whole pipeline; `workers` = processes behind `executor`."""
     t0 = time.perf_counter()
     progress = progress or (lambda *a: None)
     index = index or video.probe(path)
-    plan = chunks.plan(index, opts.chunk_frames)
+    # Chunks of the given length, else whole rounds of two per worker process.
+    workers = max(1, workers) if executor is not None else 1
+    plan = (chunks.plan(index, opts.chunk_frames) if opts.chunk_frames else
+            chunks.plan(index, n_chunks=chunks.chunk_count(index.n_frames, workers)))
     cache = cache or ChunkCache(None, "")
     results: dict[int, chunks.ChunkResult] = {}
     todo = []
@@ -151,7 +155,8 @@ def assemble(results: list[chunks.ChunkResult], index: video.VideoIndex,
     blocks, faces = [], []
     for new, p in enumerate(keep):
         # Unstable landmarks (occlusion, a face turning away) lower confidence.
-        conf[p] *= au.stability(au.jitter(lm[p], index.avg_fps)).astype(np.float32)
+        iod_px = np.linalg.norm(lm[p, :, 45] - lm[p, :, 36], axis=1)
+        conf[p] *= au.stability(au.jitter(lm[p], index.avg_fps), iod_px).astype(np.float32)
         est = au.estimate(lm[p], index.avg_fps, usable=ok[p] & (conf[p] >= 0.5),
                           rest_width=au.ADULT_REST_WIDTH if roles[new] == "adult"
                           else au.INFANT_REST_WIDTH)

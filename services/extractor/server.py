@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import multiprocessing as mp
 import os
 import tempfile
 import threading
@@ -28,6 +27,7 @@ from dyadlab import frames as ft
 from dyadlab import log as jsonlog
 from dyadlab import openface, rpc, storage, video
 from dyadlab.config import Settings
+from dyadlab.face import models
 from dyadlab.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc
 from services.extractor import chunks, pipeline, speech
 
@@ -108,14 +108,16 @@ class ExtractorService:
         extractor_pb2_grpc.add_ExtractorServicer_to_server(_Servicer(self), server)
 
     async def start(self) -> None:
-        """Ready = worker processes up with dlib's models loaded, VAD model loaded."""
+        """Ready = every worker process up with dlib's models loaded, and the
+        VAD model and face-descriptor network loaded here."""
         n = self.settings.workers
-        self.pool = cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"),
-                                           initializer=chunks.warm_up)
+        self.pool = chunks.worker_pool(n)
         loop = asyncio.get_running_loop()
+        # n probes that each wait for all n workers: every worker must be up.
         pids = await asyncio.gather(*(loop.run_in_executor(self.pool, chunks.warm_up, None)
                                       for _ in range(n)))
         await asyncio.to_thread(speech.load_model)
+        await asyncio.to_thread(models.face_encoder)  # identity joins run here
         log.info("workers ready", extra={"workers": len(set(pids))})
 
     async def stop(self) -> None:
@@ -178,7 +180,8 @@ class ExtractorService:
                 th.start()
             ex = pipeline.extract(str(path), opts, self.pool, index=idx,
                                   cache=pipeline.ChunkCache(self.store, keys.work),
-                                  progress=lambda st, d, t, m: report(st, d, t, m))
+                                  progress=lambda st, d, t, m: report(st, d, t, m),
+                                  workers=self.settings.workers)
             if th is not None:
                 th.join()
                 if "error" in speech_out:
