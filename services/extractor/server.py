@@ -102,7 +102,7 @@ class ExtractorService:
         self.settings = settings
         self.store = storage.open_store(settings)
         self.pool: cf.ProcessPoolExecutor | None = None
-        self._jobs: dict[str, asyncio.Lock] = {}
+        self._jobs: dict[str, list] = {}  # key -> [lock, users]: one job per key at a time
 
     def register(self, server: grpc.aio.Server) -> None:
         extractor_pb2_grpc.add_ExtractorServicer_to_server(_Servicer(self), server)
@@ -164,9 +164,18 @@ class ExtractorService:
             if self.store.exists(keys.summary):
                 res = json_format.Parse(self.store.get_bytes(keys.summary), extractor_pb2.ExtractResult())
                 res.cache_hit, res.seconds = True, 0.0
-                if skip_speech or self.store.exists(keys.speech):
-                    log.info("cache hit", extra={"video": jsonlog.short(sha)})
-                    return res
+                if not skip_speech and not res.HasField("speech"):
+                    # Cached without speech (an earlier skip_speech call): add only that.
+                    report("speech", 0, 1, "")
+                    out: dict = {}
+                    self._speech(path, keys, out)
+                    if "error" in out:
+                        raise out["error"]
+                    res.speech.CopyFrom(_ref(out["ref"]))
+                    res.notes.extend(out.get("notes", []))
+                    self._publish(keys, res)
+                log.info("cache hit", extra={"video": jsonlog.short(sha)})
+                return res
             report("index", 0, 1, "")
             try:
                 idx = video.probe(path)
@@ -194,15 +203,21 @@ class ExtractorService:
                 seconds=time.perf_counter() - t0)
             if "ref" in speech_out:
                 res.speech.CopyFrom(_ref(speech_out["ref"]))
-            # Publish last: the summary marks the result complete.
-            self.store.put_bytes(keys.summary, json_format.MessageToJson(res).encode(),
-                                 content_type="application/json")
+            self._publish(keys, res)
             pipeline.ChunkCache(self.store, keys.work).clear()
             FRAMES.inc(idx.n_frames)
             log.info("extracted", extra={"video": jsonlog.short(sha), "frames": idx.n_frames,
                                          "faces": len(ex.faces), "seconds": round(res.seconds, 2),
                                          "fps": round(idx.n_frames / max(res.seconds, 1e-9), 1)})
             return res
+
+    def _publish(self, keys: Keys, res: extractor_pb2.ExtractResult) -> None:
+        """Write the summary last: its presence marks the result complete."""
+        cached = extractor_pb2.ExtractResult()
+        cached.CopyFrom(res)
+        cached.cache_hit = False
+        self.store.put_bytes(keys.summary, json_format.MessageToJson(cached).encode(),
+                             content_type="application/json")
 
     def _speech(self, path: Path, keys: Keys, out: dict) -> None:
         try:
@@ -257,18 +272,25 @@ class _Servicer(extractor_pb2_grpc.ExtractorServicer):
         self.svc.check_video(request.video)
         opts = options_from(request.options)
         # One job per (video key, options) at a time; a second caller waits and hits the cache.
-        lock = self.svc._jobs.setdefault(f"{request.video.key}|{opts.cache_tag()}", asyncio.Lock())
-        async with lock:
-            async for kind, value in rpc.progress_stream(
-                    lambda report: self.svc.run(request.video.key, opts,
-                                                request.options.skip_speech, report)):
-                if kind == "progress":
-                    stage, done, total, msg = value
-                    yield extractor_pb2.ExtractEvent(progress=common_pb2.Progress(
-                        stage=stage, done=done, total=total, message=msg))
-                else:
-                    JOBS.labels("cache_hit" if value.cache_hit else "done").inc()
-                    yield extractor_pb2.ExtractEvent(result=value)
+        key = f"{request.video.key}|{opts.cache_tag()}"
+        entry = self.svc._jobs.setdefault(key, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                async for kind, value in rpc.progress_stream(
+                        lambda report: self.svc.run(request.video.key, opts,
+                                                    request.options.skip_speech, report)):
+                    if kind == "progress":
+                        stage, done, total, msg = value
+                        yield extractor_pb2.ExtractEvent(progress=common_pb2.Progress(
+                            stage=stage, done=done, total=total, message=msg))
+                    else:
+                        JOBS.labels("cache_hit" if value.cache_hit else "done").inc()
+                        yield extractor_pb2.ExtractEvent(result=value)
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.svc._jobs.pop(key, None)
 
     @rpc.status_errors
     async def ImportOpenFace(self, request, context):
