@@ -23,6 +23,7 @@ import grpc
 from dyadlab import client, stack, storage
 from dyadlab import frames as ft
 from dyadlab.config import ConfigError, Settings
+from dyadlab.messages import ROLE_NAME
 from dyadlab.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2, smiles_pb2_grpc
 
 if TYPE_CHECKING:  # imported where needed: start-up time is part of every command
@@ -195,7 +196,7 @@ def cmd_extract(settings: Settings, args) -> int:
         write_table(df, out)
         rows = len(df)
     for f in faces:
-        role = common_pb2.Role.Name(f.role).removeprefix("ROLE_").lower()
+        role = ROLE_NAME.get(f.role, "role unknown")
         say(f"face {f.face_id}: {role}, {f.frames_tracked} frames tracked, "
             f"mean confidence {f.mean_confidence:.2f}")
     for n in notes:

@@ -27,6 +27,7 @@ from dyadlab import frames as ft
 from dyadlab import log as jsonlog
 from dyadlab import openface, rpc, storage, video
 from dyadlab.config import Settings
+from dyadlab.messages import ROLE_ENUM, object_ref
 from dyadlab.face import models
 from dyadlab.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc
 from services.extractor import chunks, pipeline, speech
@@ -36,7 +37,6 @@ log = logging.getLogger("dyadlab.extractor")
 FRAMES = prom.Counter("dyadlab_extractor_frames_total", "Video frames analysed")
 JOBS = prom.Counter("dyadlab_extractor_jobs_total", "Extraction jobs", ["outcome"])
 SPEECH_VERSION = "1"
-ROLE = {"adult": common_pb2.ROLE_ADULT, "infant": common_pb2.ROLE_INFANT}
 
 
 def video_info(idx: video.VideoIndex) -> extractor_pb2.VideoInfo:
@@ -48,7 +48,7 @@ def video_info(idx: video.VideoIndex) -> extractor_pb2.VideoInfo:
 
 def face_summaries(faces: list[dict]) -> list[extractor_pb2.FaceSummary]:
     return [extractor_pb2.FaceSummary(
-        face_id=f["face_id"], role=ROLE.get(f["role"], common_pb2.ROLE_UNSPECIFIED),
+        face_id=f["face_id"], role=ROLE_ENUM.get(f["role"], common_pb2.ROLE_UNSPECIFIED),
         frames_tracked=f["frames_tracked"], mean_confidence=f["mean_confidence"],
         median_iod_px=f["median_iod_px"]) for f in faces]
 
@@ -171,7 +171,7 @@ class ExtractorService:
                     self._speech(path, keys, out)
                     if "error" in out:
                         raise out["error"]
-                    res.speech.CopyFrom(_ref(out["ref"]))
+                    res.speech.CopyFrom(object_ref(out["ref"]))
                     res.notes.extend(out.get("notes", []))
                     self._publish(keys, res)
                 log.info("cache hit", extra={"video": jsonlog.short(sha)})
@@ -198,11 +198,11 @@ class ExtractorService:
             report("write", 0, 1, "")
             frames_ref = self.store.put_bytes(keys.frames, ft.to_bytes(ex.table, "parquet"))
             res = extractor_pb2.ExtractResult(
-                frames=_ref(frames_ref), video=video_info(idx), faces=face_summaries(ex.faces),
+                frames=object_ref(frames_ref), video=video_info(idx), faces=face_summaries(ex.faces),
                 notes=ex.notes + speech_out.get("notes", []), cache_hit=False,
                 seconds=time.perf_counter() - t0)
             if "ref" in speech_out:
-                res.speech.CopyFrom(_ref(speech_out["ref"]))
+                res.speech.CopyFrom(object_ref(speech_out["ref"]))
             self._publish(keys, res)
             pipeline.ChunkCache(self.store, keys.work).clear()
             FRAMES.inc(idx.n_frames)
@@ -244,11 +244,8 @@ class ExtractorService:
         df, notes = ft.read_table(data)
         ref = self.store.put_bytes(f"frames/{sha}/imported.parquet", ft.to_bytes(df, "parquet"))
         return extractor_pb2.ImportOpenFaceResponse(
-            frames=_ref(ref), rows=len(df), faces=face_summaries(summarize_table(df)), notes=notes)
+            frames=object_ref(ref), rows=len(df), faces=face_summaries(summarize_table(df)), notes=notes)
 
-
-def _ref(r: storage.Ref) -> common_pb2.ObjectRef:
-    return common_pb2.ObjectRef(bucket=r.bucket, key=r.key, sha256=r.sha256, size=max(r.size, 0))
 
 
 def options_from(msg: extractor_pb2.ExtractOptions) -> pipeline.Options:

@@ -18,6 +18,7 @@ from dyadlab import client, rpc, storage
 from dyadlab import frames as ft
 from dyadlab import log as jsonlog
 from dyadlab.config import Settings
+from dyadlab.messages import ROLE_NAME, object_ref
 from dyadlab.v1 import (common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2,
                         smiles_pb2_grpc)
 from services.smiles import features, plot, segment
@@ -26,7 +27,6 @@ log = logging.getLogger("dyadlab.smiles")
 
 SMILES = prom.Counter("dyadlab_smiles_found_total", "Smiles found", ["kept"])
 VERSION = "1"
-ROLE_NAME = {common_pb2.ROLE_ADULT: "adult", common_pb2.ROLE_INFANT: "infant"}
 
 
 def params_from(msg: smiles_pb2.SmileParams) -> segment.SmileParams:
@@ -64,9 +64,6 @@ def face_selector(msg: common_pb2.FaceSelector) -> str | int | None:
         return ROLE_NAME.get(msg.role)
     return None
 
-
-def _ref(r: storage.Ref) -> common_pb2.ObjectRef:
-    return common_pb2.ObjectRef(bucket=r.bucket, key=r.key, sha256=r.sha256, size=max(r.size, 0))
 
 
 class SmilesService:
@@ -145,7 +142,7 @@ class SmilesService:
         SMILES.labels("no").inc(dropped)
         tag = hashlib.sha256(repr((frames_digest, fid, params, keep_speech,
                                    segs, VERSION)).encode()).hexdigest()[:24]
-        res.smiles.CopyFrom(_ref(self.store.put_bytes(
+        res.smiles.CopyFrom(object_ref(self.store.put_bytes(
             f"smiles/{tag}/smiles.csv", ft.to_bytes(table, "csv"), content_type="text/csv")))
         if want_plot:
             report("plot", 0, 1, "")
@@ -154,7 +151,7 @@ class SmilesService:
                                         title=f"face {fid}" + (f" ({one[ft.ROLE_COL].iloc[0]})"
                                                                if ft.ROLE_COL in one and one[ft.ROLE_COL].iloc[0] else ""),
                                         params=params)
-                res.plot.CopyFrom(_ref(self.store.put_file(f"smiles/{tag}/smiles.png", png,
+                res.plot.CopyFrom(object_ref(self.store.put_file(f"smiles/{tag}/smiles.png", png,
                                                            content_type="image/png")))
         res.face_id, res.smiles_found, res.smiles_dropped_speech = fid, found, dropped
         res.notes.extend(notes)
