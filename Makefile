@@ -52,6 +52,7 @@ test: setup media $(SWIFT)/.stamp
 
 bench: setup media
 	$(BIN)/python scripts/bench_extract.py $(MEDIA)/WolfgangLanger_Pexels.mp4
+	$(BIN)/python scripts/bench_mlp.py
 
 clean:
 	rm -rf $(VENV) $(CACHE) dyadlab/v1

@@ -4,6 +4,8 @@
     dyadlab extract VIDEO_OR_OPENFACE_CSV --out frames.csv|frames.parquet
     dyadlab smiles VIDEO_OR_TABLE --out smiles.csv [--plot smiles.png]
                    [--keep-speech] [--face adult|infant|ID]
+    dyadlab stats SMILES --scores SCORES --out DIR [--correction holm|fdr_bh]
+    dyadlab cohort simulate --participants N --seed S --out DIR
 
 Inputs are uploaded to the object store under their content hash (never
 under their file name: names of participants stay on the user's machine).
@@ -24,7 +26,8 @@ from dyadlab import client, stack, storage
 from dyadlab import frames as ft
 from dyadlab.config import ConfigError, Settings
 from dyadlab.messages import ROLE_NAME
-from dyadlab.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2, smiles_pb2_grpc
+from dyadlab.v1 import (common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2, smiles_pb2_grpc,
+                        stats_pb2, stats_pb2_grpc)
 
 if TYPE_CHECKING:  # imported where needed: start-up time is part of every command
     import pandas as pd
@@ -256,6 +259,49 @@ def cmd_smiles(settings: Settings, args) -> int:
     return 0
 
 
+CORRECTIONS = {"none": stats_pb2.CORRECTION_NONE, "holm": stats_pb2.CORRECTION_HOLM,
+               "fdr_bh": stats_pb2.CORRECTION_FDR_BH}
+
+
+def _download_all(store: storage.ObjectStore, files, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        store.get_file(f.ref.key, out / Path(f.name).name)
+
+
+def cmd_stats(settings: Settings, args) -> int:
+    store = storage.open_store(settings)
+    out = Path(args.out)
+    req = stats_pb2.CohortRequest(
+        smiles=upload(store, Path(args.smiles), "inputs"),
+        scores=upload(store, Path(args.scores), "inputs"),
+        correction=CORRECTIONS[args.correction],
+        mlp=stats_pb2.MlpOptions(skip=args.no_mlp, seeds=args.seeds, folds=args.folds))
+    with stack.ensure(settings, say) as st:
+        with client.channel(st.addrs["stats"]) as ch:
+            res = stream(stats_pb2_grpc.StatsStub(ch).AnalyzeCohort(req, timeout=settings.rpc_timeout_s),
+                         ProgressBar())
+    _download_all(store, res.files, out)
+    for n in res.notes:
+        say(f"note: {n}")
+    say(f"{res.participants} participants, {res.sessions} sessions, {res.smiles} smiles; "
+        f"{res.seconds:.1f} s")
+    say(f"wrote {len(res.files)} files to {out}; open {out / 'report.html'}")
+    return 0
+
+
+def cmd_simulate(settings: Settings, args) -> int:
+    store = storage.open_store(settings)
+    with stack.ensure(settings, say) as st:
+        with client.channel(st.addrs["stats"]) as ch:
+            res = stats_pb2_grpc.StatsStub(ch).Simulate(stats_pb2.SimulateRequest(
+                participants=args.participants, seed=args.seed, null_effects=args.null),
+                timeout=settings.rpc_timeout_s)
+    _download_all(store, res.files, Path(args.out))
+    say(f"wrote {', '.join(f.name for f in res.files)} to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dyadlab", description="Parent-infant smile analysis from video.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -283,6 +329,22 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--face", default=None, help="adult, infant or a face_id (default: the adult)")
     sm.add_argument("--threshold", type=float, default=None, help="AU12 threshold (default 1.5)")
     extract_opts(sm)
+    st = sub.add_parser("stats", help="relate smiles to questionnaires: Tables II-IV, Fig. 2, report")
+    st.add_argument("smiles", help="long smile table (CSV/Parquet) with participant_id, visit_month")
+    st.add_argument("--scores", required=True, help="questionnaire table (CSV/Parquet)")
+    st.add_argument("--out", required=True, help="output directory")
+    st.add_argument("--correction", choices=list(CORRECTIONS), default="none",
+                    help="multiple-comparison control (default none, as the source study)")
+    st.add_argument("--no-mlp", action="store_true", help="skip Table II (the MLP grid)")
+    st.add_argument("--seeds", type=int, default=0, help="MLP seeds (default 5)")
+    st.add_argument("--folds", type=int, default=0, help="MLP cross-validation folds (default 5)")
+    co = sub.add_parser("cohort", help="cohort tools")
+    cosub = co.add_subparsers(dest="cohort_cmd", required=True)
+    si = cosub.add_parser("simulate", help="a simulated cohort with planted effects")
+    si.add_argument("--participants", type=int, default=94)
+    si.add_argument("--seed", type=int, default=0)
+    si.add_argument("--null", action="store_true", help="plant no effects")
+    si.add_argument("--out", required=True, help="output directory")
     return p
 
 
@@ -291,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         cmd = {"up": cmd_up, "down": cmd_down, "status": cmd_status,
-               "extract": cmd_extract, "smiles": cmd_smiles}[args.cmd]
+               "extract": cmd_extract, "smiles": cmd_smiles, "stats": cmd_stats,
+               "cohort": lambda s, a: {"simulate": cmd_simulate}[a.cohort_cmd](s, a)}[args.cmd]
         return cmd(settings, args)
     except grpc.RpcError as e:
         say(f"error: {e.code().name}: {e.details()}")

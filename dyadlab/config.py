@@ -13,6 +13,7 @@
 | DYADLAB_BIND              | 127.0.0.1                       | address services listen on |
 | DYADLAB_EXTRACTOR_ADDR    | 127.0.0.1:50061                 | where the extractor listens / is reached |
 | DYADLAB_SMILES_ADDR       | 127.0.0.1:50062                 | where the smiles service listens / is reached |
+| DYADLAB_STATS_ADDR        | 127.0.0.1:50063                 | where the stats service listens / is reached |
 | DYADLAB_METRICS_PORT      | 0 (per-service default in `up`) | Prometheus port of a service; 0 = off |
 | DYADLAB_LOG_LEVEL         | INFO                            | log level |
 | DYADLAB_WORKERS           | number of CPUs                  | worker processes for frame processing |
@@ -65,6 +66,7 @@ class Settings:
     bind: str = "127.0.0.1"
     extractor_addr: str = "127.0.0.1:50061"
     smiles_addr: str = "127.0.0.1:50062"
+    stats_addr: str = "127.0.0.1:50063"
     metrics_port: int = 0
     log_level: str = "INFO"
     workers: int = 1
@@ -96,6 +98,7 @@ class Settings:
             bind=g("DYADLAB_BIND", "127.0.0.1"),
             extractor_addr=g("DYADLAB_EXTRACTOR_ADDR", "127.0.0.1:50061"),
             smiles_addr=g("DYADLAB_SMILES_ADDR", "127.0.0.1:50062"),
+            stats_addr=g("DYADLAB_STATS_ADDR", "127.0.0.1:50063"),
             metrics_port=_int("DYADLAB_METRICS_PORT", g("DYADLAB_METRICS_PORT", "0")),
             log_level=g("DYADLAB_LOG_LEVEL", "INFO").upper(),
             workers=_int("DYADLAB_WORKERS", g("DYADLAB_WORKERS", str(os.cpu_count() or 1)), 1),
@@ -118,7 +121,8 @@ class Settings:
             "DYADLAB_S3_SECURE": "true" if self.s3_secure else "false",
             "DYADLAB_S3_REGION": self.s3_region, "DYADLAB_BUCKET": self.bucket,
             "DYADLAB_BIND": self.bind, "DYADLAB_EXTRACTOR_ADDR": self.extractor_addr,
-            "DYADLAB_SMILES_ADDR": self.smiles_addr, "DYADLAB_LOG_LEVEL": self.log_level,
+            "DYADLAB_SMILES_ADDR": self.smiles_addr, "DYADLAB_STATS_ADDR": self.stats_addr,
+            "DYADLAB_LOG_LEVEL": self.log_level,
             "DYADLAB_WORKERS": str(self.workers), "DYADLAB_MAX_VIDEO_BYTES": str(self.max_video_bytes),
             "DYADLAB_RPC_TIMEOUT_S": str(int(self.rpc_timeout_s)),
         }

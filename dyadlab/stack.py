@@ -24,6 +24,7 @@ from dyadlab.config import Settings
 SERVICES = {
     "extractor": ("services.extractor", "DYADLAB_EXTRACTOR_ADDR", "dyadlab.v1.Extractor", 9461),
     "smiles": ("services.smiles", "DYADLAB_SMILES_ADDR", "dyadlab.v1.Smiles", 9462),
+    "stats": ("services.stats", "DYADLAB_STATS_ADDR", "dyadlab.v1.Stats", 9463),
 }
 READY_TIMEOUT_S = 180.0
 
@@ -74,7 +75,8 @@ def healthy(addrs: dict[str, str]) -> bool:
 
 
 def configured_addrs(settings: Settings) -> dict[str, str]:
-    return {"extractor": settings.extractor_addr, "smiles": settings.smiles_addr}
+    return {"extractor": settings.extractor_addr, "smiles": settings.smiles_addr,
+            "stats": settings.stats_addr}
 
 
 def start(settings: Settings, addrs: dict[str, str] | None = None, metrics: bool = True,

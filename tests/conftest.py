@@ -71,8 +71,8 @@ class RunningStack:
 
 def _start_stack(home, extra_env: dict[str, str]) -> RunningStack:
     addrs = {n: f"127.0.0.1:{stack_mod.free_port()}" for n in stack_mod.SERVICES}
-    env = {"DYADLAB_HOME": str(home), "DYADLAB_EXTRACTOR_ADDR": addrs["extractor"],
-           "DYADLAB_SMILES_ADDR": addrs["smiles"], **extra_env}
+    env = {"DYADLAB_HOME": str(home), **{stack_mod.SERVICES[n][1]: a for n, a in addrs.items()},
+           **extra_env}
     settings = Settings.from_env(env)
     return RunningStack(settings, stack_mod.start(settings, addrs, metrics=False, embedded=True))
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from dyadlab import frames as ft
-from dyadlab.stack import free_port
+from dyadlab.stack import SERVICES, free_port
 from media import media_path
 
 DYADLAB = str(Path(sys.executable).with_name("dyadlab"))
@@ -28,8 +28,7 @@ def run(home: Path, *args, check=True, timeout=300) -> subprocess.CompletedProce
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYADLAB_")}
     env["DYADLAB_HOME"] = str(home)
     env.update(_PORTS.setdefault(Path(home), {
-        "DYADLAB_EXTRACTOR_ADDR": f"127.0.0.1:{free_port()}",
-        "DYADLAB_SMILES_ADDR": f"127.0.0.1:{free_port()}"}))
+        var: f"127.0.0.1:{free_port()}" for _, var, _, _ in SERVICES.values()}))
     p = subprocess.run([DYADLAB, *map(str, args)], env=env, capture_output=True, text=True,
                        timeout=timeout)
     if check and p.returncode != 0:
@@ -63,7 +62,7 @@ def stack_home(tmp_path_factory):
 def test_status_reports_every_service_serving(stack_home):
     p = run(stack_home, "status")
     lines = {line.split()[0]: line for line in p.stdout.splitlines()}
-    assert "SERVING" in lines["extractor"] and "SERVING" in lines["smiles"]
+    assert all("SERVING" in lines[name] for name in SERVICES)
     assert str(stack_home) in lines["store:"]
 
 
@@ -128,7 +127,7 @@ def test_embedded_stack_runs_and_leaves_nothing_behind(tmp_path):
 
 
 def _service_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "-- -m services\\.(extractor|smiles)"],
+    out = subprocess.run(["pgrep", "-f", "-- -m services\\.(extractor|smiles|stats)"],
                          capture_output=True, text=True).stdout
     return {int(x) for x in out.split()}
 
@@ -138,7 +137,27 @@ def test_down_stops_every_process(tmp_path):
     run(home, "up", "--no-metrics")
     import json
     pids = json.loads((home / "run" / "stack.json").read_text())["pids"].values()
-    assert len(_pids_alive(pids)) == 2
+    assert len(_pids_alive(pids)) == len(SERVICES)
     run(home, "down")
     assert _pids_alive(pids) == []
     assert run(home, "status", check=False).returncode == 3
+
+
+def test_cohort_simulate_then_stats_writes_the_report(stack_home, tmp_path):
+    sim = tmp_path / "sim"
+    run(stack_home, "cohort", "simulate", "--participants", 40, "--seed", 7, "--out", sim)
+    assert {p.name for p in sim.iterdir()} == {"scores.csv", "smiles.csv", "truth.json"}
+    out = tmp_path / "report"
+    p = run(stack_home, "stats", sim / "smiles.csv", "--scores", sim / "scores.csv", "--out", out,
+            "--correction", "fdr_bh", "--seeds", 1, "--folds", 2)
+    names = {f.name for f in out.iterdir()}
+    assert {"table2_mlp.csv", "table3_ttests.csv", "table4_anova.csv", "fig2_correlations.csv",
+            "report.html", "table3.png"} <= names
+    t3 = pd.read_csv(out / "table3_ttests.csv")
+    assert t3["adjust"].eq("fdr_bh").all() and (t3["p_adj"] >= t3["p"] - 1e-12).all()
+    assert "40 participants, 80 sessions" in p.stderr
+    bad = tmp_path / "bad.csv"
+    pd.read_csv(sim / "scores.csv").assign(pss=99).to_csv(bad, index=False)
+    p = run(stack_home, "stats", sim / "smiles.csv", "--scores", bad, "--out", out, "--no-mlp",
+            check=False)
+    assert p.returncode == 2 and "column 'pss': 99 is outside PSS's range [0, 40]" in p.stderr

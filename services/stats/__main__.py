@@ -1,0 +1,3 @@
+from services.stats.server import main
+
+main()
