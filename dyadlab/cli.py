@@ -6,6 +6,8 @@
                    [--keep-speech] [--face adult|infant|ID]
     dyadlab stats SMILES --scores SCORES --out DIR [--correction holm|fdr_bh]
     dyadlab cohort simulate --participants N --seed S --out DIR
+    dyadlab cohort run MANIFEST.csv --scores scores.csv --out report/
+    dyadlab cohort report MANIFEST.csv --scores scores.csv --out report/
 
 Inputs are uploaded to the object store under their content hash (never
 under their file name: names of participants stay on the user's machine).
@@ -302,6 +304,138 @@ def cmd_simulate(settings: Settings, args) -> int:
     return 0
 
 
+class CohortProgress:
+    """One bar over the cohort's video-seconds (ETA from it) with the sessions in
+    flight and their stage; plain lines when stderr is not a terminal."""
+
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+        self.running: dict[str, str] = {}
+        self.bar = None
+        self.n_done = self.total = 0
+        self.t0 = 0.0
+
+    def start(self, total: int, cached: int, video_s: float) -> None:
+        import time
+        self.t0, self.total, self.n_done = time.monotonic(), total, cached
+        say(f"{total} sessions: {cached} already finished, {total - cached} to run "
+            f"({video_s / 60:.1f} min of video)")
+        if self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=round(video_s, 1), unit="video-s", file=sys.stderr,
+                            dynamic_ncols=True, desc=f"{cached}/{total} sessions")
+
+    def status(self, label: str, stage: str) -> None:
+        if self.running.get(label) == stage:
+            return
+        self.running[label] = stage
+        if self.bar is not None:
+            self.bar.set_postfix_str("; ".join(f"{k} {v}" for k, v in self.running.items()))
+
+    def finished(self, label: str, video_s: float, ok: bool, reason: str = "") -> None:
+        import time
+        self.running.pop(label, None)
+        self.n_done += 1
+        msg = f"{label}: {'done' if ok else 'FAILED: ' + reason}"
+        if self.bar is not None:
+            self.bar.update(round(video_s, 1))
+            self.bar.set_description(f"{self.n_done}/{self.total} sessions")
+            self.bar.write(f"dyadlab: {msg}", file=sys.stderr)
+        else:
+            say(f"[{self.n_done}/{self.total}, {time.monotonic() - self.t0:.0f} s] {msg}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _shard(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        i, n = value.split("/")
+        if i == "auto":  # a Kubernetes indexed Job gives each pod its index
+            i = os.environ["JOB_COMPLETION_INDEX"]
+        return int(i), int(n)
+    except (ValueError, KeyError):
+        raise CliError(f"--shard {value!r}: use I/N (e.g. 0/4), or auto/N inside an indexed Job "
+                       "(JOB_COMPLETION_INDEX)") from None
+
+
+def cmd_cohort_run(settings: Settings, args) -> int:
+    from dyadlab import cohort
+
+    store = storage.open_store(settings)
+    sessions = cohort.read_manifest(Path(args.manifest), store)
+    scores_path = Path(args.scores) if args.scores else None
+    if scores_path is not None and not scores_path.is_file():
+        raise CliError(f"no such file: {scores_path}")
+    if scores_path is None and not args.no_report:
+        raise CliError("--scores is needed for the report (or give --no-report)")
+    part = _shard(args.shard)
+    if part is not None:
+        sessions = cohort.shard(sessions, *part)
+        say(f"shard {part[0]}/{part[1]}: {len(sessions)} sessions")
+    opts = cohort.Options(keep_speech=args.keep_speech, max_faces=args.max_faces)
+    say("checking and storing inputs")
+    cohort.prepare(sessions, store, say)
+    out = Path(args.out)
+    with stack.ensure(settings, say) as st:
+        outcome = cohort.run_sessions(sessions, opts, store, st.addrs, args.parallel,
+                                      settings.rpc_timeout_s, CohortProgress())
+        say(f"{outcome.ran} sessions ran, {outcome.cached} were already finished, "
+            f"{len(outcome.failed)} failed")
+        if outcome.failed:
+            cohort.write_failures(outcome.failed, out)
+            say(f"failures listed in {out / 'failures.csv'}")
+        if not args.no_report:
+            _report(settings, args, outcome.done, scores_path, out, st.addrs["stats"], opts, store)
+    return 3 if outcome.failed else 0
+
+
+def _report(settings, args, records, scores_path, out, stats_addr, opts, store) -> None:
+    from dyadlab import cohort
+
+    bar = ProgressBar()
+    try:
+        res = cohort.build_report(records, scores_path, out, store, stats_addr, opts,
+                                  settings.rpc_timeout_s, CORRECTIONS[args.correction],
+                                  stats_pb2.MlpOptions(skip=args.no_mlp), on_progress=bar)
+    finally:
+        bar.close()
+    for n in res.notes:
+        say(f"note: {n}")
+    say(f"report: {out / 'report.html'} ({res.sessions} sessions, {res.smiles} smiles); "
+        f"sessions.csv and the tables are beside it")
+
+
+def cmd_cohort_report(settings: Settings, args) -> int:
+    """The final step of a sharded run: the report from the records in the store."""
+    from dyadlab import cohort
+
+    store = storage.open_store(settings)
+    sessions = cohort.read_manifest(Path(args.manifest), store)
+    cohort.prepare(sessions, store, say)
+    opts = cohort.Options(keep_speech=args.keep_speech, max_faces=args.max_faces)
+    records, missing = [], []
+    for s in sessions:
+        key = cohort.record_key(s, opts)
+        if store.exists(key):
+            import json
+            records.append(json.loads(store.get_bytes(key)))
+        else:
+            missing.append(s)
+    if missing:
+        say(f"{len(missing)} sessions are not finished: "
+            + ", ".join(f"row {s.row} ({s.label})" for s in missing[:10]))
+        if not args.partial:
+            raise CliError("run the missing shards first, or give --partial to report what is there")
+    with stack.ensure(settings, say) as st:
+        _report(settings, args, records, Path(args.scores), Path(args.out), st.addrs["stats"], opts, store)
+    return 3 if missing else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dyadlab", description="Parent-infant smile analysis from video.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -345,6 +479,29 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--seed", type=int, default=0)
     si.add_argument("--null", action="store_true", help="plant no effects")
     si.add_argument("--out", required=True, help="output directory")
+
+    def cohort_opts(sp, report_only=False):
+        sp.add_argument("manifest", help="CSV: participant_id, visit_month, video [, face, openface_csv]")
+        sp.add_argument("--scores", required=report_only, help="questionnaire table (CSV/Parquet)")
+        sp.add_argument("--out", required=True, help="report directory")
+        sp.add_argument("--keep-speech", action="store_true",
+                        help="keep smiles that overlap speech in the analysis")
+        sp.add_argument("--max-faces", type=int, default=0, help="faces to track (default 2)")
+        sp.add_argument("--correction", choices=list(CORRECTIONS), default="none")
+        sp.add_argument("--no-mlp", action="store_true", help="skip Table II")
+
+    cr = cosub.add_parser("run", help="every session of a manifest, then the cohort report")
+    cohort_opts(cr)
+    cr.add_argument("--parallel", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                    help="sessions in flight (default: half the CPUs, at least 1). Each video is "
+                         "already split across the extractor's worker processes; on 2 cores one "
+                         "session in flight measured fastest (scripts/bench_cohort.py)")
+    cr.add_argument("--shard", default=None, metavar="I/N",
+                    help="run only shard I of N (auto/N: the Kubernetes Job's index)")
+    cr.add_argument("--no-report", action="store_true", help="sessions only (a shard's job)")
+    rp = cosub.add_parser("report", help="the report from finished sessions (after shards)")
+    cohort_opts(rp, report_only=True)
+    rp.add_argument("--partial", action="store_true", help="report even if sessions are missing")
     return p
 
 
@@ -354,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         cmd = {"up": cmd_up, "down": cmd_down, "status": cmd_status,
                "extract": cmd_extract, "smiles": cmd_smiles, "stats": cmd_stats,
-               "cohort": lambda s, a: {"simulate": cmd_simulate}[a.cohort_cmd](s, a)}[args.cmd]
+               "cohort": lambda s, a: {"simulate": cmd_simulate, "run": cmd_cohort_run,
+                                       "report": cmd_cohort_report}[a.cohort_cmd](s, a)}[args.cmd]
         return cmd(settings, args)
     except grpc.RpcError as e:
         say(f"error: {e.code().name}: {e.details()}")

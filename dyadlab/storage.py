@@ -220,10 +220,19 @@ class S3Store(ObjectStore):
     def _call(self, fn, *args, **kw):
         with self._errors(kw.get("object_name", args[1] if len(args) > 1 else "")):
             if not self._bucket_ready:
-                if not self.client.bucket_exists(self.bucket):
-                    self.client.make_bucket(self.bucket)
-                self._bucket_ready = True
+                self._ensure_bucket()
             return fn(*args, **kw)
+
+    def _ensure_bucket(self) -> None:
+        """Create the bucket on first use; several processes may race to do it."""
+        from minio.error import S3Error
+        if not self.client.bucket_exists(self.bucket):
+            try:
+                self.client.make_bucket(self.bucket)
+            except S3Error as e:
+                if e.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+        self._bucket_ready = True
 
     @contextlib.contextmanager
     def _errors(self, key: str = ""):

@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:   # the editable install (or PYTHONPATH) comes fir
     sys.path.append(str(ROOT))
 
 from dyadlab import video  # noqa: E402
-from dyadlab.stack import free_port  # noqa: E402
+from dyadlab.stack import SERVICES, free_port  # noqa: E402
 
 REQUIRED_FPS = 150.0
 AIM_FPS = 500.0
@@ -148,8 +148,7 @@ def stack_env() -> dict:
     """A fresh DYADLAB_HOME (local store) and free ports: nothing shared with a user's stack."""
     home = Path(tempfile.mkdtemp(prefix="dyadlab-bench-"))
     env = dict(os.environ, DYADLAB_HOME=str(home),
-               DYADLAB_EXTRACTOR_ADDR=f"127.0.0.1:{free_port()}",
-               DYADLAB_SMILES_ADDR=f"127.0.0.1:{free_port()}")
+               **{var: f"127.0.0.1:{free_port()}" for _, var, _, _ in SERVICES.values()})
     for k in ("DYADLAB_STORE_DIR", "DYADLAB_S3_ENDPOINT"):
         env.pop(k, None)
     return env

@@ -162,3 +162,20 @@ def test_report_renders_in_headless_chromium(stats, analysed, tmp_path):
     # The first table sits near the top: dark rule lines across the page's width.
     rows_dark = (img[..., :3].mean(axis=2) < 0.3).mean(axis=1)
     assert (rows_dark > 0.3).any()
+
+
+def test_a_cohort_too_small_for_some_analyses_still_gets_a_report(tmp_path):
+    """Two sessions: no correlation can be estimated; the report says so instead of failing."""
+    from services.stats import inference, scores as sc
+    rows = [{"participant_id": "A", "visit_month": v, "smile_id": k,
+             **{f: 0.1 * k + (v == 12) * 0.05 for f in sc.FEATURES}} for v in (6, 12) for k in (1, 2, 3)]
+    smiles = sc.validate_smiles(pd.DataFrame(rows))
+    table, _ = sc.validate_scores(pd.DataFrame({
+        "participant_id": ["A", "A"], "visit_month": [6, 12], "phq9": [3, 4], "aces": [1, 1],
+        "pss": [10, 12], "pearls": [0, 0], "social_support": [80, 85]}))
+    joined, _ = sc.join(smiles, table)
+    corr = inference.correlation_table(joined)
+    files = report.write_all(tmp_path, None, inference.welch_table(smiles),
+                             inference.anova_table(joined), corr, [], {"summary": "tiny"})
+    assert files["fig2.png"].read_bytes()[:4] == b"\x89PNG"
+    assert "Table III." in files["report.html"].read_text()

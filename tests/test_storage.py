@@ -290,3 +290,15 @@ def test_s3_server_stop_leaves_nothing(s3_server):
     assert not state.exists()
     with pytest.raises(ConnectionRefusedError):        # nothing listens on its port
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_s3_processes_racing_to_create_the_bucket_all_succeed(s3_store_factory):
+    """Shards of a cohort start at once against an empty bucket (found by the cohort test)."""
+    import concurrent.futures as cf
+    import uuid
+    bucket = f"race-{uuid.uuid4().hex[:12]}"
+    stores = [s3_store_factory(bucket=bucket) for _ in range(6)]
+    with cf.ThreadPoolExecutor(6) as ex:
+        refs = list(ex.map(lambda i: stores[i].put_bytes(f"k{i}", b"x"), range(6)))
+    assert [r.key for r in refs] == [f"k{i}" for i in range(6)]
+    assert sorted(stores[0].list()) == [f"k{i}" for i in range(6)]

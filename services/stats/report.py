@@ -54,8 +54,20 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def _empty(title: str, why: str) -> bytes:
+    """A figure that says why there is nothing to plot (small cohorts)."""
+    fig = Figure(figsize=(7, 1.6), layout="constrained")
+    ax = fig.subplots()
+    ax.axis("off")
+    ax.set_title(title)
+    ax.text(0.5, 0.4, why, ha="center", va="center", fontsize=10, color="0.3")
+    return _png(fig)
+
+
 def fig_ttests(t3: pd.DataFrame) -> bytes:
     """Cohen's d per feature (12 vs 6 months), significant ones filled."""
+    if not t3["cohens_d"].notna().any():
+        return _empty("Table III", "no feature has smiles at both visits")
     fig = Figure(figsize=(7, 3.6), layout="constrained")
     ax = fig.subplots()
     y = np.arange(len(t3))[::-1]
@@ -75,6 +87,8 @@ def fig_ttests(t3: pd.DataFrame) -> bytes:
 def fig_anova(t4: pd.DataFrame) -> bytes:
     """Partial η² per feature × score, one panel per visit; * marks p < .05."""
     ok = t4.dropna(subset=["partial_eta2"])
+    if not len(ok):
+        return _empty("Table IV", "no visit has two questionnaire categories with smiles")
     visits = sorted(ok["visit_month"].unique()) or [6, 12]
     fig = Figure(figsize=(8, 3.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(visits), sharey=True))
@@ -102,6 +116,8 @@ def fig_anova(t4: pd.DataFrame) -> bytes:
 def fig_correlations(corr: pd.DataFrame) -> bytes:
     """Fig. 2: Pearson r of the k-th smile's feature with each score, against k."""
     scores = [s for s in SCALES if s in set(corr["score"])]
+    if not scores or not corr["r"].notna().any():
+        return _empty("Fig. 2", "too few sessions with a k-th smile (at least 5 are needed)")
     fig = Figure(figsize=(12, 2.6 * math.ceil(len(scores) / 3) + 0.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(math.ceil(len(scores) / 3), 3, squeeze=False)).ravel()
     for ax, s in zip(axes, scores):

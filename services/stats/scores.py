@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from dyadlab.frames import TableError
+from dyadlab.study import KEYS, VISITS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,6 @@ SCALES: dict[str, Scale] = {s.column: s for s in (
 )}
 SCORE_COLUMNS = list(SCALES)
 CATEGORICAL = [c for c, s in SCALES.items() if s.categories is not None]
-VISITS = (6, 12)
 
 #: Smile features analysed (the paper's Tables III/IV), with display names.
 FEATURES: dict[str, str] = {
@@ -67,7 +67,6 @@ FEATURES: dict[str, str] = {
     "apex_duration_s": "Apex Duration",
     "total_duration_s": "Total Duration",
 }
-KEYS = ["participant_id", "visit_month"]
 
 
 def _where(i: int) -> str:

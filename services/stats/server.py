@@ -117,10 +117,20 @@ class StatsService:
         corr = inference.adjust(inference.correlation_table(joined), method)
         report_progress("tests", 3, 3, "")
         t2 = None
-        if not request.mlp.skip:
-            res = mlp.run_grid(joined, seeds=range(request.mlp.seeds or 5), folds=request.mlp.folds or 5,
+        folds = request.mlp.folds or 5
+        if not 2 <= folds <= 20 or not 0 <= request.mlp.seeds <= 50:
+            raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "mlp: folds must be 2..20, seeds 0..50")
+        n_mlp = joined["participant_id"].nunique()
+        if request.mlp.skip:
+            pass
+        elif n_mlp < 2 * folds:
+            notes.append(f"Table II (MLP) skipped: {n_mlp} participants with smiles, at least "
+                         f"{2 * folds} are needed for {folds}-fold cross-validation")
+        else:
+            res = mlp.run_grid(joined, seeds=range(request.mlp.seeds or 5), folds=folds,
                                progress=lambda d, t: report_progress("mlp", d, t, ""))
             t2 = res.table
+            notes += [n for n in res.notes if n not in notes]
         n_part = sc["participant_id"].nunique()
         n_sess = len(sc)
         meta = {"summary": f"{n_part} participants, {n_sess} scored sessions, {len(sm)} smiles. "

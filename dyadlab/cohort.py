@@ -1,0 +1,403 @@
+"""The cohort runner: a manifest of sessions -> per-session smiles -> the cohort report.
+
+    dyadlab cohort run MANIFEST.csv --scores scores.csv --out report/
+
+1. The manifest is validated up front; every problem (unknown columns,
+   missing files, duplicate sessions, unreadable videos) is reported at once
+   with its row, before any work starts.
+2. Every session's video is put into the object store under its content
+   hash. A session's result is a record in the store whose key derives from
+   the video's hash and the options: that record is what makes a session
+   "finished". A rerun of the same command (after Ctrl-C, a killed process,
+   a reboot) finds the records and only runs the rest.
+3. Sessions run through the services (extractor, then smiles), several at a
+   time. A failing session is listed in failures.csv; the others go on.
+4. The smiles of every finished session go to the stats service, whose
+   tables, figures and report.html land in the output directory together
+   with sessions.csv (one row per session).
+
+As a Kubernetes indexed Job, each pod runs `dyadlab cohort run --shard I/N
+--no-report` on its slice (session i belongs to shard i mod N, in the
+manifest's sorted order), the records meet in the object store, and a final
+`dyadlab cohort report` builds the report from them.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import io
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import grpc
+
+from dyadlab import storage, video
+from dyadlab.frames import TableError
+from dyadlab.messages import ROLE_NAME
+from dyadlab.study import KEYS, VISITS
+from dyadlab.v1 import (common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2, smiles_pb2_grpc,
+                        stats_pb2, stats_pb2_grpc)
+
+REQUIRED = ["participant_id", "visit_month", "video"]
+OPTIONAL = ["face", "openface_csv"]
+RECORD_VERSION = "1"
+
+
+@dataclasses.dataclass
+class Session:
+    row: int                      # 1-based data row of the manifest
+    participant_id: str
+    visit_month: int
+    video: Path | None            # local file, or None when `key` names an object
+    key: str = ""                 # object-store key of the video (or of the OpenFace CSV)
+    face: str = ""
+    openface_csv: Path | None = None
+    openface: bool = False        # the input is an OpenFace CSV, not a video
+    sha256: str = ""
+    duration_s: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.participant_id}/{self.visit_month}"
+
+
+class ManifestError(TableError):
+    """Every problem of a manifest, one per line."""
+
+
+def _resolve(value: str, base: Path, store: storage.ObjectStore) -> tuple[Path | None, str]:
+    """A manifest cell as a local file (relative to the manifest) or an object key."""
+    p = Path(value).expanduser()
+    p = p if p.is_absolute() else base / p
+    if p.is_file():
+        return p, ""
+    try:
+        if store.exists(value):
+            return None, value
+    except storage.InvalidKey:
+        pass
+    return None, ""
+
+
+def read_manifest(path: Path, store: storage.ObjectStore) -> list[Session]:
+    """Parse and check a manifest; raise ManifestError listing every problem."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ManifestError(f"cannot read the manifest: {e}") from None
+    df.columns = [c.strip() for c in df.columns]
+    problems = []
+    missing = [c for c in REQUIRED if c not in df.columns]
+    unknown = [c for c in df.columns if c not in REQUIRED + OPTIONAL]
+    if missing:
+        problems.append(f"missing columns: {', '.join(missing)}")
+    if unknown:
+        problems.append(f"unknown columns: {', '.join(unknown)} "
+                        f"(known: {', '.join(REQUIRED + OPTIONAL)})")
+    if missing:
+        raise ManifestError("\n".join(problems))
+    sessions, seen = [], {}
+    base = path.parent
+    for i, r in enumerate(df.to_dict("records"), start=1):
+        where = f"row {i}"
+        pid = r["participant_id"].strip()
+        if not pid:
+            problems.append(f"{where}: participant_id is empty")
+        try:
+            visit = int(r["visit_month"])
+            if visit not in VISITS:
+                raise ValueError
+        except ValueError:
+            problems.append(f"{where}: visit_month {r['visit_month']!r} is not one of "
+                            f"{', '.join(map(str, VISITS))}")
+            visit = -1
+        if pid and visit > 0:
+            if (pid, visit) in seen:
+                problems.append(f"{where}: participant {pid!r} visit {visit} repeats row {seen[pid, visit]}")
+            else:
+                seen[pid, visit] = i
+        face = r.get("face", "").strip()
+        if face and face not in ("adult", "infant") and not face.isdigit():
+            problems.append(f"{where}: face {face!r} is not adult, infant or a face_id")
+        s = Session(i, pid, visit, None, face=face)
+        of = r.get("openface_csv", "").strip()
+        if of:
+            local, key = _resolve(of, base, store)
+            if local is None and not key:
+                problems.append(f"{where}: openface_csv {of!r}: no such file or object")
+            s.openface_csv, s.key, s.openface = local, key, True
+        v = r["video"].strip()
+        if not v and not of:
+            problems.append(f"{where}: video is empty (and no openface_csv)")
+        elif v and not of:
+            local, key = _resolve(v, base, store)
+            if local is None and not key:
+                problems.append(f"{where}: video {v!r}: no such file or object")
+            elif local is not None:
+                try:
+                    s.duration_s = _readable(local)
+                except video.VideoError as e:
+                    problems.append(f"{where}: video {v!r} is unreadable: {e}")
+            s.video, s.key = local, key
+        sessions.append(s)
+    if problems:
+        raise ManifestError("\n".join(problems))
+    return sorted(sessions, key=lambda s: (s.participant_id, s.visit_month))
+
+
+def _readable(path: Path) -> float:
+    """Cheap up-front check (container and video stream open); the duration."""
+    import av
+
+    if path.stat().st_size == 0:
+        raise video.VideoError("the file is empty (0 bytes)")
+    try:
+        with av.open(str(path), metadata_errors="ignore") as c:
+            if not c.streams.video:
+                raise video.VideoError("no video stream")
+            return float(c.duration or 0) / 1e6
+    except av.error.FFmpegError:
+        raise video.VideoError("not a video this program can read") from None
+
+
+def shard(sessions: list[Session], index: int, count: int) -> list[Session]:
+    """The slice of a sorted manifest that shard `index` of `count` runs."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
+    return [s for i, s in enumerate(sessions) if i % count == index]
+
+
+# -- records ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Options:
+    keep_speech: bool = False   # drop smiles overlapping speech from the analysis (the paper)
+    max_faces: int = 0
+
+    def tag(self) -> str:
+        return hashlib.sha256(json.dumps([RECORD_VERSION, dataclasses.asdict(self)]).encode()).hexdigest()[:12]
+
+
+def record_key(s: Session, opts: Options) -> str:
+    """Where a finished session's record lives: derived from its content, so any
+    run (any shard, any machine) that does the same work finds the same key."""
+    ident = hashlib.sha256(f"{s.participant_id}|{s.visit_month}|{s.sha256}|{s.face}".encode()).hexdigest()
+    return f"cohort/sessions/{ident[:32]}-{opts.tag()}.json"
+
+
+def prepare(sessions: list[Session], store: storage.ObjectStore,
+            say: Callable[[str], None] = lambda m: None) -> None:
+    """Hash every input and put local files into the store (content-addressed)."""
+    for s in sessions:
+        src = s.openface_csv or s.video
+        if src is not None:
+            s.sha256 = storage.sha256_file(src)
+            ext = src.suffix.lower() if src.suffix.lower()[1:].isalnum() else ""
+            s.key = f"inputs/{s.sha256}{ext}"
+            if store.size(s.key) != src.stat().st_size:
+                store.put_file(s.key, src, sha256=s.sha256)
+        else:
+            with store.open(s.key) as f:
+                h = hashlib.sha256()
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            s.sha256 = h.hexdigest()
+
+
+# -- running sessions ------------------------------------------------------------------------
+def _face_selector(face: str) -> common_pb2.FaceSelector:
+    if face in ("adult", "infant"):
+        return common_pb2.FaceSelector(role=common_pb2.ROLE_ADULT if face == "adult"
+                                       else common_pb2.ROLE_INFANT)
+    if face.isdigit():
+        return common_pb2.FaceSelector(face_id=int(face))
+    return common_pb2.FaceSelector()
+
+
+def run_session(s: Session, opts: Options, channels: dict[str, grpc.Channel], timeout_s: float,
+                status: Callable[[str], None]) -> dict:
+    """Extract (cached by content) and segment one session; its record."""
+    t0 = time.perf_counter()
+    ref = common_pb2.ObjectRef(key=s.key, sha256=s.sha256)
+    rec = {"participant_id": s.participant_id, "visit_month": s.visit_month, "input_sha256": s.sha256,
+           "face": s.face, "frames": 0, "duration_s": s.duration_s, "faces": 0, "face_id": -1,
+           "role": "", "mean_confidence": None, "notes": []}
+    req = smiles_pb2.AnalyzeRequest(face=_face_selector(s.face), keep_speech=True, plot=True)
+    if s.openface:
+        status("import")
+        imp = extractor_pb2_grpc.ExtractorStub(channels["extractor"]).ImportOpenFace(
+            extractor_pb2.ImportOpenFaceRequest(csv=ref), timeout=timeout_s)
+        req.frames.CopyFrom(imp.frames)
+        faces, rec["notes"] = imp.faces, list(imp.notes)
+        rec["frames"] = int(imp.rows / max(1, len(imp.faces)))
+    else:
+        result = None
+        call = extractor_pb2_grpc.ExtractorStub(channels["extractor"]).Extract(
+            extractor_pb2.ExtractRequest(video=ref, options=extractor_pb2.ExtractOptions(
+                max_faces=opts.max_faces)), timeout=timeout_s)
+        for ev in call:
+            if ev.HasField("progress"):
+                p = ev.progress
+                status(f"{p.stage} {100 * p.done // p.total}%" if p.total > 1 else p.stage)
+            else:
+                result = ev.result
+        if result is None:
+            raise RuntimeError("the extractor ended without a result")
+        req.frames.CopyFrom(result.frames)
+        if result.HasField("speech"):
+            req.speech.CopyFrom(result.speech)
+        faces, rec["notes"] = result.faces, list(result.notes)
+        rec.update(frames=result.video.frames, duration_s=result.video.duration_s)
+    status("smiles")
+    res = None
+    for ev in smiles_pb2_grpc.SmilesStub(channels["smiles"]).Analyze(req, timeout=timeout_s):
+        if ev.HasField("result"):
+            res = ev.result
+    if res is None:
+        raise RuntimeError("the smiles service ended without a result")
+    rec["notes"] += [n for n in res.notes if n not in rec["notes"]]
+    rec["faces"] = len(faces)
+    rec["face_id"] = res.face_id
+    for f in faces:
+        if f.face_id == res.face_id:
+            rec["role"] = ROLE_NAME.get(f.role, "")
+            rec["mean_confidence"] = round(f.mean_confidence, 4)
+    rec.update(smiles_found=res.smiles_found, speech_checked=res.speech_checked,
+               smiles_key=res.smiles.key, plot_key=res.plot.key, frames_key=req.frames.key,
+               seconds=round(time.perf_counter() - t0, 3))
+    return rec
+
+
+@dataclasses.dataclass
+class Outcome:
+    done: list[dict]
+    failed: list[dict]
+    cached: int
+    ran: int
+
+
+def run_sessions(sessions: list[Session], opts: Options, store: storage.ObjectStore,
+                 addrs: dict[str, str], parallel: int, timeout_s: float,
+                 progress=None) -> Outcome:
+    """Run every unfinished session, `parallel` at a time; records into the store."""
+    from dyadlab import client
+
+    done, failed, todo = [], [], []
+    for s in sessions:
+        key = record_key(s, opts)
+        if store.exists(key):
+            done.append(json.loads(store.get_bytes(key)))
+        else:
+            todo.append(s)
+    cached = len(done)
+    if progress:
+        progress.start(len(sessions), cached, sum(s.duration_s for s in todo))
+    lock = threading.Lock()
+    channels = {n: client.channel(addrs[n]) for n in ("extractor", "smiles")}
+    try:
+        def work(s: Session):
+            status = (lambda st: progress.status(s.label, st)) if progress else (lambda st: None)
+            try:
+                rec = run_session(s, opts, channels, timeout_s, status)
+            except grpc.RpcError as e:
+                return s, None, f"{e.code().name}: {e.details()}"
+            except Exception as e:  # noqa: BLE001 — one session's failure must not stop the cohort
+                return s, None, f"{type(e).__name__}: {e}"
+            store.put_bytes(record_key(s, opts), json.dumps(rec, indent=1).encode(),
+                            content_type="application/json")
+            return s, rec, ""
+
+        with cf.ThreadPoolExecutor(max(1, parallel)) as ex:
+            for fut in cf.as_completed([ex.submit(work, s) for s in todo]):
+                s, rec, err = fut.result()
+                with lock:
+                    if rec is not None:
+                        done.append(rec)
+                    else:
+                        failed.append({"row": s.row, "participant_id": s.participant_id,
+                                       "visit_month": s.visit_month, "reason": err})
+                if progress:
+                    progress.finished(s.label, s.duration_s, ok=rec is not None, reason=err)
+    finally:
+        for ch in channels.values():
+            ch.close()
+        if progress:
+            progress.close()
+    return Outcome(done, failed, cached, len(todo))
+
+
+# -- the report ------------------------------------------------------------------------------
+def collect(records: list[dict], store: storage.ObjectStore, keep_speech: bool):
+    """The long smile table of every finished session, and sessions.csv's rows."""
+    import pandas as pd
+
+    parts, rows = [], []
+    for r in sorted(records, key=lambda r: (r["participant_id"], r["visit_month"])):
+        table = pd.read_csv(io.BytesIO(store.get_bytes(r["smiles_key"]))) if r.get("smiles_key") else None
+        n_found = 0 if table is None else len(table)
+        if table is not None and not keep_speech and "overlaps_speech" in table:
+            table = table[~table["overlaps_speech"].astype(bool)]
+        kept = 0 if table is None else len(table)
+        if table is not None and kept:
+            table = table.assign(participant_id=r["participant_id"], visit_month=r["visit_month"])
+            table["smile_id"] = range(1, kept + 1)  # 1..n in time order among the kept smiles
+            parts.append(table)
+        rows.append({"participant_id": r["participant_id"], "visit_month": r["visit_month"],
+                     "frames": r["frames"], "duration_s": round(r["duration_s"], 2),
+                     "faces": r["faces"], "face_id": r["face_id"], "role": r["role"],
+                     "mean_confidence": r["mean_confidence"], "smiles_found": n_found,
+                     "smiles_kept": kept, "smiles_dropped_speech": n_found - kept,
+                     "speech_checked": r.get("speech_checked", False),
+                     "processing_s": r["seconds"], "notes": " | ".join(r["notes"])})
+    long = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=KEYS + ["smile_id"])
+    return long, pd.DataFrame(rows)
+
+
+def build_report(records: list[dict], scores_path: Path, out: Path, store: storage.ObjectStore,
+                 stats_addr: str, opts: Options, timeout_s: float, correction: int,
+                 mlp: stats_pb2.MlpOptions, on_progress=None) -> stats_pb2.CohortResult:
+    """Stats on the collected smiles; every file into `out` with sessions.csv."""
+    from dyadlab import client
+
+    long, sessions = collect(records, store, opts.keep_speech)
+    out.mkdir(parents=True, exist_ok=True)
+    sessions.to_csv(out / "sessions.csv", index=False)
+    data = long.to_csv(index=False).encode()
+    key = f"inputs/{hashlib.sha256(data).hexdigest()}.csv"
+    store.put_bytes(key, data, content_type="text/csv")
+    req = stats_pb2.CohortRequest(smiles=common_pb2.ObjectRef(key=key),
+                                  scores=_upload(store, scores_path), correction=correction, mlp=mlp)
+    with client.channel(stats_addr) as ch:
+        result = None
+        for ev in stats_pb2_grpc.StatsStub(ch).AnalyzeCohort(req, timeout=timeout_s):
+            if ev.HasField("progress"):
+                if on_progress:
+                    on_progress(ev.progress)
+            else:
+                result = ev.result
+    if result is None:
+        raise RuntimeError("the stats service ended without a result")
+    for f in result.files:
+        store.get_file(f.ref.key, out / Path(f.name).name)
+    return result
+
+
+def _upload(store: storage.ObjectStore, path: Path) -> common_pb2.ObjectRef:
+    sha = storage.sha256_file(path)
+    key = f"inputs/{sha}{path.suffix.lower()}"
+    if store.size(key) != path.stat().st_size:
+        store.put_file(key, path, sha256=sha)
+    return common_pb2.ObjectRef(key=key, sha256=sha)
+
+
+def write_failures(failed: list[dict], out: Path) -> None:
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(failed, columns=["row", "participant_id", "visit_month", "reason"]).sort_values(
+        "row").to_csv(out / "failures.csv", index=False)
