@@ -408,6 +408,8 @@ def _report(settings, args, records, scores_path, out, stats_addr, opts, store) 
         say(f"note: {n}")
     say(f"report: {out / 'report.html'} ({res.sessions} sessions, {res.smiles} smiles); "
         f"sessions.csv and the tables are beside it")
+    html = next((f.ref.key for f in res.files if f.name == "report.html"), "")
+    say(f"in the object store: {html.rsplit('/', 1)[0]}/ (bucket {store.bucket})")
 
 
 def cmd_cohort_report(settings: Settings, args) -> int:
