@@ -6,9 +6,7 @@ below that; t(df) with fractional Welch df to two decimals.
 """
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from dyadlab import htmlpage
 from services.stats.scores import FEATURES, SCALES
 
 
@@ -48,12 +47,6 @@ def apa_r(r: float, n: int, p: float) -> str:
 
 
 # -- figures ----------------------------------------------------------------------------
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    return buf.getvalue()
-
-
 def _empty(title: str, why: str) -> bytes:
     """A figure that says why there is nothing to plot (small cohorts)."""
     fig = Figure(figsize=(7, 1.6), layout="constrained")
@@ -61,7 +54,7 @@ def _empty(title: str, why: str) -> bytes:
     ax.axis("off")
     ax.set_title(title)
     ax.text(0.5, 0.4, why, ha="center", va="center", fontsize=10, color="0.3")
-    return _png(fig)
+    return htmlpage.png(fig)
 
 
 def fig_ttests(t3: pd.DataFrame) -> bytes:
@@ -81,7 +74,7 @@ def fig_ttests(t3: pd.DataFrame) -> bytes:
     ax.set_xlabel("Cohen's d (12 months − 6 months)")
     ax.set_title("Table III: smile features between visits")
     ax.legend(loc="lower right", fontsize=8)
-    return _png(fig)
+    return htmlpage.png(fig)
 
 
 def fig_anova(t4: pd.DataFrame) -> bytes:
@@ -110,7 +103,7 @@ def fig_anova(t4: pd.DataFrame) -> bytes:
     if im is not None:
         fig.colorbar(im, ax=axes, label="partial η²  (* p < .05)")
     fig.suptitle("Table IV: one-way ANOVA across questionnaire categories")
-    return _png(fig)
+    return htmlpage.png(fig)
 
 
 def fig_correlations(corr: pd.DataFrame) -> bytes:
@@ -135,7 +128,7 @@ def fig_correlations(corr: pd.DataFrame) -> bytes:
     if scores:
         axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle("Fig. 2: correlation of the k-th smile's features with each score")
-    return _png(fig)
+    return htmlpage.png(fig)
 
 
 def fig_mlp(t2: pd.DataFrame) -> bytes:
@@ -149,35 +142,10 @@ def fig_mlp(t2: pd.DataFrame) -> bytes:
     ax.set_ylabel("MAE relative to baseline")
     ax.set_title("Table II: sliding-window MLP (cross-validated)")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return htmlpage.png(fig)
 
 
 # -- HTML -----------------------------------------------------------------------------
-_CSS = """
-body{font-family:Georgia,'Times New Roman',serif;max-width:1100px;margin:2em auto;color:#111;line-height:1.45}
-h1{font-size:1.6em} h2{font-size:1.25em;margin-top:2em}
-table{border-collapse:collapse;margin:1em 0;font-size:.92em}
-caption{text-align:left;font-style:italic;padding-bottom:.4em}
-thead th{border-top:2px solid #000;border-bottom:1px solid #000;padding:.3em .7em;text-align:left}
-tbody td{padding:.25em .7em} tbody tr:last-child td{border-bottom:2px solid #000}
-tr.sig td{font-weight:bold} .note{font-size:.88em;color:#333} img{max-width:100%}
-"""
-
-
-def _table(df: pd.DataFrame, caption: str, table_id: str, sig: pd.Series | None = None) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    rows = []
-    for i, (_, r) in enumerate(df.iterrows()):
-        cls = ' class="sig"' if sig is not None and bool(sig.iloc[i]) else ""
-        rows.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>")
-    return (f'<table id="{table_id}"><caption>{html.escape(caption)}</caption>'
-            f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
-
-
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-
-
 def _adjusted(t: pd.DataFrame) -> bool:
     """Whether a multiple-comparison correction was applied to this table."""
     return "p_adj" in t and "adjust" in t and bool((t["adjust"] != "none").any())
@@ -191,10 +159,8 @@ def _significant(t: pd.DataFrame) -> pd.Series:
 def html_report(t2: pd.DataFrame | None, t3: pd.DataFrame, t4: pd.DataFrame, corr: pd.DataFrame,
                 figures: dict[str, bytes], notes: list[str], meta: dict) -> str:
     """One self-contained page (figures inline), readable offline."""
-    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8>"
-             f"<title>dyadlab cohort report</title><style>{_CSS}</style></head><body>",
-             "<h1>Maternal smiles and mental health: cohort report</h1>",
-             f'<p class="note">{html.escape(meta.get("summary", ""))}</p>']
+    parts = ["<h1>Maternal smiles and mental health: cohort report</h1>",
+             htmlpage.para(meta.get("summary", ""), "note")]
     if t2 is not None and len(t2):
         show = pd.DataFrame({
             "Score": [f"{SCALES[s].label} [{SCALES[s].lo:g}, {SCALES[s].hi:g}]" for s in t2["score"]],
@@ -206,11 +172,11 @@ def html_report(t2: pd.DataFrame | None, t3: pd.DataFrame, t4: pd.DataFrame, cor
             if extra in t2:
                 show["Hold-out " + extra.split("_")[1].upper()] = t2[extra].map(lambda v: f"{v:.2f}")
         parts += ["<h2>Sliding-window MLP</h2>",
-                  _table(show, "Table II. Best window size and epochs per score, cross-validated "
+                  htmlpage.table(show, "Table II. Best window size and epochs per score, cross-validated "
                          "MAE and RMSE (mean over seeds), against predicting the training mean. "
                          "The hold-out columns test the chosen setting on ~19/94 of the mothers; "
                          "the choice was made by cross-validation that saw them, so they are "
-                         "optimistic.", "table2"), _img(figures["table2"], "MLP against baseline")]
+                         "optimistic.", "table2"), htmlpage.img(figures["table2"], "MLP against baseline")]
     show3 = pd.DataFrame({
         "Smile feature": [FEATURES.get(f, f) for f in t3["feature"]],
         "M (SD), 6 months": [f"{m:.3f} ({s:.3f})" for m, s in zip(t3["mean_6"], t3["sd_6"])],
@@ -220,9 +186,10 @@ def html_report(t2: pd.DataFrame | None, t3: pd.DataFrame, t4: pd.DataFrame, cor
     if _adjusted(t3):
         show3["Adjusted p"] = t3["p_adj"].map(apa_p)
     parts += ["<h2>Visits compared</h2>",
-              _table(show3, "Table III. Welch t-tests of smile features between the 6- and "
+              htmlpage.table(show3, "Table III. Welch t-tests of smile features between the 6- and "
                      "12-month visits (smiles as observations; bold: p < .05, adjusted when "
-                     "a correction is applied).", "table3", _significant(t3)), _img(figures["table3"], "Cohen's d per feature")]
+                     "a correction is applied).", "table3", _significant(t3)),
+              htmlpage.img(figures["table3"], "Cohen's d per feature")]
     ok4 = t4.dropna(subset=["F"])
     show4 = pd.DataFrame({
         "Smile feature": [FEATURES.get(f, f) for f in ok4["feature"]],
@@ -232,19 +199,20 @@ def html_report(t2: pd.DataFrame | None, t3: pd.DataFrame, t4: pd.DataFrame, cor
     if _adjusted(ok4):
         show4["Adjusted p"] = ok4["p_adj"].map(apa_p)
     parts += ["<h2>Questionnaire categories</h2>",
-              _table(show4, "Table IV. One-way ANOVA of each smile feature across questionnaire "
+              htmlpage.table(show4, "Table IV. One-way ANOVA of each smile feature across questionnaire "
                      "categories, per visit (all tests; bold: p < .05, adjusted when a "
-                     "correction is applied).", "table4", _significant(ok4)), _img(figures["table4"], "partial eta squared")]
+                     "correction is applied).", "table4", _significant(ok4)),
+              htmlpage.img(figures["table4"], "partial eta squared")]
     parts += ["<h2>Smile by smile</h2>",
               "<p>Pearson correlation of the k-th smile's features with each score "
               "(the full table, with regression slopes, is fig2_correlations.csv).</p>",
-              _img(figures["fig2"], "correlation against smile index")]
+              htmlpage.img(figures["fig2"], "correlation against smile index")]
     if notes:
         parts += ["<h2>Notes and exclusions</h2><ul>"]
         parts += [f"<li>{html.escape(n)}</li>" for n in notes]
         parts += ["</ul>"]
-    parts += [f'<p class="note">{html.escape(meta.get("footer", ""))}</p></body></html>']
-    return "\n".join(parts)
+    parts.append(htmlpage.para(meta.get("footer", ""), "note"))
+    return htmlpage.page("dyadlab cohort report", parts)
 
 
 def write_all(out: Path, t2, t3, t4, corr, notes, meta) -> dict[str, Path]:

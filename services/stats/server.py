@@ -145,7 +145,7 @@ class StatsService:
             refs = []
             for name, path in files.items():
                 ctype = {"html": "text/html", "png": "image/png", "csv": "text/csv"}[name.rsplit(".", 1)[1]]
-                refs.append(stats_pb2.NamedRef(name=name, ref=object_ref(
+                refs.append(common_pb2.NamedRef(name=name, ref=object_ref(
                     self.store.put_file(f"{prefix}/{name}", path, content_type=ctype))))
         COHORTS.inc()
         log.info("cohort analysed", extra={"participants": n_part, "sessions": n_sess,
@@ -164,7 +164,7 @@ class StatsService:
         refs = []
         with tempfile.TemporaryDirectory(prefix="dyadlab-") as d:
             for path in simulate.write(cohort, Path(d)).values():
-                refs.append(stats_pb2.NamedRef(name=path.name, ref=object_ref(
+                refs.append(common_pb2.NamedRef(name=path.name, ref=object_ref(
                     self.store.put_file(f"{prefix}/{path.name}", path))))
         return stats_pb2.SimulateResponse(files=refs)
 
