@@ -4,6 +4,7 @@
     dyadlab extract VIDEO_OR_OPENFACE_CSV --out frames.csv|frames.parquet
     dyadlab smiles VIDEO_OR_TABLE --out smiles.csv [--plot smiles.png]
                    [--keep-speech] [--face adult|infant|ID]
+    dyadlab dyad VIDEO [INFANT_VIDEO] [--offset S] --out DIR
     dyadlab stats SMILES --scores SCORES --out DIR [--correction holm|fdr_bh]
     dyadlab cohort simulate --participants N --seed S --out DIR
     dyadlab cohort run MANIFEST.csv --scores scores.csv --out report/
@@ -261,6 +262,40 @@ def cmd_smiles(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_dyad(settings: Settings, args) -> int:
+    store = storage.open_store(settings)
+    src = smiles_pb2.DyadSource(parent=upload(store, Path(args.video), "inputs"), offset_s=args.offset)
+    if args.infant_video:
+        src.infant.CopyFrom(upload(store, Path(args.infant_video), "inputs"))
+    if args.parent_face is not None:
+        src.parent_face_id = args.parent_face
+    if args.infant_face is not None:
+        src.infant_face_id = args.infant_face
+    params = smiles_pb2.DyadParams(
+        parent=smiles_pb2.SmileParams(au12_threshold=args.parent_threshold or 0,
+                                      min_confidence=args.parent_min_confidence or 0),
+        infant=smiles_pb2.SmileParams(au12_threshold=args.infant_threshold or 0,
+                                      min_confidence=args.infant_min_confidence or 0),
+        contingency_window_s=args.window, max_lag_s=args.max_lag, shifts=args.shifts, seed=args.seed)
+    with stack.ensure(settings, say) as st:
+        with client.channel(st.addrs["smiles"]) as ch:
+            res = stream(smiles_pb2_grpc.SmilesStub(ch).AnalyzeDyad(
+                smiles_pb2.DyadRequest(source=src, params=params), timeout=settings.rpc_timeout_s),
+                ProgressBar())
+    out = Path(args.out)
+    _download_all(store, res.files, out)
+    for n in res.notes:
+        say(f"note: {n}")
+    import csv
+    with open(out / "dyad_summary.csv") as f:
+        row = next(csv.DictReader(f))
+    print(f"{res.joint_frames} frames with both faces; infant answers parent within the window: "
+          f"{float(row['contingency_p2i_observed']):.2f} (p = {float(row['contingency_p2i_p']):.3f}); "
+          f"peak lag {float(row['peak_lag_s']):+.2f} s (r = {float(row['peak_r']):.2f})")
+    say(f"wrote {len(res.files)} files to {out}; open {out / 'dyad.html'}")
+    return 0
+
+
 CORRECTIONS = {"none": stats_pb2.CORRECTION_NONE, "holm": stats_pb2.CORRECTION_HOLM,
                "fdr_bh": stats_pb2.CORRECTION_FDR_BH}
 
@@ -465,6 +500,22 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--face", default=None, help="adult, infant or a face_id (default: the adult)")
     sm.add_argument("--threshold", type=float, default=None, help="AU12 threshold (default 1.5)")
     extract_opts(sm)
+    dy = sub.add_parser("dyad", help="parent and infant: contingency, synchrony, shared smiles")
+    dy.add_argument("video", help="one video with both faces, or the parent's video")
+    dy.add_argument("infant_video", nargs="?", default=None, help="the infant's own video")
+    dy.add_argument("--offset", type=float, default=0.0,
+                    help="seconds to add to the infant video's clock to reach the parent's")
+    dy.add_argument("--out", required=True, help="output directory")
+    dy.add_argument("--parent-face", type=int, default=None, metavar="ID")
+    dy.add_argument("--infant-face", type=int, default=None, metavar="ID")
+    dy.add_argument("--parent-threshold", type=float, default=None, help="AU12 (default 1.5)")
+    dy.add_argument("--infant-threshold", type=float, default=None, help="AU12 (default 1.5)")
+    dy.add_argument("--parent-min-confidence", type=float, default=None, help="default 0.8")
+    dy.add_argument("--infant-min-confidence", type=float, default=None, help="default 0.5")
+    dy.add_argument("--window", type=float, default=0.0, help="contingency window W, s (default 2)")
+    dy.add_argument("--max-lag", type=float, default=0.0, help="synchrony lags, s (default 3)")
+    dy.add_argument("--shifts", type=int, default=0, help="null-model shifts (default 1000)")
+    dy.add_argument("--seed", type=int, default=0)
     st = sub.add_parser("stats", help="relate smiles to questionnaires: Tables II-IV, Fig. 2, report")
     st.add_argument("smiles", help="long smile table (CSV/Parquet) with participant_id, visit_month")
     st.add_argument("--scores", required=True, help="questionnaire table (CSV/Parquet)")
@@ -512,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         cmd = {"up": cmd_up, "down": cmd_down, "status": cmd_status,
-               "extract": cmd_extract, "smiles": cmd_smiles, "stats": cmd_stats,
+               "extract": cmd_extract, "smiles": cmd_smiles, "stats": cmd_stats, "dyad": cmd_dyad,
                "cohort": lambda s, a: {"simulate": cmd_simulate, "run": cmd_cohort_run,
                                        "report": cmd_cohort_report}[a.cohort_cmd](s, a)}[args.cmd]
         return cmd(settings, args)

@@ -16,6 +16,11 @@
    tables, figures and report.html land in the output directory together
    with sessions.csv (one row per session).
 
+Dyad sessions (manifest column `dyad` = yes, or an `infant_video` filmed
+separately with its `offset_s`) also get the parent-infant measures
+(contingency, lagged synchrony, shared smiling); their per-dyad table
+(dyads.csv) goes to the stats report beside the smiles.
+
 As a Kubernetes indexed Job, each pod runs `dyadlab cohort run --shard I/N
 --no-report` on its slice (session i belongs to shard i mod N, in the
 manifest's sorted order), the records meet in the object store, and a final
@@ -43,8 +48,9 @@ from dyadlab.v1 import (common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb
                         stats_pb2, stats_pb2_grpc)
 
 REQUIRED = ["participant_id", "visit_month", "video"]
-OPTIONAL = ["face", "openface_csv"]
-RECORD_VERSION = "1"
+OPTIONAL = ["face", "openface_csv", "dyad", "infant_video", "offset_s"]
+TRUE = {"1", "true", "yes", "y"}
+RECORD_VERSION = "2"
 
 
 @dataclasses.dataclass
@@ -57,7 +63,12 @@ class Session:
     face: str = ""
     openface_csv: Path | None = None
     openface: bool = False        # the input is an OpenFace CSV, not a video
+    dyad: bool = False            # also measure parent-infant contingency and synchrony
+    infant_video: Path | None = None
+    infant_key: str = ""          # the infant's own video, when filmed separately
+    offset_s: float = 0.0
     sha256: str = ""
+    infant_sha256: str = ""
     duration_s: float = 0.0
 
     @property
@@ -145,6 +156,26 @@ def read_manifest(path: Path, store: storage.ObjectStore) -> list[Session]:
                 except video.VideoError as e:
                     problems.append(f"{where}: video {v!r} is unreadable: {e}")
             s.video, s.key = local, key
+        iv = r.get("infant_video", "").strip()
+        s.dyad = r.get("dyad", "").strip().lower() in TRUE or bool(iv)
+        if iv:
+            local, key = _resolve(iv, base, store)
+            if local is None and not key:
+                problems.append(f"{where}: infant_video {iv!r}: no such file or object")
+            elif local is not None:
+                try:
+                    _readable(local)
+                except video.VideoError as e:
+                    problems.append(f"{where}: infant_video {iv!r} is unreadable: {e}")
+            s.infant_video, s.infant_key = local, key
+        off = r.get("offset_s", "").strip()
+        if off:
+            try:
+                s.offset_s = float(off)
+            except ValueError:
+                problems.append(f"{where}: offset_s {off!r} is not a number of seconds")
+        if s.dyad and s.openface:
+            problems.append(f"{where}: dyad sessions need the video, not an OpenFace CSV")
         sessions.append(s)
     if problems:
         raise ManifestError("\n".join(problems))
@@ -186,27 +217,34 @@ class Options:
 def record_key(s: Session, opts: Options) -> str:
     """Where a finished session's record lives: derived from its content, so any
     run (any shard, any machine) that does the same work finds the same key."""
-    ident = hashlib.sha256(f"{s.participant_id}|{s.visit_month}|{s.sha256}|{s.face}".encode()).hexdigest()
+    ident = hashlib.sha256(f"{s.participant_id}|{s.visit_month}|{s.sha256}|{s.face}|{s.dyad}|"
+                           f"{s.infant_sha256}|{s.offset_s}".encode()).hexdigest()
     return f"cohort/sessions/{ident[:32]}-{opts.tag()}.json"
+
+
+def _stored(local: Path | None, key: str, store: storage.ObjectStore) -> tuple[str, str]:
+    """(key, sha256) of an input: a local file is put under its content hash."""
+    if local is not None:
+        sha = storage.sha256_file(local)
+        ext = local.suffix.lower() if local.suffix.lower()[1:].isalnum() else ""
+        key = f"inputs/{sha}{ext}"
+        if store.size(key) != local.stat().st_size:
+            store.put_file(key, local, sha256=sha)
+        return key, sha
+    h = hashlib.sha256()
+    with store.open(key) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return key, h.hexdigest()
 
 
 def prepare(sessions: list[Session], store: storage.ObjectStore,
             say: Callable[[str], None] = lambda m: None) -> None:
     """Hash every input and put local files into the store (content-addressed)."""
     for s in sessions:
-        src = s.openface_csv or s.video
-        if src is not None:
-            s.sha256 = storage.sha256_file(src)
-            ext = src.suffix.lower() if src.suffix.lower()[1:].isalnum() else ""
-            s.key = f"inputs/{s.sha256}{ext}"
-            if store.size(s.key) != src.stat().st_size:
-                store.put_file(s.key, src, sha256=s.sha256)
-        else:
-            with store.open(s.key) as f:
-                h = hashlib.sha256()
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            s.sha256 = h.hexdigest()
+        s.key, s.sha256 = _stored(s.openface_csv or s.video, s.key, store)
+        if s.infant_video is not None or s.infant_key:
+            s.infant_key, s.infant_sha256 = _stored(s.infant_video, s.infant_key, store)
 
 
 # -- running sessions ------------------------------------------------------------------------
@@ -268,9 +306,33 @@ def run_session(s: Session, opts: Options, channels: dict[str, grpc.Channel], ti
             rec["role"] = ROLE_NAME.get(f.role, "")
             rec["mean_confidence"] = round(f.mean_confidence, 4)
     rec.update(smiles_found=res.smiles_found, speech_checked=res.speech_checked,
-               smiles_key=res.smiles.key, plot_key=res.plot.key, frames_key=req.frames.key,
-               seconds=round(time.perf_counter() - t0, 3))
+               smiles_key=res.smiles.key, plot_key=res.plot.key, frames_key=req.frames.key)
+    if s.dyad:
+        status("dyad")
+        rec["dyad"] = run_dyad(s, channels, timeout_s)
+    rec["seconds"] = round(time.perf_counter() - t0, 3)
     return rec
+
+
+def run_dyad(s: Session, channels: dict[str, grpc.Channel], timeout_s: float) -> dict:
+    """The dyad measures of a session ({"summary_key", "files"}), or why there are none."""
+    src = smiles_pb2.DyadSource(parent=common_pb2.ObjectRef(key=s.key, sha256=s.sha256),
+                                offset_s=s.offset_s)
+    if s.infant_key:
+        src.infant.CopyFrom(common_pb2.ObjectRef(key=s.infant_key, sha256=s.infant_sha256))
+    try:
+        res = None
+        for ev in smiles_pb2_grpc.SmilesStub(channels["smiles"]).AnalyzeDyad(
+                smiles_pb2.DyadRequest(source=src), timeout=timeout_s):
+            if ev.HasField("result"):
+                res = ev.result
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            raise
+        return {"error": e.details()}  # e.g. no time with both faces: a note, not a failure
+    files = {f.name: f.ref.key for f in res.files}
+    return {"summary_key": files["dyad_summary.csv"], "page_key": files.get("dyad.html", ""),
+            "joint_frames": res.joint_frames}
 
 
 @dataclasses.dataclass
@@ -353,9 +415,24 @@ def collect(records: list[dict], store: storage.ObjectStore, keep_speech: bool):
                      "mean_confidence": r["mean_confidence"], "smiles_found": n_found,
                      "smiles_kept": kept, "smiles_dropped_speech": n_found - kept,
                      "speech_checked": r.get("speech_checked", False),
+                     "dyad": "measured" if (r.get("dyad") or {}).get("summary_key") else
+                             (r["dyad"]["error"] if r.get("dyad") else ""),
                      "processing_s": r["seconds"], "notes": " | ".join(r["notes"])})
     long = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=KEYS + ["smile_id"])
     return long, pd.DataFrame(rows)
+
+
+def collect_dyads(records: list[dict], store: storage.ObjectStore):
+    """One row per dyad session with measures (None when no session is a dyad)."""
+    import pandas as pd
+
+    rows = []
+    for r in sorted(records, key=lambda r: (r["participant_id"], r["visit_month"])):
+        d = r.get("dyad")
+        if d and d.get("summary_key"):
+            row = pd.read_csv(io.BytesIO(store.get_bytes(d["summary_key"]))).iloc[0].to_dict()
+            rows.append({"participant_id": r["participant_id"], "visit_month": r["visit_month"], **row})
+    return pd.DataFrame(rows) if rows else None
 
 
 def build_report(records: list[dict], scores_path: Path, out: Path, store: storage.ObjectStore,
@@ -365,13 +442,22 @@ def build_report(records: list[dict], scores_path: Path, out: Path, store: stora
     from dyadlab import client
 
     long, sessions = collect(records, store, opts.keep_speech)
+    dyads = collect_dyads(records, store)
     out.mkdir(parents=True, exist_ok=True)
     sessions.to_csv(out / "sessions.csv", index=False)
+    dyads_ref = None
+    if dyads is not None:
+        dyads.to_csv(out / "dyads.csv", index=False)
+        ddata = dyads.to_csv(index=False).encode()
+        dyads_ref = common_pb2.ObjectRef(key=f"inputs/{hashlib.sha256(ddata).hexdigest()}.csv")
+        store.put_bytes(dyads_ref.key, ddata, content_type="text/csv")
     data = long.to_csv(index=False).encode()
     key = f"inputs/{hashlib.sha256(data).hexdigest()}.csv"
     store.put_bytes(key, data, content_type="text/csv")
     req = stats_pb2.CohortRequest(smiles=common_pb2.ObjectRef(key=key),
                                   scores=_upload(store, scores_path), correction=correction, mlp=mlp)
+    if dyads_ref is not None:
+        req.dyads.CopyFrom(dyads_ref)
     with client.channel(stats_addr) as ch:
         result = None
         for ev in stats_pb2_grpc.StatsStub(ch).AnalyzeCohort(req, timeout=timeout_s):

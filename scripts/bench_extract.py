@@ -45,56 +45,13 @@ if str(ROOT) not in sys.path:   # the editable install (or PYTHONPATH) comes fir
 
 from dyadlab import video  # noqa: E402
 from dyadlab.stack import SERVICES, free_port  # noqa: E402
+from dyadlab.video import loop as loop_video  # noqa: E402
 
 REQUIRED_FPS = 150.0
 AIM_FPS = 500.0
 
 
 # -- 1. the input ----------------------------------------------------------------------
-def loop_video(src: Path, dest: Path, min_seconds: float) -> Path:
-    """Remux `src` (video + first audio stream) end to end until >= min_seconds."""
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part.mp4")
-    with av.open(str(src)) as inp:
-        streams = [inp.streams.video[0]] + ([inp.streams.audio[0]] if inp.streams.audio else [])
-        packets = {s.index: [] for s in streams}
-        for p in inp.demux(*streams):
-            if p.size and p.pts is not None and p.dts is not None:
-                packets[p.stream.index].append((p.pts, p.dts, p.duration, p.is_keyframe, bytes(p)))
-        # Length of one pass per stream, in its own time base.
-        span = {}
-        for s in streams:
-            ps = packets[s.index]
-            span[s.index] = max(p[0] + (p[2] or 0) for p in ps) - min(p[0] for p in ps)
-        vs = streams[0]
-        one_pass = span[vs.index] * float(vs.time_base)
-        loops = max(1, int(-(-min_seconds // one_pass)))
-        with av.open(str(tmp), "w", format="mp4") as out:
-            omap = {s.index: out.add_stream_from_template(s) for s in streams}
-            tbs = {s.index: s.time_base for s in streams}
-            # Interleave by time so the muxer does not buffer everything.
-            events = []
-            for k in range(loops):
-                for s in streams:
-                    tb = float(s.time_base)
-                    for pts, dts, dur, key, data in packets[s.index]:
-                        events.append(((dts + k * span[s.index]) * tb, s.index, k, pts, dts,
-                                       dur, key, data))
-            events.sort(key=lambda e: (e[0], e[1]))
-            for _, si, k, pts, dts, dur, key, data in events:
-                pk = av.Packet(data)
-                off = k * span[si]
-                pk.pts, pk.dts, pk.duration = pts + off, dts + off, dur
-                pk.is_keyframe = key
-                pk.stream = omap[si]
-                pk.time_base = tbs[si]       # the muxer rescales to its own time base
-                out.mux(pk)
-    os.replace(tmp, dest)
-    return dest
-
-
 # -- 2. decoding -------------------------------------------------------------------------
 def time_decode(path: str, idx: video.VideoIndex) -> float:
     t0 = time.perf_counter()

@@ -193,3 +193,31 @@ def test_failures_are_listed_and_the_rest_completes(services, tmp_path):
     sessions = pd.read_csv(tmp_path / "out" / "sessions.csv")
     assert sorted(zip(sessions.participant_id, sessions.visit_month)) == [("Q1", 6), ("Q1", 12)]
     assert (tmp_path / "out" / "report.html").exists()
+
+
+def test_dyad_sessions_reach_the_stats_report(services, tmp_path):
+    """Sessions marked as dyads get the parent-infant measures; the per-dyad table
+    goes to the stats service, which relates it to the scores (Tables V and VI)."""
+    from dyadlab import video
+    parent = video.loop(media_path("WolfgangLanger_Pexels.mp4"), tmp_path / "parent.mp4", 40)
+    infant = video.loop(media_path("single_face.mp4"), tmp_path / "infant.mp4", 40)
+    rows = ["participant_id,visit_month,video,infant_video,offset_s,dyad"]
+    rows += [f"D{i},{v},{parent},{infant},{0.25 * i},yes" for i in range(1, 4) for v in (6, 12)]
+    rows += [f"D4,6,{media_path('single_face.mp4')},,,no"]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    write_scores(tmp_path / "scores.csv", ["D1", "D2", "D3", "D4"])
+    r = cli(services, "cohort", "run", tmp_path / "m.csv", "--scores", tmp_path / "scores.csv",
+            "--out", tmp_path / "out", "--no-mlp")
+    assert r.returncode == 0, r.stderr
+    dyads = pd.read_csv(tmp_path / "out" / "dyads.csv")
+    assert sorted(zip(dyads.participant_id, dyads.visit_month)) == \
+        [(f"D{i}", v) for i in range(1, 4) for v in (6, 12)]
+    assert (dyads["n_joint_frames"] > 600).all() and dyads["offset_s"].tolist() == \
+        [0.25, 0.25, 0.5, 0.5, 0.75, 0.75]
+    sessions = pd.read_csv(tmp_path / "out" / "sessions.csv").set_index("participant_id")
+    assert (sessions.loc[["D1", "D2", "D3"], "dyad"] == "measured").all()
+    assert pd.isna(sessions.loc["D4", "dyad"])
+    corr = pd.read_csv(tmp_path / "out" / "table6_dyads_correlations.csv")
+    assert set(corr["feature"]) >= {"contingency_p2i_observed", "peak_lag_s", "shared_ratio"}
+    assert corr["n"].max() == 6
+    assert "Table VI." in (tmp_path / "out" / "report.html").read_text()

@@ -342,3 +342,19 @@ def test_plot_writes_png(tmp_path):
     assert out == path
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert str(tmp_path).encode() not in data
+
+
+def test_a_return_to_rest_between_activations_ends_the_smile():
+    """A complete smile, 0.5 s of rest (less than the 1-s activation window),
+    then a smile the recording cuts off. AU12 falls back to rest in between, so
+    the first smile is complete and only the second is cut. (Found on real
+    looped footage, where one 'smile' cut by the end spanned a whole minute.)"""
+    r = [(0, 0), (10, 0), (20, 0.3), (40, 0.3), (50, 0), (65, 0), (75, 0.3), (129, 0.3)]
+    au = [(0, 0), (8, 0), (20, 3.0), (40, 3.0), (52, 0), (63, 0), (75, 3.0), (129, 3.0)]
+    smiles = segment_smiles(table(130, r, au), RAW)
+    assert [s.complete for s in smiles] == [True, False]
+    assert bounds(smiles[0]) == (10, 20, 40, 50)
+    assert smiles[1].start_frame >= 52
+    # Without the rule (release level 0), the activations chain into one cut smile.
+    assert [s.complete for s in segment_smiles(
+        table(130, r, au), SmileParams(smooth_window_s=0, release_level=0.0))] == [False]

@@ -61,6 +61,7 @@ MIN_FRAMES = 10
 JITTER_OK = 0.015
 JITTER_SPAN = 0.02
 JITTER_MIN_PX = 1.0
+JITTER_FPS = 20.0
 
 
 def face_coordinates(lm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -105,17 +106,20 @@ def jitter(lm: np.ndarray, fps: float) -> np.ndarray:
     return j
 
 
-def stability(j: np.ndarray, iod_px: np.ndarray) -> np.ndarray:
+def stability(j: np.ndarray, iod_px: np.ndarray, fps: float = 30.0) -> np.ndarray:
     """Confidence factor in [0, 1]: 1 up to jitter JITTER_OK, 0 at OK + SPAN.
 
     On small faces the threshold never goes below what one pixel of landmark
-    noise amounts to (JITTER_MIN_PX / IOD). Measured at 24-30 fps; at much
-    lower frame rates real movement between frames is larger and lively
-    faces lose confidence (the 14-fps infant clips: see the dyad issue).
+    noise amounts to (JITTER_MIN_PX / IOD). The thresholds were measured on
+    24-30 fps clips; below JITTER_FPS frames are further apart, so real
+    movement between them is larger (a lively infant at 14 fps) and the
+    thresholds grow with JITTER_FPS / fps. Above it they stay as measured
+    (the occlusion they catch at 24 fps must stay caught).
     """
+    k = max(1.0, JITTER_FPS / fps) if fps > 0 else 1.0
     with np.errstate(divide="ignore", invalid="ignore"):
-        ok = np.maximum(JITTER_OK, JITTER_MIN_PX / iod_px)
-    f = np.clip(1.0 - (j - ok) / JITTER_SPAN, 0.0, 1.0)
+        ok = np.maximum(JITTER_OK * k, JITTER_MIN_PX / iod_px)
+    f = np.clip(1.0 - (j - ok) / (JITTER_SPAN * k), 0.0, 1.0)
     return np.where(np.isfinite(j) & np.isfinite(ok), f, 1.0)
 
 
@@ -129,7 +133,8 @@ def neutral(g: dict[str, np.ndarray], ok: np.ndarray,
 
 def estimate(lm: np.ndarray, fps: float, usable: np.ndarray | None = None,
              rest_width: tuple[float, float] = ADULT_REST_WIDTH) -> dict[str, np.ndarray]:
-    """AU06_r, AU12_r, AU25_r for one person's frames, in time order.
+    """AU06_r, AU12_r, AU25_r for one person's frames, in time order, and
+    "rest_width": the resting mouth width w₀ (IOD) the AU12 scale used.
 
     `usable` marks the frames whose landmarks may set the neutral reference
     (tracked with reasonable confidence); all frames get estimates.
@@ -138,11 +143,13 @@ def estimate(lm: np.ndarray, fps: float, usable: np.ndarray | None = None,
     g = geometry(lm)
     ok = np.isfinite(g["width"]) & (np.ones(n, bool) if usable is None else usable)
     out = {k: np.full(n, np.nan) for k in ("AU06_r", "AU12_r", "AU25_r")}
+    out["rest_width"] = float("nan")
     if ok.sum() < MIN_FRAMES:
         ok = np.isfinite(g["width"])
         if ok.sum() < 2:
             return out
     w0, rest = neutral(g, ok, rest_width)
+    out["rest_width"] = w0
     d0 = float(np.median(g["lid"][rest]))
     out["AU12_r"] = np.clip(K_AU12 * (g["width"] - w0), 0, 5)
     k = max(3, int(round(0.25 * (fps if fps > 0 else 30))) | 1)

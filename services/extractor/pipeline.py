@@ -20,7 +20,7 @@ from services.extractor import au, chunks, identity
 log = logging.getLogger("dyadlab.extractor")
 
 #: Bump when the output of the pipeline changes, so cached tables are not reused.
-PIPELINE_VERSION = "2"   # 2: searches every 3 s while alone, chunking by worker count
+PIPELINE_VERSION = "3"   # 2: searches every 3 s while alone, chunking by worker count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +156,8 @@ def assemble(results: list[chunks.ChunkResult], index: video.VideoIndex,
     for new, p in enumerate(keep):
         # Unstable landmarks (occlusion, a face turning away) lower confidence.
         iod_px = np.linalg.norm(lm[p, :, 45] - lm[p, :, 36], axis=1)
-        conf[p] *= au.stability(au.jitter(lm[p], index.avg_fps), iod_px).astype(np.float32)
+        conf[p] *= au.stability(au.jitter(lm[p], index.avg_fps), iod_px,
+                                index.avg_fps).astype(np.float32)
         est = au.estimate(lm[p], index.avg_fps, usable=ok[p] & (conf[p] >= 0.5),
                           rest_width=au.ADULT_REST_WIDTH if roles[new] == "adult"
                           else au.INFANT_REST_WIDTH)
@@ -171,12 +172,13 @@ def assemble(results: list[chunks.ChunkResult], index: video.VideoIndex,
             block[f"x_{j}"] = lm[p, :, j, 0].astype(np.float64)
         for j in range(68):
             block[f"y_{j}"] = lm[p, :, j, 1].astype(np.float64)
+        rest_w = est.pop("rest_width")
         for k, v in est.items():
             block[k] = np.where(ok[p], v, np.nan)
         blocks.append(pd.DataFrame(block))
         faces.append({"face_id": new, "role": roles[new], "frames_tracked": int(ok[p].sum()),
                       "mean_confidence": float(conf[p, ok[p]].mean()),
-                      "median_iod_px": iod[new]})
+                      "median_iod_px": iod[new], "au12_rest_width": rest_w})
     if not blocks:
         notes.append(f"no face found in any of the {n} frames")
         empty = {"frame": np.arange(1, n + 1), "face_id": np.zeros(n, np.int64), "timestamp": ts,

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import prometheus_client as prom
 from google.protobuf import json_format
 
@@ -50,7 +51,9 @@ def face_summaries(faces: list[dict]) -> list[extractor_pb2.FaceSummary]:
     return [extractor_pb2.FaceSummary(
         face_id=f["face_id"], role=ROLE_ENUM.get(f["role"], common_pb2.ROLE_UNSPECIFIED),
         frames_tracked=f["frames_tracked"], mean_confidence=f["mean_confidence"],
-        median_iod_px=f["median_iod_px"]) for f in faces]
+        median_iod_px=f["median_iod_px"],
+        au12_rest_width=f.get("au12_rest_width", 0.0) if np.isfinite(f.get("au12_rest_width", 0.0)) else 0.0)
+        for f in faces]
 
 
 def summarize_table(df) -> list[dict]:

@@ -29,8 +29,11 @@ paper's formulas, are:
      before the cursor.  This is the preceding AU12 valley; a plateau stops
      the scan, so a flat baseline gives its last frame before the rise.
    * *active period*: from the seed, follow the active frames while each next
-     active frame is at most ``activation_window_s`` after the previous one;
-     ``e`` is the last active frame of that chain.
+     active frame is at most ``activation_window_s`` after the previous one
+     and AU12 does not fall back to rest in between (below ``release_level``,
+     0.75 = half the threshold: the face has relaxed, so what follows is a new
+     smile, not a dip within this one); ``e`` is the last active frame of
+     that chain.
    * *end*: from ``e`` step forward while the next frame's AU12 is strictly
      lower (``AU12[k+1] < AU12[k]``), never past the segment end.  If the scan
      is stopped by the segment end rather than by a valley (and AU12 there is
@@ -102,6 +105,7 @@ class SmileParams:
     smooth_window_s: float = 0.25      # Savitzky-Golay window; <= 0 disables smoothing
     smooth_polyorder: int = 2
     ir_frames: int = 3                 # frames averaged for the initial radius IR
+    release_level: float = 0.75        # AU12 back below this between activations: the smile ended
     max_gap_factor: float = 1.5        # time step > this x median interval breaks a segment
 
 
@@ -197,7 +201,8 @@ def _segment(c: _Cols, lo: int, hi: int, dt: float, p: SmileParams) -> list[Smil
         start = active[q]
         while start > cursor and au[start - 1] < au[start]:
             start -= 1
-        while q + 1 < len(active) and ta[q + 1] - ta[q] <= p.activation_window_s + TIME_EPS:
+        while (q + 1 < len(active) and ta[q + 1] - ta[q] <= p.activation_window_s + TIME_EPS
+               and np.nanmin(au[active[q]:active[q + 1] + 1]) >= p.release_level):
             q += 1
         end = active[q]
         while end < hi and au[end + 1] < au[end]:

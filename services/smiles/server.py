@@ -21,7 +21,7 @@ from dyadlab.config import Settings
 from dyadlab.messages import ROLE_NAME, object_ref
 from dyadlab.v1 import (common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2,
                         smiles_pb2_grpc)
-from services.smiles import features, plot, segment
+from services.smiles import dyad, dyad_page, features, plot, segment
 
 log = logging.getLogger("dyadlab.smiles")
 
@@ -52,6 +52,32 @@ def params_from(msg: smiles_pb2.SmileParams) -> segment.SmileParams:
     if problems:
         raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "params: " + "; ".join(problems))
     return p
+
+
+#: Infants' faces (three-quarter views, small, fast) reach the paper's 0.8 far
+#: less often with dlib's frontal detector: their default bar is lower.
+INFANT_MIN_CONFIDENCE = 0.5
+
+
+def dyad_params(msg: smiles_pb2.DyadParams) -> tuple[segment.SmileParams, segment.SmileParams, dict]:
+    pp = params_from(msg.parent)
+    ip = params_from(msg.infant)
+    if not msg.infant.min_confidence:
+        ip = dataclasses.replace(ip, min_confidence=INFANT_MIN_CONFIDENCE)
+    m = {"contingency_window_s": msg.contingency_window_s or 2.0,
+         "sync_window_s": msg.sync_window_s or 4.0, "max_lag_s": msg.max_lag_s or 3.0,
+         "shifts": msg.shifts or 1000, "seed": msg.seed}
+    if not (0 < m["contingency_window_s"] <= 30 and 0.5 <= m["sync_window_s"] <= 120
+            and 0 < m["max_lag_s"] <= 30 and 99 <= m["shifts"] <= 100_000):
+        raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT,
+                            "dyad params: contingency window (0, 30] s, synchrony window [0.5, 120] s, "
+                            "max lag (0, 30] s, shifts 99..100000")
+    return pp, ip, m
+
+
+def _rest(rest: dict, video: str, face_id: int) -> str:
+    v = rest.get((video, face_id), 0.0)
+    return f"{v:.3f}" if v else "unknown (imported table)"
 
 
 def face_selector(msg: common_pb2.FaceSelector) -> str | int | None:
@@ -116,6 +142,49 @@ class SmilesService:
                                 "start_s must be a number <= end_s")
         return df
 
+    def analyze_dyad(self, people: list[pd.DataFrame], parent_id, infant_id, offset_s: float,
+                     pp: segment.SmileParams, ip: segment.SmileParams, measures: dict,
+                     rest: dict, notes: list[str], report: rpc.Report) -> smiles_pb2.DyadResult:
+        """Both people's frames -> the dyad's measures, tables, figures and page in the store."""
+        report("dyad", 0, 2, "aligning")
+        if len(people) == 1:
+            both = people[0]
+            parent_df, infant_df = dyad.split_faces(
+                both, "adult" if parent_id is None else parent_id,
+                "infant" if infant_id is None else infant_id)
+        else:
+            parent_df = people[0][people[0]["face_id"] == ft.select_face(people[0], parent_id)]
+            infant_df = people[1][people[1]["face_id"] == ft.select_face(people[1], infant_id)]
+        try:
+            result = dyad.analyse_dyad(
+                parent_df, infant_df, offset_s, parent_min_confidence=pp.min_confidence,
+                infant_min_confidence=ip.min_confidence, parent_smile_params=pp,
+                infant_smile_params=ip, parent_threshold=pp.au12_threshold,
+                infant_threshold=ip.au12_threshold, **measures)
+        except dyad.DyadError as e:
+            raise rpc.UserError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+        report("dyad", 1, 2, "figures")
+        fid_p, fid_i = int(parent_df["face_id"].iloc[0]), int(infant_df["face_id"].iloc[0])
+        used = {
+            "parent face_id": fid_p, "infant face_id": fid_i, "infant offset (s)": offset_s,
+            "parent AU12 threshold": pp.au12_threshold, "infant AU12 threshold": ip.au12_threshold,
+            "parent minimum confidence": pp.min_confidence,
+            "infant minimum confidence": ip.min_confidence,
+            "parent AU12 resting mouth width (IOD)": _rest(rest, "parent", fid_p),
+            "infant AU12 resting mouth width (IOD)": _rest(rest, "infant" if len(people) > 1
+                                                          else "parent", fid_i),
+            **{k.replace("_", " "): v for k, v in measures.items()}}
+        tag = hashlib.sha256(repr((result["summary"], used)).encode()).hexdigest()[:24]
+        refs = []
+        with tempfile.TemporaryDirectory(prefix="dyadlab-") as d:
+            for name, path in dyad_page.write(Path(d), result, used, notes).items():
+                refs.append(common_pb2.NamedRef(name=name, ref=object_ref(
+                    self.store.put_file(f"dyads/{tag}/{name}", path))))
+        report("dyad", 2, 2, "")
+        log.info("dyad analysed", extra={"joint_frames": int(result["summary"]["n_joint_frames"])})
+        return smiles_pb2.DyadResult(files=refs, notes=notes,
+                                     joint_frames=int(result["summary"]["n_joint_frames"]))
+
     def analyze(self, frames: pd.DataFrame, frames_digest: str, speech: pd.DataFrame | None,
                 face, keep_speech: bool, params: segment.SmileParams, want_plot: bool,
                 notes: list[str], report: rpc.Report) -> smiles_pb2.AnalyzeResult:
@@ -160,9 +229,33 @@ class SmilesService:
         return res
 
 
+def _progress(stage: str, done: int, total: int, message: str) -> common_pb2.Progress:
+    return common_pb2.Progress(stage=stage, done=done, total=total, message=message)
+
+
 class _Servicer(smiles_pb2_grpc.SmilesServicer):
     def __init__(self, svc: SmilesService):
         self.svc = svc
+
+    async def _extract(self, video: common_pb2.ObjectRef, options, label: str = "extract"):
+        """Ask the extractor for a video's frames: yields Progress, then the ExtractResult."""
+        stub = extractor_pb2_grpc.ExtractorStub(self.svc.channel)
+        call = stub.Extract(extractor_pb2.ExtractRequest(video=video, options=options),
+                            timeout=self.svc.settings.rpc_timeout_s)
+        result = None
+        try:
+            async for ev in call:
+                if ev.HasField("progress"):
+                    p = ev.progress
+                    yield _progress(f"{label}/{p.stage}", p.done, p.total, p.message)
+                else:
+                    result = ev.result
+        except grpc.aio.AioRpcError as e:
+            # Pass the extractor's verdict on through (bad video, missing key, ...).
+            raise rpc.UserError(e.code(), f"extractor: {e.details()}") from None
+        if result is None:
+            raise rpc.UserError(grpc.StatusCode.UNAVAILABLE, "extractor ended without a result")
+        yield result
 
     @rpc.status_errors
     async def Analyze(self, request, context):
@@ -175,23 +268,11 @@ class _Servicer(smiles_pb2_grpc.SmilesServicer):
         if source is None:
             raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "give a video or a frames reference")
         if source == "video":
-            stub = extractor_pb2_grpc.ExtractorStub(svc.channel)
-            call = stub.Extract(extractor_pb2.ExtractRequest(video=request.video, options=request.extract),
-                                timeout=svc.settings.rpc_timeout_s)
-            result = None
-            try:
-                async for ev in call:
-                    if ev.HasField("progress"):
-                        p = ev.progress
-                        yield smiles_pb2.AnalyzeEvent(progress=common_pb2.Progress(
-                            stage=f"extract/{p.stage}", done=p.done, total=p.total, message=p.message))
-                    else:
-                        result = ev.result
-            except grpc.aio.AioRpcError as e:
-                # Pass the extractor's verdict on through (bad video, missing key, ...).
-                raise rpc.UserError(e.code(), f"extractor: {e.details()}") from None
-            if result is None:
-                raise rpc.UserError(grpc.StatusCode.UNAVAILABLE, "extractor ended without a result")
+            async for item in self._extract(request.video, request.extract):
+                if isinstance(item, common_pb2.Progress):
+                    yield smiles_pb2.AnalyzeEvent(progress=item)
+                else:
+                    result = item
             notes.extend(result.notes)
             frames_ref = result.frames
             if result.HasField("speech"):
@@ -208,12 +289,44 @@ class _Servicer(smiles_pb2_grpc.SmilesServicer):
                 lambda report: svc.analyze(frames_df, digest, speech_df, face, request.keep_speech,
                                            params, request.plot, notes, report)):
             if kind == "progress":
-                stage, done, total, msg = value
-                yield smiles_pb2.AnalyzeEvent(progress=common_pb2.Progress(
-                    stage=stage, done=done, total=total, message=msg))
+                yield smiles_pb2.AnalyzeEvent(progress=_progress(*value))
             else:
                 value.frames.CopyFrom(frames_ref)
                 yield smiles_pb2.AnalyzeEvent(result=value)
+
+    @rpc.status_errors
+    async def AnalyzeDyad(self, request, context):
+        svc = self.svc
+        src = request.source
+        if not src.parent.key:
+            raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "source.parent is empty")
+        pp, ip, measures = dyad_params(request.params)
+        people, notes, rest = [], [], {}
+        for label, ref in (("parent", src.parent), ("infant", src.infant)):
+            if label == "infant" and not ref.key:
+                break
+            if ref.key.lower().endswith((".csv", ".parquet")):
+                df, _, tnotes = await asyncio.to_thread(svc.load_table, ref, f"{label} frames")
+                notes += tnotes
+            else:
+                async for item in self._extract(ref, request.extract, f"extract {label}"):
+                    if isinstance(item, common_pb2.Progress):
+                        yield smiles_pb2.DyadEvent(progress=item)
+                    else:
+                        result = item
+                notes += [f"{label} video: {n}" for n in result.notes]
+                rest.update({(label, f.face_id): f.au12_rest_width for f in result.faces})
+                df, _, _ = await asyncio.to_thread(svc.load_table, result.frames, f"{label} frames")
+            people.append(df)
+        pid = src.parent_face_id if src.HasField("parent_face_id") else None
+        iid = src.infant_face_id if src.HasField("infant_face_id") else None
+        async for kind, value in rpc.progress_stream(
+                lambda report: svc.analyze_dyad(people, pid, iid, src.offset_s, pp, ip, measures,
+                                                rest, notes, report)):
+            if kind == "progress":
+                yield smiles_pb2.DyadEvent(progress=_progress(*value))
+            else:
+                yield smiles_pb2.DyadEvent(result=value)
 
 
 def main() -> None:

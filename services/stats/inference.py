@@ -337,3 +337,18 @@ def adjust(table: pd.DataFrame, method: str = "none", alpha: float = ALPHA,
     out["significant_adj"] = np.where(ok, p_adj < alpha, False).astype(bool)
     out["adjust"] = method
     return out
+
+
+def dyad_tables(dyads_joined: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-dyad measures against the scores, one dyad = one observation:
+    one-way ANOVA across categories per visit, and Pearson r with each score
+    (visits pooled), both as for the smile features."""
+    from services.stats.scores import DYAD_MEASURES
+
+    measures = list(DYAD_MEASURES)
+    anova = anova_table(dyads_joined, features=measures)
+    corr = correlation_table(dyads_joined.assign(smile_id=1), features=measures)
+    corr = corr.drop(columns=["smile_index"])
+    for t in (anova, corr):
+        t["label"] = t["feature"].map(DYAD_MEASURES)
+    return anova, corr

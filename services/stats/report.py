@@ -156,8 +156,30 @@ def _significant(t: pd.DataFrame) -> pd.Series:
     return t["p_adj"] < 0.05 if _adjusted(t) else t["p"] < 0.05
 
 
+def dyad_section(anova: pd.DataFrame, corr: pd.DataFrame) -> list[str]:
+    """Per-dyad measures (contingency, synchrony, shared smiling) against the scores."""
+    ok = anova.dropna(subset=["F"])
+    a = pd.DataFrame({
+        "Dyad measure": ok["label"], "Month": ok["visit_month"],
+        "Variable": [SCALES[s].label for s in ok["score"]],
+        "ANOVA": [apa_f(F, x, y, p, e) for F, x, y, p, e in
+                  zip(ok["F"], ok["df1"], ok["df2"], ok["p"], ok["partial_eta2"])]})
+    okc = corr.dropna(subset=["r"])
+    c = pd.DataFrame({"Dyad measure": okc["label"],
+                      "Score": [SCALES[s].label for s in okc["score"]],
+                      "Correlation": [apa_r(r, int(n), p) for r, n, p in
+                                      zip(okc["r"], okc["n"], okc["p"])]})
+    return ["<h2>Parent–infant dyads</h2>",
+            htmlpage.table(a, "Table V. One-way ANOVA of each dyad measure across questionnaire "
+                           "categories, per visit (one dyad = one observation).", "table5",
+                           _significant(ok)),
+            htmlpage.table(c, "Table VI. Pearson correlation of each dyad measure with each score "
+                           "(visits pooled).", "table6", _significant(okc))]
+
+
 def html_report(t2: pd.DataFrame | None, t3: pd.DataFrame, t4: pd.DataFrame, corr: pd.DataFrame,
-                figures: dict[str, bytes], notes: list[str], meta: dict) -> str:
+                figures: dict[str, bytes], notes: list[str], meta: dict,
+                dyads: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> str:
     """One self-contained page (figures inline), readable offline."""
     parts = ["<h1>Maternal smiles and mental health: cohort report</h1>",
              htmlpage.para(meta.get("summary", ""), "note")]
@@ -207,6 +229,8 @@ def html_report(t2: pd.DataFrame | None, t3: pd.DataFrame, t4: pd.DataFrame, cor
               "<p>Pearson correlation of the k-th smile's features with each score "
               "(the full table, with regression slopes, is fig2_correlations.csv).</p>",
               htmlpage.img(figures["fig2"], "correlation against smile index")]
+    if dyads is not None:
+        parts += dyad_section(*dyads)
     if notes:
         parts += ["<h2>Notes and exclusions</h2><ul>"]
         parts += [f"<li>{html.escape(n)}</li>" for n in notes]
@@ -215,15 +239,17 @@ def html_report(t2: pd.DataFrame | None, t3: pd.DataFrame, t4: pd.DataFrame, cor
     return htmlpage.page("dyadlab cohort report", parts)
 
 
-def write_all(out: Path, t2, t3, t4, corr, notes, meta) -> dict[str, Path]:
+def write_all(out: Path, t2, t3, t4, corr, notes, meta, dyads=None) -> dict[str, Path]:
     """Every table (CSV), figure (PNG) and the report into `out`; returns name -> path."""
     out.mkdir(parents=True, exist_ok=True)
     figures = {"table3": fig_ttests(t3), "table4": fig_anova(t4), "fig2": fig_correlations(corr)}
     if t2 is not None and len(t2):
         figures["table2"] = fig_mlp(t2)
     files = {}
+    da, dc = dyads if dyads is not None else (None, None)
     for name, df in (("table2_mlp.csv", t2), ("table3_ttests.csv", t3), ("table4_anova.csv", t4),
-                     ("fig2_correlations.csv", corr)):
+                     ("fig2_correlations.csv", corr), ("table5_dyads_anova.csv", da),
+                     ("table6_dyads_correlations.csv", dc)):
         if df is not None:
             files[name] = out / name
             df.to_csv(files[name], index=False, float_format="%.6g")
@@ -231,5 +257,6 @@ def write_all(out: Path, t2, t3, t4, corr, notes, meta) -> dict[str, Path]:
         files[f"{name}.png"] = out / f"{name}.png"
         files[f"{name}.png"].write_bytes(png)
     files["report.html"] = out / "report.html"
-    files["report.html"].write_text(html_report(t2, t3, t4, corr, figures, notes, meta), encoding="utf-8")
+    files["report.html"].write_text(html_report(t2, t3, t4, corr, figures, notes, meta, dyads),
+                                    encoding="utf-8")
     return files

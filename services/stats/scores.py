@@ -69,6 +69,16 @@ FEATURES: dict[str, str] = {
 }
 
 
+#: Per-dyad measures (the smiles service's dyad mode) analysed against the scores.
+DYAD_MEASURES: dict[str, str] = {
+    "contingency_p2i_observed": "Infant answers parent smiles (P within W)",
+    "contingency_i2p_observed": "Parent answers infant smiles (P within W)",
+    "peak_lag_s": "Peak lag, s (+: infant follows)",
+    "peak_r": "Peak lagged cross-correlation",
+    "shared_ratio": "Shared smiling / expected",
+}
+
+
 def _where(i: int) -> str:
     return f"row {i + 1}"
 
@@ -192,3 +202,23 @@ def join(smiles: pd.DataFrame, scores: pd.DataFrame) -> tuple[pd.DataFrame, list
                      "score analyses): " + ", ".join(f"{p} (month {v})" for p, v in no_scores[:10])
                      + (" ..." if len(no_scores) > 10 else ""))
     return smiles.merge(scores, on=KEYS, how="left", validate="many_to_one"), notes
+
+
+def validate_dyads(df: pd.DataFrame) -> pd.DataFrame:
+    """The per-dyad table (one row per session), typed and checked."""
+    what = "dyads"
+    missing = [c for c in KEYS + list(DYAD_MEASURES) if c not in df.columns]
+    if missing:
+        raise TableError(f"dyads table is missing columns: {', '.join(missing)}")
+    problems: list[str] = []
+    out = _keys(df, problems, what)
+    for col in DYAD_MEASURES:
+        out[col] = _numeric(out, col, problems, what).astype(float)
+    dup = out.duplicated(KEYS, keep="first")
+    for i in np.flatnonzero(dup.to_numpy())[:5]:
+        problems.append(f"{what} {_where(i)}: participant {out['participant_id'].iloc[i]!r} visit "
+                        f"{out['visit_month'].iloc[i]:g} repeats")
+    if problems:
+        raise TableError("; ".join(problems))
+    out["visit_month"] = out["visit_month"].astype(int)
+    return out

@@ -116,6 +116,14 @@ class StatsService:
         report_progress("tests", 2, 3, "Fig. 2")
         corr = inference.adjust(inference.correlation_table(joined), method)
         report_progress("tests", 3, 3, "")
+        dyad_anova = dyad_corr = None
+        if request.dyads.key:
+            dyads = scores.validate_dyads(read_any(self._get(request.dyads, "dyads")))
+            dj, dnotes = scores.join(dyads, sc)
+            notes += [f"dyads: {n}" for n in dnotes]
+            dyad_anova, dyad_corr = inference.dyad_tables(dj)
+            dyad_anova = inference.adjust(dyad_anova, method)
+            dyad_corr = inference.adjust(dyad_corr, method)
         t2 = None
         folds = request.mlp.folds or 5
         if not 2 <= folds <= 20 or not 0 <= request.mlp.seeds <= 50:
@@ -139,9 +147,12 @@ class StatsService:
                           "and IV, as in the source study; smiles of one mother are not "
                           "independent, so p values are optimistic."}
         report_progress("report", 0, 1, "")
+        if request.dyads.key:
+            digest = hashlib.sha256((digest + request.dyads.key).encode()).hexdigest()
         prefix = f"reports/{digest[:32]}-{method}-{'nomlp' if request.mlp.skip else 'mlp'}"
         with tempfile.TemporaryDirectory(prefix="dyadlab-") as d:
-            files = report.write_all(Path(d), t2, t3, t4, corr, notes, meta)
+            files = report.write_all(Path(d), t2, t3, t4, corr, notes, meta,
+                                     dyads=(dyad_anova, dyad_corr) if dyad_anova is not None else None)
             refs = []
             for name, path in files.items():
                 ctype = {"html": "text/html", "png": "image/png", "csv": "text/csv"}[name.rsplit(".", 1)[1]]
