@@ -53,6 +53,8 @@ test: setup media $(SWIFT)/.stamp
 bench: setup media
 	$(BIN)/python scripts/bench_extract.py $(MEDIA)/WolfgangLanger_Pexels.mp4
 	$(BIN)/python scripts/bench_mlp.py
+	$(BIN)/python scripts/bench_dyad.py
+	$(BIN)/python scripts/bench_cohort.py
 
 clean:
 	rm -rf $(VENV) $(CACHE) dyadlab/v1
