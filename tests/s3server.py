@@ -116,8 +116,11 @@ _PROXY_PIPELINE = ("catch_errors gatekeeper healthcheck proxy-logging listing_fo
 
 
 class SwiftS3Server:
-    def __init__(self, start_timeout_s: float = 60.0):
+    def __init__(self, start_timeout_s: float = 60.0, encryption: bool = False):
+        """`encryption`: Swift's keymaster + encryption middleware, so s3api
+        accepts server-side encryption (SSE-S3) and objects are encrypted on disk."""
         self.start_timeout_s = start_timeout_s
+        self.encryption = encryption
         self.dir: Path | None = None
         self.port = 0
         self.procs: dict[str, subprocess.Popen] = {}
@@ -198,14 +201,23 @@ class SwiftS3Server:
                 common(n) + f"devices = {devices}\nmount_check = false\n"
                 f"[pipeline:main]\npipeline = {n}-server\n"
                 f"[app:{n}-server]\nuse = egg:swift#{n}\n")
+        pipeline, crypto = _PROXY_PIPELINE, ""
+        if self.encryption:
+            import base64
+            pipeline = pipeline.replace(" proxy-logging proxy-server",
+                                        " keymaster encryption proxy-logging proxy-server")
+            crypto = ("[filter:keymaster]\nuse = egg:swift#keymaster\nencryption_root_secret = "
+                      f"{base64.b64encode(os.urandom(32)).decode()}\n"
+                      "[filter:encryption]\nuse = egg:swift#encryption\n")
         (etc / "proxy-server.conf").write_text(
-            common("proxy") + f"[pipeline:main]\npipeline = {_PROXY_PIPELINE}\n"
+            common("proxy") + f"[pipeline:main]\npipeline = {pipeline}\n"
             "[app:proxy-server]\nuse = egg:swift#proxy\naccount_autocreate = true\n"
             f"[filter:s3api]\nuse = egg:swift#s3api\nlocation = {REGION}\n"
             f"[filter:tempauth]\nuse = egg:swift#tempauth\nuser_test_tester = {SECRET_KEY} .admin\n"
             + "".join(f"[filter:{f}]\nuse = egg:swift#{f.replace('-', '_')}\n"
                       for f in ("catch_errors", "gatekeeper", "healthcheck", "proxy-logging",
-                                "listing_formats", "copy", "slo", "dlo")))
+                                "listing_formats", "copy", "slo", "dlo"))
+            + crypto)
         subprocess.run([str(py), "-c", _RING_SCRIPT, str(etc),
                         *(f"{n}={ports[n]}" for n in ("account", "container", "object"))],
                        check=True, capture_output=True, timeout=60)
