@@ -9,6 +9,10 @@
     dyadlab cohort simulate --participants N --seed S --out DIR
     dyadlab cohort run MANIFEST.csv --scores scores.csv --out report/
     dyadlab cohort report MANIFEST.csv --scores scores.csv --out report/
+    dyadlab synth transform FACE --valence V --arousal A --out face.png [--size PX]
+    dyadlab synth matrix FACE --out matrix.png [--valences V ...] [--arousals A ...]
+    dyadlab synth transfer VIDEO --parent FACE --infant FACE --out video.mp4 [--seed S]
+    dyadlab synth train --images DIR --labels CSV [...]   (python -m services.synth.train)
 
 Inputs are uploaded to the object store under their content hash (never
 under their file name: names of participants stay on the user's machine).
@@ -16,6 +20,7 @@ under their file name: names of participants stay on the user's machine).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import re
@@ -30,7 +35,7 @@ from dyadlab import frames as ft
 from dyadlab.config import ConfigError, Settings
 from dyadlab.messages import ROLE_NAME
 from dyadlab.v1 import (common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2, smiles_pb2_grpc,
-                        stats_pb2, stats_pb2_grpc)
+                        stats_pb2, stats_pb2_grpc, synth_pb2, synth_pb2_grpc)
 
 if TYPE_CHECKING:  # imported where needed: start-up time is part of every command
     import pandas as pd
@@ -155,10 +160,19 @@ def cmd_status(settings: Settings, args) -> int:
     print(f"store: {'s3 ' + settings.s3_endpoint if settings.uses_s3 else settings.store_dir}")
     ok = True
     for name, addr in addrs.items():
-        state = client.health_status(addr, stack.SERVICES[name][2])
+        state = client.health_status(addr, stack.SERVICES[name][2], settings=settings)
         pid = f" pid {rec.pids[name]}" if rec else ""
-        print(f"{name:10s} {addr:22s} {state}{pid}")
-        ok &= state == "SERVING"
+        optional = name in stack.OPTIONAL and state == "NOT_SERVING"
+        print(f"{name:10s} {addr:22s} {state}{pid}" + (" (optional)" if optional else ""))
+        ok &= state == "SERVING" or optional
+    from dyadlab import security
+    print(f"security: {security.describe(settings, stack.audit_log_path(settings) if rec else '')}")
+    ts = rec.torchserve if rec else None
+    if ts:
+        print(f"{'torchserve':10s} {ts.get('grpc', '?'):22s} "
+              f"pid {ts.get('pid', '?')}")
+    for note in (rec.notes if rec else []):
+        print(f"note: {note}")
     return 0 if ok else 3
 
 
@@ -173,7 +187,7 @@ def cmd_extract(settings: Settings, args) -> int:
     src, out = Path(args.input), Path(args.out)
     store = storage.open_store(settings)
     with stack.ensure(settings, say) as st:
-        with client.channel(st.addrs["extractor"]) as ch:
+        with client.channel(st.addrs["extractor"], settings) as ch:
             stub = extractor_pb2_grpc.ExtractorStub(ch)
             if src.suffix.lower() == ".csv":
                 ref = upload(store, src, "inputs")
@@ -237,7 +251,7 @@ def cmd_smiles(settings: Settings, args) -> int:
         req.video.CopyFrom(upload(store, src, "inputs"))
         req.extract.CopyFrom(_extract_options(args))
     with stack.ensure(settings, say) as st:
-        with client.channel(st.addrs["smiles"]) as ch:
+        with client.channel(st.addrs["smiles"], settings) as ch:
             res = stream(smiles_pb2_grpc.SmilesStub(ch).Analyze(req, timeout=settings.rpc_timeout_s),
                          ProgressBar())
     for n in res.notes:
@@ -278,7 +292,7 @@ def cmd_dyad(settings: Settings, args) -> int:
                                       min_confidence=args.infant_min_confidence or 0),
         contingency_window_s=args.window, max_lag_s=args.max_lag, shifts=args.shifts, seed=args.seed)
     with stack.ensure(settings, say) as st:
-        with client.channel(st.addrs["smiles"]) as ch:
+        with client.channel(st.addrs["smiles"], settings) as ch:
             res = stream(smiles_pb2_grpc.SmilesStub(ch).AnalyzeDyad(
                 smiles_pb2.DyadRequest(source=src, params=params), timeout=settings.rpc_timeout_s),
                 ProgressBar())
@@ -315,7 +329,7 @@ def cmd_stats(settings: Settings, args) -> int:
         correction=CORRECTIONS[args.correction],
         mlp=stats_pb2.MlpOptions(skip=args.no_mlp, seeds=args.seeds, folds=args.folds))
     with stack.ensure(settings, say) as st:
-        with client.channel(st.addrs["stats"]) as ch:
+        with client.channel(st.addrs["stats"], settings) as ch:
             res = stream(stats_pb2_grpc.StatsStub(ch).AnalyzeCohort(req, timeout=settings.rpc_timeout_s),
                          ProgressBar())
     _download_all(store, res.files, out)
@@ -330,7 +344,7 @@ def cmd_stats(settings: Settings, args) -> int:
 def cmd_simulate(settings: Settings, args) -> int:
     store = storage.open_store(settings)
     with stack.ensure(settings, say) as st:
-        with client.channel(st.addrs["stats"]) as ch:
+        with client.channel(st.addrs["stats"], settings) as ch:
             res = stats_pb2_grpc.StatsStub(ch).Simulate(stats_pb2.SimulateRequest(
                 participants=args.participants, seed=args.seed, null_effects=args.null),
                 timeout=settings.rpc_timeout_s)
@@ -473,6 +487,117 @@ def cmd_cohort_report(settings: Settings, args) -> int:
     return 3 if missing else 0
 
 
+# -- synth ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def _synth(settings: Settings):
+    """A Synth stub on a SERVING synth service: the running stack's (`dyadlab
+    up`) or the configured address. No embedded stack is started: embedded
+    stacks run without TorchServe, so their synth could not serve."""
+    rec = stack.recorded(settings)
+    addrs = ([rec.addrs["synth"]] if rec is not None and "synth" in rec.addrs else [])
+    addrs += [a for a in [settings.synth_addr] if a not in addrs]
+    state = "UNREACHABLE"
+    for addr in addrs:
+        state = client.health_status(addr, "dyadlab.v1.Synth", settings=settings)
+        if state == "SERVING":
+            with client.channel(addr, settings) as ch:
+                yield synth_pb2_grpc.SynthStub(ch)
+            return
+    raise CliError(f"the synth service at {addrs[0]} is {state}: it needs TorchServe serving a "
+                   "trained model. Start the stack with `dyadlab up` (it serves DYADLAB_SYNTH_MODEL; "
+                   "train one with `dyadlab synth train ... --export PATH`); `dyadlab status` "
+                   "shows the state")
+
+
+def _face_image(store: storage.ObjectStore, path: str) -> synth_pb2.FaceImage:
+    return synth_pb2.FaceImage(ref=upload(store, Path(path), "inputs"))
+
+
+def _check_out(out: Path, suffixes: tuple[str, ...]) -> None:
+    if out.suffix.lower() not in suffixes:
+        raise CliError(f"--out {out}: the file name must end in {' or '.join(suffixes)}")
+
+
+def cmd_synth_transform(settings: Settings, args) -> int:
+    import json
+    out = Path(args.out)
+    _check_out(out, (".png",))
+    store = storage.open_store(settings)
+    req = synth_pb2.TransformRequest(image=_face_image(store, args.face),
+                                     target=synth_pb2.VA(valence=args.valence, arousal=args.arousal),
+                                     model=args.model or "", output_size=args.size)
+    with _synth(settings) as stub:
+        res = stub.Transform(req, timeout=settings.rpc_timeout_s)
+    write_bytes(store.get_bytes(res.image.key), out)
+    if args.landmarks:
+        lm = list(res.landmarks)
+        write_bytes(json.dumps({"x": lm[:68], "y": lm[68:]}).encode(), Path(args.landmarks))
+    for n in res.notes:
+        say(f"note: {n}")
+    ji, jo = res.judged_input, res.judged_output
+    print(f"target VA ({args.valence:+.2f}, {args.arousal:+.2f}); judged: input "
+          f"({ji.valence:+.2f}, {ji.arousal:+.2f}), output ({jo.valence:+.2f}, {jo.arousal:+.2f})")
+    say(f"wrote {out}" + (f" and {args.landmarks}" if args.landmarks else ""))
+    return 0
+
+
+def cmd_synth_matrix(settings: Settings, args) -> int:
+    out = Path(args.out)
+    _check_out(out, (".png",))
+    store = storage.open_store(settings)
+    req = synth_pb2.MatrixRequest(image=_face_image(store, args.face),
+                                  valences=args.valences or [], arousals=args.arousals or [],
+                                  model=args.model or "", cell_size=args.cell)
+    with _synth(settings) as stub:
+        res = stub.Matrix(req, timeout=settings.rpc_timeout_s)
+    write_bytes(store.get_bytes(res.image.key), out)
+    for n in res.notes:
+        say(f"note: {n}")
+    err = [((c.judged.valence - c.target.valence) ** 2 + (c.judged.arousal - c.target.arousal) ** 2) ** 0.5
+           for c in res.cells]
+    say(f"wrote {out}: {len(res.cells)} faces; judge's mean VA distance from the targets "
+        f"{sum(err) / max(1, len(err)):.2f}")
+    return 0
+
+
+def cmd_synth_transfer(settings: Settings, args) -> int:
+    out = Path(args.out)
+    _check_out(out, (".mp4",))
+    store = storage.open_store(settings)
+    req = synth_pb2.TransferRequest(
+        video=upload(store, Path(args.video), "inputs"),
+        parent_face=_face_image(store, args.parent), infant_face=_face_image(store, args.infant),
+        seed=args.seed, no_motion=args.no_motion, model=args.model or "", face_size=args.face_size,
+        min_confidence=args.min_confidence or 0)
+    if args.smooth is not None:
+        req.smooth_s = args.smooth
+    if args.adult_face is not None:
+        req.extract.adult_face_id = args.adult_face
+    with _synth(settings) as stub:
+        res = stream(stub.Transfer(req, timeout=settings.rpc_timeout_s), ProgressBar())
+    store.get_file(res.video.key, out)
+    if args.va_table:
+        store.get_file(res.va_table.key, args.va_table)
+    for n in res.notes:
+        say(f"note: {n}")
+    say(f"wrote {out}: {res.frames} frames at {res.fps:.2f} fps (the input's timing); "
+        f"real parent judged in {res.parent_frames_seen}, infant in {res.infant_frames_seen} frames; "
+        f"{res.seconds:.1f} s ({res.frames / max(res.seconds, 1e-9):.1f} frames/s)")
+    return 0
+
+
+def cmd_synth_train(settings: Settings, args) -> int:
+    """`python -m services.synth.train ARGS` with this command's settings (a batch job)."""
+    import subprocess
+    env = dict(os.environ)
+    env.update(settings.to_env())
+    cmd = [sys.executable, "-m", "services.synth.train", *args.train_args]
+    try:
+        return subprocess.run(cmd, env=env).returncode
+    except KeyboardInterrupt:
+        return 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dyadlab", description="Parent-infant smile analysis from video.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -555,17 +680,64 @@ def build_parser() -> argparse.ArgumentParser:
     rp = cosub.add_parser("report", help="the report from finished sessions (after shards)")
     cohort_opts(rp, report_only=True)
     rp.add_argument("--partial", action="store_true", help="report even if sessions are missing")
+
+    sy = sub.add_parser("synth", help="avLandmarkGAN: expressions on novel faces (needs TorchServe)")
+    sysub = sy.add_subparsers(dest="synth_cmd", required=True)
+    tf = sysub.add_parser("transform", help="one face moved to a target valence/arousal")
+    tf.add_argument("face", help="a photograph with one face (PNG, JPEG, ...)")
+    tf.add_argument("--valence", type=float, required=True, help="target valence in [-1, 1]")
+    tf.add_argument("--arousal", type=float, required=True, help="target arousal in [-1, 1]")
+    tf.add_argument("--out", required=True, help="output PNG")
+    tf.add_argument("--size", type=int, default=0, help="output side in pixels (default: the model's)")
+    tf.add_argument("--landmarks", default=None, help="also write the 68 target landmarks (JSON)")
+    tf.add_argument("--model", default=None, help="TorchServe model name (default synth)")
+    mx = sysub.add_parser("matrix", help="an avImage matrix: one face over a valence x arousal grid")
+    mx.add_argument("face", help="a photograph with one face")
+    mx.add_argument("--out", required=True, help="output PNG")
+    mx.add_argument("--valences", nargs="+", type=float, default=None, metavar="V",
+                    help="columns (default: -1 -0.5 0 0.5 1)")
+    mx.add_argument("--arousals", nargs="+", type=float, default=None, metavar="A",
+                    help="rows, shown high at the top (default: 1 0.5 0 -0.5 -1)")
+    mx.add_argument("--cell", type=int, default=0, help="pixels per cell (default 128)")
+    mx.add_argument("--model", default=None)
+    tr = sysub.add_parser("transfer", help="a real dyad's expressions on a novel parent and infant")
+    tr.add_argument("video", help="a video with both the parent and the infant")
+    tr.add_argument("--parent", required=True, help="photograph of the novel parent")
+    tr.add_argument("--infant", required=True, help="photograph of the novel infant")
+    tr.add_argument("--out", required=True, help="output MP4")
+    tr.add_argument("--va-table", default=None, help="also write the per-frame VA table (CSV)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the rotation/resize motion")
+    tr.add_argument("--no-motion", action="store_true", help="no rotation/resize post-processing")
+    tr.add_argument("--face-size", type=int, default=0, help="pixels per face (default 256)")
+    tr.add_argument("--smooth", type=float, default=None,
+                    help="seconds of moving average over the judged VA (default 0.3; 0 = none)")
+    tr.add_argument("--min-confidence", type=float, default=None,
+                    help="frames tracked below this keep the last VA (default 0.5)")
+    tr.add_argument("--adult-face", type=int, default=None, metavar="ID",
+                    help="face_id that is the adult (overrides the extractor's heuristic)")
+    tr.add_argument("--model", default=None)
+    tn = sysub.add_parser("train", add_help=False,
+                          help="train a model (python -m services.synth.train; --help for its options)")
+    tn.add_argument("train_args", nargs=argparse.REMAINDER)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["synth", "train"]:
+        # Every argument (--help too) belongs to services.synth.train.
+        args = argparse.Namespace(cmd="synth", synth_cmd="train", train_args=argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
         cmd = {"up": cmd_up, "down": cmd_down, "status": cmd_status,
                "extract": cmd_extract, "smiles": cmd_smiles, "stats": cmd_stats, "dyad": cmd_dyad,
                "cohort": lambda s, a: {"simulate": cmd_simulate, "run": cmd_cohort_run,
-                                       "report": cmd_cohort_report}[a.cohort_cmd](s, a)}[args.cmd]
+                                       "report": cmd_cohort_report}[a.cohort_cmd](s, a),
+               "synth": lambda s, a: {"transform": cmd_synth_transform, "matrix": cmd_synth_matrix,
+                                      "transfer": cmd_synth_transfer,
+                                      "train": cmd_synth_train}[a.synth_cmd](s, a)}[args.cmd]
         return cmd(settings, args)
     except grpc.RpcError as e:
         say(f"error: {e.code().name}: {e.details()}")

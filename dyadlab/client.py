@@ -3,19 +3,28 @@
 Calls retry on UNAVAILABLE through gRPC's own retry policy (service config):
 a call that failed before the server sent anything is sent again, with
 backoff. Every call made with these channels passes a deadline.
+
+Every channel is made here, secured as dyadlab.security.client_security says
+for its address: TLS (the configured CA, or the local development CA for
+loopback addresses), the client certificate under mutual TLS, and the bearer
+token as call credentials; plaintext only under DYADLAB_INSECURE. `settings`
+defaults to the process's environment (Settings.from_env()).
 """
 from __future__ import annotations
 
 import json
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 MAX_MESSAGE_BYTES = 4 << 20  # messages carry references, never bulk data
 
+# round_robin: against a headless Kubernetes Service (DNS returns every pod)
+# calls are spread over the replicas instead of pinned to the first one.
 _SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{
         "name": [{}],  # every method
         "retryPolicy": {
@@ -36,17 +45,96 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
 ]
 
-def channel(addr: str) -> grpc.Channel:
-    return grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
+if TYPE_CHECKING:
+    from dyadlab.config import Settings
+    from dyadlab.security import ClientSecurity
 
 
-def aio_channel(addr: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+def security_for(addr: str, settings: Settings | None = None) -> ClientSecurity:
+    from dyadlab import security
+    from dyadlab.config import Settings
+    return security.client_security(addr, settings or Settings.from_env())
 
 
-def health_status(addr: str, service: str = "", timeout_s: float = 2.0) -> str:
-    """SERVING / NOT_SERVING / UNKNOWN / UNREACHABLE, never raises."""
-    with channel(addr) as ch:
+def channel(addr: str, settings: Settings | None = None,
+            security: ClientSecurity | None = None) -> grpc.Channel:
+    sec = security or security_for(addr, settings)
+    opts = CHANNEL_OPTIONS + sec.options()
+    if sec.tls:
+        return grpc.secure_channel(addr, sec.channel_credentials(), options=opts)
+    ch = grpc.insecure_channel(addr, options=opts)
+    return grpc.intercept_channel(ch, _Metadata(sec.metadata())) if sec.token else ch
+
+
+def aio_channel(addr: str, settings: Settings | None = None,
+                security: ClientSecurity | None = None) -> grpc.aio.Channel:
+    """An asyncio channel: what a service uses to call another service."""
+    sec = security or security_for(addr, settings)
+    opts = CHANNEL_OPTIONS + sec.options()
+    if sec.tls:
+        return grpc.aio.secure_channel(addr, sec.channel_credentials(), options=opts)
+    md = sec.metadata()
+    return grpc.aio.insecure_channel(addr, options=opts, interceptors=[
+        _AioUnaryUnary(md), _AioUnaryStream(md)] if md else None)
+
+
+class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the token to every call of a plaintext channel (DYADLAB_INSECURE)."""
+
+    def __init__(self, md):
+        self.md = md
+
+    def _details(self, d):
+        return _CallDetails(d.method, d.timeout, list(d.metadata or ()) + list(self.md),
+                            d.credentials, getattr(d, "wait_for_ready", None),
+                            getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation, d, request):
+        return continuation(self._details(d), request)
+
+    def intercept_unary_stream(self, continuation, d, request):
+        return continuation(self._details(d), request)
+
+    def intercept_stream_unary(self, continuation, d, request_iterator):
+        return continuation(self._details(d), request_iterator)
+
+    def intercept_stream_stream(self, continuation, d, request_iterator):
+        return continuation(self._details(d), request_iterator)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
+
+
+class _AioUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, md):
+        self.md = md
+
+    async def intercept_unary_unary(self, continuation, d, request):
+        return await continuation(_aio_details(d, self.md), request)
+
+
+class _AioUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, md):
+        self.md = md
+
+    async def intercept_unary_stream(self, continuation, d, request):
+        return await continuation(_aio_details(d, self.md), request)
+
+
+def _aio_details(d, md):
+    return grpc.aio.ClientCallDetails(d.method, d.timeout, list(d.metadata or ()) + list(md),
+                                      d.credentials, d.wait_for_ready)
+
+
+def health_status(addr: str, service: str = "", timeout_s: float = 2.0,
+                  settings: Settings | None = None) -> str:
+    """SERVING / NOT_SERVING / UNKNOWN / UNREACHABLE, never raises (health is
+    open: no token needed, but the channel is TLS like every other)."""
+    with channel(addr, settings) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
@@ -57,12 +145,12 @@ def health_status(addr: str, service: str = "", timeout_s: float = 2.0) -> str:
 
 
 def wait_ready(addr: str, timeout_s: float = 60.0, service: str = "",
-               alive: Callable[[], bool] | None = None) -> None:
+               alive: Callable[[], bool] | None = None, settings: Settings | None = None) -> None:
     """Block until the service reports SERVING; raise TimeoutError with the last state."""
     deadline = time.monotonic() + timeout_s
     state = "UNREACHABLE"
     while time.monotonic() < deadline:
-        state = health_status(addr, service)
+        state = health_status(addr, service, settings=settings)
         if state == "SERVING":
             return
         if alive is not None and not alive():

@@ -6,6 +6,12 @@ examples/python: a `grpc.aio` server with the standard health service
 reflection, Prometheus metrics per RPC, JSON logs, and graceful shutdown on
 SIGTERM/SIGINT (health flips to NOT_SERVING first so load balancers drain).
 
+Security (dyadlab/security.py): the port is TLS (mutual TLS on request), or
+plaintext only where DYADLAB_INSECURE allows it; every call is authenticated
+and authorized by role, except health and reflection; every call but health
+checks gets a line in the audit log. DYADLAB_HEALTH_PORT adds a plaintext
+port that serves nothing but grpc.health.v1 (probes that cannot speak TLS).
+
 Servicer methods wrap themselves in `@status_errors` so that known failures
 become precise gRPC statuses with a message a person can act on.
 """
@@ -24,7 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 import prometheus_client as prom
 
-from dyadlab import frames, storage
+from dyadlab import frames, security, storage
 from dyadlab.client import MAX_MESSAGE_BYTES
 from dyadlab.config import Settings
 
@@ -34,6 +40,10 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
+    # Connections are recycled every 5 min (GOAWAY; in-flight calls get up to an
+    # hour to finish), so clients re-resolve DNS and reach new replicas.
+    ("grpc.max_connection_age_ms", 300_000),
+    ("grpc.max_connection_age_grace_ms", 3_600_000),
 ]
 
 RPCS = prom.Counter("dyadlab_rpc_total", "RPCs handled", ["method", "code"])
@@ -51,6 +61,11 @@ class Service(Protocol):
         """Load models, start pools; the service is SERVING once this returns."""
 
     async def stop(self) -> None: ...
+
+    # Optional: a service whose readiness can change while it runs (e.g. synth,
+    # which is only SERVING while TorchServe answers) defines
+    #     def bind_health(self, set_serving: Callable[[bool], Awaitable[None]]) -> None
+    # `serve` then hands it a setter before start() and leaves the status to it.
 
 
 class UserError(Exception):
@@ -188,21 +203,43 @@ async def serve(service: Service, settings: Settings, addr: str,
                 grace_s: float = 10.0, started: Callable[[int], Awaitable[None] | None] | None = None,
                 stop_event: asyncio.Event | None = None) -> None:
     """Run `service` on `addr` until SIGTERM/SIGINT (or `stop_event` is set)."""
-    server = grpc.aio.server(interceptors=[_MetricsInterceptor()], options=SERVER_OPTIONS)
+    sec = security.server_security(settings, security.host_of(addr),
+                                   service.name.rsplit(".", 1)[-1].lower())
+    server = grpc.aio.server(interceptors=[_MetricsInterceptor(), sec.interceptor()],
+                             options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", service.name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    async def set_serving(ok: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", service.name):
+            await health_servicer.set(name, status)
+
+    self_managed = hasattr(service, "bind_health")
+    if self_managed:
+        service.bind_health(set_serving)
     service.register(server)
     reflection.enable_server_reflection(
         (service.name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(addr)
+    port = (server.add_secure_port(addr, sec.credentials) if sec.credentials is not None
+            else server.add_insecure_port(addr))
     if port == 0:
         raise OSError(f"cannot listen on {addr}")
+    probe_server = None
+    if settings.health_port:      # plaintext, health only: for probes without TLS
+        probe_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe_server)
+        if probe_server.add_insecure_port(f"{settings.bind}:{settings.health_port}") == 0:
+            raise OSError(f"cannot listen on {settings.bind}:{settings.health_port}")
+        await probe_server.start()
     await server.start()
     if settings.metrics_port:
         prom.start_http_server(settings.metrics_port, addr=settings.bind)
-    log.info("listening", extra={"port": port, "metrics_port": settings.metrics_port})
+    log.info("listening", extra={"port": port, "metrics_port": settings.metrics_port,
+                                 "transport": sec.transport,
+                                 "auth": "off" if sec.access is None else "on",
+                                 "health_port": settings.health_port})
 
     stop = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -215,8 +252,8 @@ async def serve(service: Service, settings: Settings, addr: str,
     try:
         t0 = time.perf_counter()
         await service.start()
-        for name in ("", service.name):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if not self_managed:
+            await set_serving(True)
         log.info("serving", extra={"startup_s": round(time.perf_counter() - t0, 3)})
         if started is not None:
             r = started(port)
@@ -229,15 +266,24 @@ async def serve(service: Service, settings: Settings, addr: str,
     finally:
         await service.stop()
         await server.stop(0)
+        if probe_server is not None:
+            await probe_server.stop(0)
     log.info("stopped")
 
 
 def run(service_factory: Callable[[Settings], Service], addr_of: Callable[[Settings], str]) -> None:
     """Entry point of a service process: settings from env, JSON logs, serve."""
+    import sys
     from dyadlab import log as jsonlog
-    settings = Settings.from_env()
-    svc = service_factory(settings)
-    jsonlog.setup(svc.name.rsplit(".", 1)[-1].lower(), settings.log_level)
-    addr = addr_of(settings)
-    port = settings.port_of(addr)
-    asyncio.run(serve(svc, settings, f"{settings.bind}:{port}"))
+    from dyadlab.config import ConfigError
+    try:
+        settings = Settings.from_env()
+        svc = service_factory(settings)
+        jsonlog.setup(svc.name.rsplit(".", 1)[-1].lower(), settings.log_level)
+        addr = addr_of(settings)
+        port = settings.port_of(addr)
+        asyncio.run(serve(svc, settings, f"{settings.bind}:{port}"))
+    except ConfigError as e:      # a configuration the service refuses: say why, exit 2
+        log.error("configuration refused: %s", e)
+        print(f"dyadlab: configuration refused: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

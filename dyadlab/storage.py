@@ -4,6 +4,16 @@ default) and any S3-compatible server (MinIO, Swift's s3api, ...) via `minio`.
 Publishing is atomic in both: the local backend writes a temporary file and
 renames it into place; an S3 PUT only becomes visible once complete. A failure
 therefore never leaves a half-written object under a final key.
+
+Security: every key passes `validate_key` (no traversal, no absolute paths,
+no control or invisible characters); the local backend also checks that the
+resolved path stays inside its bucket directory. The S3 backend asks for
+server-side encryption (SSE-S3, ``x-amz-server-side-encryption: AES256``) on
+every PUT as DYADLAB_S3_SSE says: ``auto`` (default) falls back to plain PUTs,
+with one log line, when the server says it does not implement SSE (Swift
+without its encryption middleware, MinIO without a KMS); ``on`` refuses to
+store unencrypted; ``off`` never asks. Credentials come from the environment
+or from files (DYADLAB_S3_ACCESS_KEY_FILE / DYADLAB_S3_SECRET_KEY_FILE).
 """
 from __future__ import annotations
 
@@ -12,9 +22,12 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import logging
 import os
+import re
 import shutil
 import tempfile
+import unicodedata
 import urllib3
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -22,6 +35,7 @@ from typing import BinaryIO, Iterator
 from dyadlab.config import Settings
 
 _CHUNK = 1 << 20
+log = logging.getLogger("dyadlab.storage")
 
 
 class StoreError(Exception):
@@ -48,13 +62,21 @@ class Ref:
     size: int = -1
 
 
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
 def validate_key(key: str) -> str:
-    """Reject keys that could escape the bucket or confuse a filesystem."""
-    if not key or len(key.encode()) > 1024:
+    """Reject keys that could escape the bucket or confuse a filesystem or a log:
+    empty or > 1024 bytes; control characters (C0, DEL, C1), invisible format
+    characters, line/paragraph separators, lone surrogates; absolute paths
+    ('/x', 'C:x'), backslashes; empty, '.' or '..' segments."""
+    if not isinstance(key, str) or not key:
         raise InvalidKey("object key must be 1..1024 bytes")
-    if any(ord(c) < 32 or ord(c) == 127 for c in key):
-        raise InvalidKey("object key contains control characters")
-    if key.startswith("/") or "\\" in key:
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") for c in key):
+        raise InvalidKey("object key contains control or invisible characters")
+    if len(key.encode()) > 1024:
+        raise InvalidKey("object key must be 1..1024 bytes")
+    if key.startswith("/") or "\\" in key or _DRIVE.match(key):
         raise InvalidKey(f"object key must be relative with '/' separators: {key!r}")
     parts = key.split("/")
     if any(p in ("", ".", "..") for p in parts):
@@ -144,7 +166,11 @@ class LocalStore(ObjectStore):
         validate_key(key)
         if key.split("/")[0] == ".tmp":
             raise InvalidKey("keys under .tmp/ are reserved")
-        return self.root / key
+        p = self.root / key
+        # a symlink inside the store must not lead out of it
+        if not p.resolve().is_relative_to(self.root):
+            raise InvalidKey(f"object key leads outside the store: {key!r}")
+        return p
 
     def put_stream(self, key, stream, size, content_type="application/octet-stream"):
         dest = self._path(key)
@@ -206,9 +232,17 @@ class S3Store(ObjectStore):
     """An S3-compatible server through the `minio` client."""
 
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
-                 secure: bool = True, region: str = "us-east-1", timeout_s: float = 30.0):
+                 secure: bool = True, region: str = "us-east-1", timeout_s: float = 30.0,
+                 sse: str = "auto"):
         from minio import Minio
+        if sse not in ("auto", "on", "off"):
+            raise ValueError(f"sse={sse!r}: use auto, on or off")
         self.bucket = bucket
+        self.endpoint = endpoint
+        self.sse_mode = sse
+        #: None: not known yet (auto); True: PUTs ask for SSE-S3; False: they do not
+        self.sse_active: bool | None = ({"on": True, "off": False}[sse] if sse != "auto"
+                                        else _SSE_SUPPORT.get(endpoint))
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=5.0, read=timeout_s), maxsize=16,
             retries=urllib3.Retry(total=3, backoff_factor=0.3,
@@ -235,12 +269,15 @@ class S3Store(ObjectStore):
         self._bucket_ready = True
 
     @contextlib.contextmanager
-    def _errors(self, key: str = ""):
-        """Translate minio / urllib3 / socket errors into StoreError subclasses."""
+    def _errors(self, key: str = "", sse_refusal: bool = False):
+        """Translate minio / urllib3 / socket errors into StoreError subclasses
+        (`sse_refusal`: a "not implemented" answer becomes _SseRefused)."""
         from minio.error import MinioException, S3Error
         try:
             yield
         except S3Error as e:
+            if sse_refusal and e.code in self.SSE_UNSUPPORTED:
+                raise _SseRefused(e.code) from None
             if e.code in ("NoSuchKey", "NoSuchObject", "NoSuchBucket", "ResourceNotFound"):
                 raise NotFound(f"no object {key!r} in bucket {self.bucket!r}") from None
             if e.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
@@ -254,11 +291,55 @@ class S3Store(ObjectStore):
         except OSError as e:  # local I/O, e.g. minio's "stream having not enough data"
             raise StoreError(f"object store transfer failed: {e}") from None
 
+    #: S3 error codes meaning "this server does not do SSE-S3" (Swift s3api without
+    #: its encryption middleware: NotImplemented; MinIO without a KMS: NotImplemented
+    #: or KMS.NotConfigured)
+    SSE_UNSUPPORTED = frozenset({"NotImplemented", "KMS.NotConfigured",
+                                 "ServerSideEncryptionConfigurationNotFoundError"})
+
     def put_stream(self, key, stream, size, content_type="application/octet-stream"):
         validate_key(key)
-        self._call(self.client.put_object, self.bucket, key, stream, size,
-                   content_type=content_type, part_size=64 << 20)
+        if self.sse_active is not False:
+            start = stream.tell() if stream.seekable() else None
+            try:
+                self._put(key, stream, size, content_type, sse=True)
+            except _SseRefused as e:
+                if self.sse_active:          # on: never store unencrypted
+                    raise StoreError(f"the object store does not support server-side encryption "
+                                     f"({e.code}); DYADLAB_S3_SSE=on refuses to store objects "
+                                     "unencrypted") from None
+                if start is None:
+                    raise StoreError("the object store refused server-side encryption and the "
+                                     "upload cannot be rewound; retry") from None
+                self.sse_active = _SSE_SUPPORT[self.endpoint] = False
+                if self.endpoint not in _SSE_LOGGED:        # once per process and endpoint
+                    _SSE_LOGGED.add(self.endpoint)
+                    log.warning("object store does not support server-side encryption (SSE-S3): "
+                                "storing objects unencrypted (DYADLAB_S3_SSE=on refuses instead)",
+                                extra={"s3_code": e.code})
+                stream.seek(start)
+            else:
+                if self.sse_active is None:
+                    self.sse_active = _SSE_SUPPORT[self.endpoint] = True
+                    log.info("object store accepts server-side encryption (SSE-S3): objects "
+                             "are stored encrypted")
+                return Ref(self.bucket, key, "", size)
+        self._put(key, stream, size, content_type, sse=False)
         return Ref(self.bucket, key, "", size)
+
+    def _put(self, key, stream, size, content_type, sse: bool) -> None:
+        from minio.sse import SseS3
+        with self._errors(key, sse_refusal=sse):
+            if not self._bucket_ready:
+                self._ensure_bucket()
+            self.client.put_object(self.bucket, key, stream, size, content_type=content_type,
+                                   part_size=64 << 20, sse=SseS3() if sse else None)
+
+    def encryption(self, key: str) -> str | None:
+        """The server-side encryption the store reports for an object (e.g. 'AES256')."""
+        validate_key(key)
+        st = self._call(self.client.stat_object, self.bucket, key)
+        return (st.metadata or {}).get("x-amz-server-side-encryption")
 
     def open(self, key):
         validate_key(key)
@@ -281,6 +362,17 @@ class S3Store(ObjectStore):
     def delete(self, key):
         validate_key(key)
         self._call(self.client.remove_object, self.bucket, key)
+
+
+#: endpoint -> whether it accepted SSE-S3 (auto mode decides once per process)
+_SSE_SUPPORT: dict[str, bool] = {}
+_SSE_LOGGED: set[str] = set()
+
+
+class _SseRefused(Exception):
+    def __init__(self, code: str):
+        super().__init__(code)
+        self.code = code
 
 
 class _Response(io.RawIOBase):
@@ -310,5 +402,6 @@ class _Response(io.RawIOBase):
 def open_store(settings: Settings) -> ObjectStore:
     if settings.uses_s3:
         return S3Store(settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key,
-                       settings.bucket, secure=settings.s3_secure, region=settings.s3_region)
+                       settings.bucket, secure=settings.s3_secure, region=settings.s3_region,
+                       sse=settings.s3_sse)
     return LocalStore(settings.store_dir, settings.bucket)

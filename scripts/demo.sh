@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo behind `make demo`: start the local stack (every service its own
 # process on loopback, local-directory object store), analyse a real video,
-# print the per-smile table, write a plot, stop the stack.
+# print the per-smile table, write a plot; with the synth model served, turn a
+# real face photo into an avImage matrix (valence x arousal); stop the stack.
 set -euo pipefail
 video=${1:?usage: scripts/demo.sh VIDEO}
 out=${DEMO_OUT:-demo-out}
@@ -13,5 +14,10 @@ trap '$dyadlab down' EXIT
 $dyadlab status
 $dyadlab extract "$video" --out "$out/frames.csv"
 $dyadlab smiles "$video" --out "$out/smiles.csv" --plot "$out/smiles.png"
+face=${DEMO_FACE:-$(dirname "$video")/single_face.jpg}
+if [ -f "$face" ] && $dyadlab status | grep -Eq '^synth +[^ ]+ +SERVING'; then
+  $dyadlab synth matrix "$face" --out "$out/avimage.png"
+  echo "avImage matrix: $out/avimage.png"
+fi
 echo
 echo "frame table: $out/frames.csv   smiles: $out/smiles.csv   plot: $out/smiles.png"

@@ -28,6 +28,21 @@ def s3_server():
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def s3_server_sse():
+    """A second Swift S3 server with its encryption middleware (keymaster +
+    encryption): it accepts SSE-S3 and keeps objects encrypted on disk."""
+    server = SwiftS3Server(encryption=True)
+    try:
+        server.start()
+    except SwiftUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def s3_store_factory(s3_server):
     """make(bucket=None, **S3Store kwargs) -> an S3Store on the session server,
@@ -99,3 +114,31 @@ def services_s3(tmp_path_factory, s3_server):
         yield rs
     finally:
         stack_mod.stop(rs.settings, rs.stack)
+
+
+# -- TorchServe -----------------------------------------------------------------------
+@pytest.fixture
+def torchserve_factory(tmp_path_factory):
+    """make(model_store, load_models, start=True, **TorchServe kwargs) -> a real
+    TorchServe (dyadlab.torchserve) in its own temp dir, on free loopback ports,
+    with its own TMPDIR (pid file, worker sockets): a user's TorchServe is untouched.
+    Every server made here is stopped at teardown, java and workers included."""
+    pytest.importorskip("ts", reason="torchserve is not installed (requirements.lock)")
+    from dyadlab import torchserve as ts_mod
+    if not ts_mod.java_available():
+        pytest.skip("java not found: TorchServe needs a JDK 11+ (apt-get install openjdk-17-jre-headless)")
+    made: list = []
+
+    def make(model_store, load_models, *, start: bool = True, **kw):
+        ts = ts_mod.TorchServe(tmp_path_factory.mktemp("torchserve"), model_store, load_models, **kw)
+        made.append(ts)
+        return ts.start() if start else ts
+
+    yield make
+    errors = []
+    for ts in made:
+        try:
+            ts.stop()
+        except Exception as e:  # noqa: BLE001 - stop every server, then report
+            errors.append(e)
+    assert not errors, errors

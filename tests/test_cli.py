@@ -21,6 +21,9 @@ SMILE_COLUMNS = ["face_id", "smile_id", "start_s", "onset_end_s", "offset_start_
 
 
 _PORTS: dict[Path, dict[str, str]] = {}
+#: TorchServe's listeners (`up` starts it when java, torchserve and the model exist)
+TS_VARS = ["DYADLAB_TORCHSERVE_GRPC", "DYADLAB_TORCHSERVE_GRPC_MANAGEMENT", "DYADLAB_TORCHSERVE_HTTP",
+           "DYADLAB_TORCHSERVE_MANAGEMENT", "DYADLAB_TORCHSERVE_METRICS"]
 
 
 def run(home: Path, *args, check=True, timeout=300) -> subprocess.CompletedProcess:
@@ -28,7 +31,7 @@ def run(home: Path, *args, check=True, timeout=300) -> subprocess.CompletedProce
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYADLAB_")}
     env["DYADLAB_HOME"] = str(home)
     env.update(_PORTS.setdefault(Path(home), {
-        var: f"127.0.0.1:{free_port()}" for _, var, _, _ in SERVICES.values()}))
+        var: f"127.0.0.1:{free_port()}" for var in [v for _, v, _, _ in SERVICES.values()] + TS_VARS}))
     p = subprocess.run([DYADLAB, *map(str, args)], env=env, capture_output=True, text=True,
                        timeout=timeout)
     if check and p.returncode != 0:
@@ -136,8 +139,11 @@ def test_down_stops_every_process(tmp_path):
     home = tmp_path / "home"
     run(home, "up", "--no-metrics")
     import json
-    pids = json.loads((home / "run" / "stack.json").read_text())["pids"].values()
+    rec = json.loads((home / "run" / "stack.json").read_text())
+    pids = list(rec["pids"].values())
     assert len(_pids_alive(pids)) == len(SERVICES)
+    if rec.get("torchserve"):                 # java (TorchServe's frontend) goes too
+        pids.append(rec["torchserve"]["pid"])
     run(home, "down")
     assert _pids_alive(pids) == []
     assert run(home, "status", check=False).returncode == 3

@@ -1,0 +1,190 @@
+"""Throughput and latency of synth's Transform through a real TorchServe, on CPU.
+
+    .venv/bin/python scripts/bench_synth.py [--model models/synth/synth-64.pt]
+        [--requests 48] [--concurrency 8] [--batch 8] [--delay-ms 20]
+        [--workers 1] [--threads 1]
+
+One run: builds the .mar (services/synth/archive.py) from the model file (or,
+when it does not exist, from freshly initialised nets of the default config:
+the cost does not depend on the weights), starts TorchServe on free loopback
+ports with token auth, warms it up, then measures over gRPC
+
+* sequential  -- one client, one request at a time (TorchServe batch of 1);
+* batched     -- `concurrency` clients at once, TorchServe batching them
+                 (batch_size / max_batch_delay of the archive);
+* in-process  -- Synthesizer.transform alone, batch 1 and batch `batch`, in
+                 this process with the same thread count (the model's own cost).
+
+and prints images/s and p50/p95 latency per request for each. Every request
+is a 64x64 transform with judge=0 (and one row with judge=1). Numbers depend
+on what else runs on the machine; no assertions.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dyadlab import torchserve as T  # noqa: E402
+from dyadlab.storage import LocalStore  # noqa: E402
+from services.synth import archive  # noqa: E402
+from services.synth import landmarks as L  # noqa: E402
+from services.synth.generate import Synthesizer  # noqa: E402
+
+
+def random_model(path: Path, size: int = 64) -> Path:
+    import torch
+
+    from services.synth import solver as S
+    cfg = S.Config(size=size)
+    torch.manual_seed(0)
+    blob = {"format": 1, "config": cfg.to_dict(), "G_l": S.build("landmark", cfg)["G"].state_dict(),
+            "G_i": S.build("image", cfg)["G"].state_dict(), "judge": S.build("judge", cfg)["J"].state_dict()}
+    bio = io.BytesIO()
+    torch.save(blob, bio)
+    path.write_bytes(bio.getvalue())
+    return path
+
+
+def face(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A noise crop and a jittered canonical-ish landmark set (cost is content-independent)."""
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 2 * np.pi, 68, endpoint=False)
+    pts = np.stack([0.5 + 0.3 * np.cos(t), 0.5 + 0.35 * np.sin(t)], 1) * size
+    pts += rng.normal(0, size / 100, pts.shape)
+    return rng.integers(0, 256, (size, size, 3), dtype=np.uint8), pts.astype(np.float32)
+
+
+def fields(crop, pts, va, judge=False) -> dict[str, bytes]:
+    ok, buf = cv2.imencode(".png", crop)
+    assert ok
+    f = {"crop": buf.tobytes(), "landmarks": json.dumps([float(x) for x in L.to_vector(pts)]).encode(),
+         "valence": repr(float(va[0])).encode(), "arousal": repr(float(va[1])).encode()}
+    if judge:
+        f["judge"] = b"1"
+    return f
+
+
+def pct(xs, q) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def run_clients(client: T.InferenceClient, reqs: list[dict], concurrency: int):
+    """-> (wall seconds, per-request latencies, batch sizes seen)."""
+    lat: list[float] = []
+    batches: list[int] = []
+    lock = threading.Lock()
+    it = iter(range(len(reqs)))
+
+    def worker():
+        while True:
+            with lock:
+                i = next(it, None)
+            if i is None:
+                return
+            t0 = time.perf_counter()
+            out = json.loads(client.predict("synth", reqs[i], timeout=300))
+            dt = time.perf_counter() - t0
+            with lock:
+                lat.append(dt)
+                batches.append(out.get("batch", 1))
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, lat, batches
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(REPO / "models" / "synth" / "synth-64.pt"))
+    ap.add_argument("--requests", type=int, default=48, help="requests per measured row")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="TorchServe batch_size")
+    ap.add_argument("--delay-ms", type=int, default=20, help="TorchServe max_batch_delay")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    a = ap.parse_args(argv)
+    if not T.java_available():
+        print("java not found: TorchServe needs a JDK 11+", file=sys.stderr)
+        return 2
+
+    with tempfile.TemporaryDirectory(prefix="bench-synth-") as tmp:
+        tmp = Path(tmp)
+        model = Path(a.model)
+        label = model.name
+        if not model.is_file():
+            model, label = random_model(tmp / "random-64.pt"), "random-init (no trained model)"
+        syn = Synthesizer.load(model)
+        s = syn.size
+        store = LocalStore(tmp / "store")
+        key = archive.publish(store, archive.build(model, tmp / "build", batch_size=a.batch,
+                                                  max_batch_delay_ms=a.delay_ms,
+                                                  workers=a.workers, threads=a.threads))
+        local = archive.fetch(store, key, tmp / "ms")
+        ts = T.TorchServe(tmp / "w", tmp / "ms", {"synth": local.name}, workers_per_model=a.workers)
+        t0 = time.perf_counter()
+        ts.start()
+        startup = time.perf_counter() - t0
+        rows = []
+        try:
+            faces = [face(s, i) for i in range(a.requests)]
+            rng = np.random.default_rng(1)
+            va = rng.uniform(-1, 1, (a.requests, 2))
+            reqs = [fields(c, p, v) for (c, p), v in zip(faces, va)]
+            with ts.client() as c:
+                run_clients(c, reqs[:a.concurrency * 2], a.concurrency)          # warm-up
+                for name, conc, rq in (("sequential (batch 1)", 1, reqs),
+                                       (f"batched ({a.concurrency} clients)", a.concurrency, reqs),
+                                       ("sequential, judge=1", 1,
+                                        [dict(r, judge=b"1") for r in reqs[:max(8, a.requests // 3)]])):
+                    wall, lat, batches = run_clients(c, rq, conc)
+                    rows.append((name, len(rq) / wall, pct(lat, 50) * 1e3, pct(lat, 95) * 1e3,
+                                 statistics.mean(batches)))
+        finally:
+            ts.stop()
+
+        import torch
+        torch.set_num_threads(a.threads)
+        crops = np.stack([f[0] for f in faces])
+        pts = np.stack([f[1] for f in faces])
+        for b in (1, a.batch):
+            lat = []
+            syn.transform(crops[:b], pts[:b], va[:b])
+            for i in range(0, max(b, a.requests // 2), b):
+                j = i % (len(crops) - b + 1)
+                t0 = time.perf_counter()
+                syn.transform(crops[j:j + b], pts[j:j + b], va[j:j + b])
+                lat.append(time.perf_counter() - t0)
+            rows.append((f"in-process batch {b}", b / statistics.mean(lat), pct(lat, 50) * 1e3,
+                         pct(lat, 95) * 1e3, b))
+
+    print(f"synth Transform on CPU: model {label}, {s}x{s}, TorchServe batch_size {a.batch} "
+          f"max_batch_delay {a.delay_ms} ms, {a.workers} worker(s) x {a.threads} thread(s), "
+          f"{os.cpu_count()} CPUs; TorchServe ready in {startup:.1f} s")
+    print(f"{'mode':28s} {'images/s':>9s} {'p50 ms':>8s} {'p95 ms':>8s} {'mean batch':>10s}")
+    for name, ips, p50, p95, mb in rows:
+        print(f"{name:28s} {ips:9.1f} {p50:8.1f} {p95:8.1f} {mb:10.1f}")
+    print("(in-process rows: latency per forward call of that batch)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

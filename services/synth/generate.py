@@ -1,0 +1,178 @@
+"""Inference with an exported avLandmarkGAN model: the `Synthesizer`.
+
+    syn = Synthesizer.load("models/synth/synth-64.pt")     # path, bytes or a binary file
+    images, target_lm = syn.transform(crops, crop_landmarks, va)
+    judged = syn.judge(images)
+
+Pure torch + numpy + OpenCV (no dlib, no gRPC): it runs inside a TorchServe
+worker (services/synth/handler.py), a gRPC service or a notebook alike. The
+input is what `landmarks.align_face` / `data.prepare` produce: aligned S x S
+RGB crops (S = the model's `size`) with their 68 landmarks in crop pixels.
+
+The model file is `train.export`'s format, read with ``weights_only=True``:
+``{"format": 1, "config": solver.Config dict, "G_l": ..., "G_i": ...,
+"judge": ...}`` (state dicts).
+
+`transform` does what the image stage trained on (solver.image_step):
+normalise the face's landmarks (zero mean, unit RMS radius), move them with
+G_l(x_l, c_e), draw the target landmarks at the face's own centre and RMS
+radius, and run G_i(face, landmark image, c_e). The target landmarks come back
+in crop pixels (same centre/radius as the input face).
+
+Everything runs in eval mode under ``torch.no_grad``; invalid inputs raise
+ValueError with a message that says what is wrong.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+from services.synth import data as D
+from services.synth import landmarks as L
+from services.synth import solver as S
+
+MODEL_FORMAT = 1
+N_POINTS = L.N_POINTS
+_KEYS = ("config", "G_l", "G_i", "judge")
+
+
+def _array(name: str, value, dtype=None) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: not a numeric array ({e})") from None
+
+
+class Synthesizer:
+    """The three serving networks of one exported model (CPU, eval mode)."""
+
+    def __init__(self, cfg: S.Config, G_l: torch.nn.Module, G_i: torch.nn.Module,
+                 judge: torch.nn.Module):
+        self.config = cfg
+        self.G_l = G_l.eval()
+        self.G_i = G_i.eval()
+        self.J = judge.eval()
+
+    # -- loading ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, src: str | os.PathLike | bytes | bytearray | BinaryIO) -> Synthesizer:
+        """From a model file path, its bytes, or a readable binary file object."""
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            src = io.BytesIO(bytes(src))
+        try:
+            blob = torch.load(src, weights_only=True, map_location="cpu")
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+            raise ValueError(f"not a synth model file: {e}") from e
+        return cls.from_dict(blob)
+
+    @classmethod
+    def from_dict(cls, blob: dict) -> Synthesizer:
+        if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+            fmt = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+            raise ValueError(f"not a synth model (format {fmt!r}; expected {MODEL_FORMAT})")
+        missing = [k for k in _KEYS if k not in blob]
+        if missing:
+            raise ValueError(f"synth model file lacks {missing}")
+        cfg = S.Config.from_dict(blob["config"])
+        nets = {"G_l": S.build("landmark", cfg)["G"], "G_i": S.build("image", cfg)["G"],
+                "judge": S.build("judge", cfg)["J"]}
+        for k, net in nets.items():
+            try:
+                net.load_state_dict(blob[k])
+            except RuntimeError as e:
+                raise ValueError(f"synth model: {k} does not match its config: {e}") from e
+        return cls(cfg, nets["G_l"], nets["G_i"], nets["judge"])
+
+    @property
+    def size(self) -> int:
+        """Side of the square crops the model takes and makes (pixels)."""
+        return int(self.config.size)
+
+    # -- validation ------------------------------------------------------------------
+    def check_crops(self, crops, name: str = "crops") -> np.ndarray:
+        a = np.asarray(crops)
+        s = self.size
+        if a.ndim != 4 or a.shape[1:] != (s, s, 3):
+            raise ValueError(f"{name} must be (B, {s}, {s}, 3) RGB crops of this model's size, "
+                             f"got shape {a.shape}")
+        if a.dtype != np.uint8:
+            raise ValueError(f"{name} must be uint8, got {a.dtype}")
+        return np.ascontiguousarray(a)
+
+    @staticmethod
+    def check_va(va, batch: int) -> np.ndarray:
+        v = _array("va", va, np.float32)
+        if v.shape != (batch, 2):
+            raise ValueError(f"va must be (B, 2) = (valence, arousal) with B = {batch}, "
+                             f"got shape {v.shape}")
+        if not np.isfinite(v).all():
+            raise ValueError("va contains NaN or infinity")
+        if (np.abs(v) > 1).any():
+            bad = v[(np.abs(v) > 1).any(axis=1)][0]
+            raise ValueError(f"valence and arousal must be in [-1, 1], got {bad.tolist()}")
+        return v
+
+    @staticmethod
+    def check_landmarks(pts, batch: int) -> np.ndarray:
+        p = _array("crop_landmarks", pts, np.float32)
+        if p.ndim == 2 and p.shape[1] == 2 * N_POINTS:
+            p = L.to_points(p).astype(np.float32)
+        if p.shape != (batch, N_POINTS, 2):
+            raise ValueError(f"crop_landmarks must be (B, 68, 2) crop pixels with B = {batch}, "
+                             f"got shape {p.shape}")
+        if not np.isfinite(p).all():
+            raise ValueError("crop_landmarks contain NaN or infinity")
+        return p
+
+    # -- inference -------------------------------------------------------------------
+    @torch.no_grad()
+    def transform(self, crops, crop_landmarks, va) -> tuple[np.ndarray, np.ndarray]:
+        """Faces moved to the target VA.
+
+        crops (B, S, S, 3) uint8 aligned RGB crops, crop_landmarks (B, 68, 2)
+        in crop pixels (or (B, 136) ``[x.., y..]``), va (B, 2) in [-1, 1]
+        -> (images (B, S, S, 3) uint8, target landmarks (B, 68, 2) float32 crop pixels)."""
+        x = self.check_crops(crops)
+        b, s = len(x), self.size
+        pts = self.check_landmarks(crop_landmarks, b)
+        c_e = self.check_va(va, b)
+        if b == 0:
+            return np.zeros((0, s, s, 3), np.uint8), np.zeros((0, N_POINTS, 2), np.float32)
+        try:
+            lm, centres, radii = D.normalised_landmarks(pts)
+        except ValueError as e:
+            raise ValueError(f"crop_landmarks: {e}") from None
+        c = torch.from_numpy(c_e)
+        c_l = self.G_l(torch.from_numpy(lm), c).numpy()
+        lm_image = D.draw_batch(c_l, s, centres, radii)
+        fake = self.G_i(D.to_tensor_images(x), lm_image, c)
+        target = np.stack([L.denormalise(v, s, centres[i], float(radii[i]))
+                           for i, v in enumerate(c_l)]).astype(np.float32)
+        return D.to_uint8_images(fake), target
+
+    @torch.no_grad()
+    def judge(self, crops) -> np.ndarray:
+        """(B, S, S, 3) uint8 crops -> (B, 2) valence/arousal from the VA judge."""
+        x = self.check_crops(crops)
+        if len(x) == 0:
+            return np.zeros((0, 2), np.float32)
+        return self.J(D.to_tensor_images(x)).numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def landmarks(self, lm136, va) -> np.ndarray:
+        """G_l alone: (B, 136) normalised landmarks + (B, 2) VA -> (B, 136) normalised."""
+        x = _array("lm136", lm136, np.float32)
+        if x.ndim != 2 or x.shape[1] != 2 * N_POINTS:
+            raise ValueError(f"lm136 must be (B, 136) normalised landmarks, got shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("lm136 contains NaN or infinity")
+        c_e = self.check_va(va, len(x))
+        if len(x) == 0:
+            return np.zeros((0, 2 * N_POINTS), np.float32)
+        return self.G_l(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(c_e)).numpy()
