@@ -105,7 +105,7 @@ class SmilesService:
 
     async def start(self) -> None:
         # The extractor is needed only for videos; it may start later.
-        self.channel = client.aio_channel(self.settings.extractor_addr)
+        self.channel = client.aio_channel(self.settings.extractor_addr, self.settings)
 
     async def stop(self) -> None:
         if self.channel is not None:
