@@ -62,6 +62,11 @@ class VideoIndex:
         return bool(np.max(np.abs(dt - np.median(dt))) > 0.002 + 0.05 * np.median(dt))
 
 
+#: Smaller pictures cannot hold a face the detector finds (dlib's frontal
+#: detector needs faces of ~40 px even with upsampling).
+MIN_SIDE_PX = 32
+
+
 def _open(path: str | os.PathLike):
     try:
         c = av.open(str(path), metadata_errors="ignore")
@@ -70,6 +75,12 @@ def _open(path: str | os.PathLike):
                          "(no known container format)") from None
     except av.error.FFmpegError as e:
         raise VideoError(f"the file cannot be opened as a video ({type(e).__name__})") from None
+    fmt = c.format.name
+    if fmt in ("image2", "image2pipe") or fmt.endswith("_pipe"):
+        # FFmpeg's still-image demuxers (jpeg_pipe, png_pipe, ...): one picture, no time.
+        codec = c.streams.video[0].codec_context.name if c.streams.video else fmt
+        c.close()
+        raise VideoError(f"the file is a still image ({codec}), not a video")
     if not c.streams.video:
         kinds = sorted({s.type for s in c.streams}) or ["nothing"]
         c.close()
@@ -115,6 +126,9 @@ def probe(path: str | os.PathLike) -> VideoIndex:
     idx = VideoIndex(width, height, codec, pts_a[keep], key_a[keep], tb, has_audio)
     if width <= 0 or height <= 0:
         raise VideoError("the video stream has no picture size")
+    if min(width, height) < MIN_SIDE_PX:
+        raise VideoError(f"the video is {width}x{height} pixels, too small to hold a face "
+                         f"(at least {MIN_SIDE_PX}x{MIN_SIDE_PX} needed)")
     # Decode one frame: proves the stream is decodable and reads the rotation.
     first = next(frames(path, idx, 0, min(idx.n_frames, 8)), None)
     if first is None:

@@ -75,6 +75,13 @@ def summarize_table(df) -> list[dict]:
     return out
 
 
+def _bytes(n: int) -> str:
+    """A size for a message: exact bytes below 1 MiB, else MiB or GiB with 2 decimals."""
+    if n < 1 << 20:
+        return f"{n} bytes"
+    return f"{n / 2**20:.2f} MiB" if n < 1 << 30 else f"{n / 2**30:.2f} GiB"
+
+
 @dataclasses.dataclass
 class Keys:
     """Where the results of one (video, options) job live."""
@@ -152,8 +159,8 @@ class ExtractorService:
             raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "the video is empty (0 bytes)")
         if size > self.settings.max_video_bytes:
             raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"the video is {size / 2**30:.2f} GiB, over the limit of "
-                                f"{self.settings.max_video_bytes / 2**30:.2f} GiB "
+                                f"the video is {_bytes(size)}, over the limit of "
+                                f"{_bytes(self.settings.max_video_bytes)} "
                                 "(DYADLAB_MAX_VIDEO_BYTES)")
         return size
 
