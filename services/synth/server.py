@@ -173,6 +173,12 @@ class Model:
                 self._sizes.pop(model, None)     # the model was replaced: learn its size again
             return rpc.UserError(grpc.StatusCode.INTERNAL,
                                  f"model {model!r} rejected the service's request: {details[:300]}")
+        if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+            # e.g. "Worker died." or a full queue: TorchServe restarts workers,
+            # so the same request can succeed when retried
+            return rpc.UserError(grpc.StatusCode.UNAVAILABLE,
+                                 f"TorchServe is temporarily unable to predict ({code.name}: "
+                                 f"{details[:200]}); retry")
         return rpc.UserError(grpc.StatusCode.INTERNAL,
                              f"TorchServe error {code.name}: {details[:300]}")
 
