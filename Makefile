@@ -75,5 +75,6 @@ images-local:     # the same without an image registry: debootstrap base, local 
 	deploy/build-local.sh --ci
 test-deploy: setup
 	$(BIN)/python -m pytest -q tests/test_deploy.py
-test-slow: setup
+test-slow: setup media $(SWIFT)/.stamp
+	DYADLAB_SLOW=1 $(BIN)/python -m pytest -q -s tests/test_faults.py
 	DYADLAB_SLOW=1 $(BIN)/python -m pytest -q -rA tests/test_compose.py

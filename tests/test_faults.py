@@ -43,6 +43,13 @@ from dyadlab.storage import open_store
 from dyadlab.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2, smiles_pb2_grpc
 from media import media_path
 
+# In its own pytest process (`make test-slow`, run by .ci/run): these tests
+# SIGKILL services and object stores, and one combined run with the default
+# suite lost the session fixture's extractor (cause not found yet).
+pytestmark = pytest.mark.skipif(
+    os.environ.get("DYADLAB_SLOW") != "1",
+    reason="fault injection kills real processes: DYADLAB_SLOW=1 or `make test-slow`")
+
 try:
     from tests.s3server import SwiftS3Server, SwiftUnavailable
 except ImportError:
