@@ -181,28 +181,10 @@ def worker_pool(n: int):
 
 
 def init_worker(barrier=None) -> None:
-    """Pool initializer: die with the parent (a SIGKILLed extractor must not
-    leave its workers behind); load dlib's models; keep the start-up barrier."""
+    """Pool initializer: load dlib's models; keep the start-up barrier."""
     global _barrier
-    _die_with_parent()
     _barrier = barrier
     warm_up()
-
-
-def _die_with_parent() -> None:
-    """Linux prctl(PR_SET_PDEATHSIG, SIGKILL); elsewhere a no-op. The signal
-    follows the *thread* that spawned the worker: `worker_pool`'s workers are
-    all spawned by the warm-up probes, submitted from the event loop's thread,
-    which lives as long as the service."""
-    import ctypes
-    import signal
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)      # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:        # the parent died before prctl took effect
-        os._exit(1)
 
 
 def warm_up(_: object = None) -> int:
