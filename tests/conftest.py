@@ -14,10 +14,8 @@ except ImportError:
 
 
 # -- object store ---------------------------------------------------------------
-@pytest.fixture(scope="session")
-def s3_server():
-    """A real S3 server (Swift + s3api, tests/s3server.py) for the whole session."""
-    server = SwiftS3Server()
+def _swift_server(**kw):
+    server = SwiftS3Server(**kw)
     try:
         server.start()
     except SwiftUnavailable as e:
@@ -26,21 +24,19 @@ def s3_server():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (Swift + s3api, tests/s3server.py) for the whole session."""
+    yield from _swift_server()
 
 
 @pytest.fixture(scope="session")
 def s3_server_sse():
     """A second Swift S3 server with its encryption middleware (keymaster +
     encryption): it accepts SSE-S3 and keeps objects encrypted on disk."""
-    server = SwiftS3Server(encryption=True)
-    try:
-        server.start()
-    except SwiftUnavailable as e:
-        pytest.skip(str(e))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _swift_server(encryption=True)
 
 
 @pytest.fixture
