@@ -22,6 +22,7 @@ import functools
 import inspect
 import logging
 import signal
+import threading
 import time
 from typing import Awaitable, Callable, Protocol
 
@@ -126,35 +127,70 @@ def status_errors(fn):
 Report = Callable[[str, int, int, str], None]
 
 
+def downstream_timeout(context, default_s: float) -> float:
+    """The deadline for a call made on behalf of `context`'s caller: what is
+    left of the caller's own deadline (no point working on after it has given
+    up), at most `default_s`."""
+    left = None
+    try:
+        left = context.time_remaining()
+    except Exception:  # noqa: BLE001 — no deadline information
+        pass
+    return default_s if left is None else max(0.001, min(default_s, left))
+
+
+class Cancelled(Exception):
+    """Raised by a progress `report` once the call it reports to has ended (the
+    client's deadline passed, or it cancelled): the work stops there."""
+
+
 async def progress_stream(work: Callable[[Report], object]):
     """Run blocking `work(report)` in a thread; yield ("progress", (stage, done,
     total, message)) for each report as it happens, then ("result", value).
 
     `report` may be called from any thread. An exception in `work` propagates
     after the progress that preceded it has been yielded.
+
+    When the call ends early (deadline, cancel), the work is not abandoned to
+    run on: its next `report` raises Cancelled, and this generator waits for
+    the thread to unwind before it finishes. So a caller holding a per-job lock
+    around it keeps the lock until the work has really stopped, and clients
+    that give up cannot pile up invisible work (each retry starting another
+    copy of the same extraction).
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
 
     def report(stage: str, done: int, total: int, message: str = "") -> None:
+        if cancel.is_set():
+            raise Cancelled("the call ended; work stopped")
         loop.call_soon_threadsafe(queue.put_nowait, (stage, int(done), int(total), message))
 
     task = asyncio.ensure_future(asyncio.to_thread(work, report))
     try:
         while True:
             getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
+            try:
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getter.done():
+                    getter.cancel()
+            if getter.done() and not getter.cancelled():
                 yield "progress", getter.result()
                 continue
-            getter.cancel()
             while not queue.empty():
                 yield "progress", queue.get_nowait()
             break
         yield "result", task.result()
     finally:
         if not task.done():
-            task.cancel()  # the thread finishes on its own; its result is dropped
+            cancel.set()
+            log.info("call ended early; stopping its work")
+            try:
+                await asyncio.shield(task)
+            except BaseException:  # noqa: BLE001 — Cancelled, or the work's own error: the call is gone
+                pass
 
 
 class _MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -272,8 +308,12 @@ async def serve(service: Service, settings: Settings, addr: str,
 
 
 def run(service_factory: Callable[[Settings], Service], addr_of: Callable[[Settings], str]) -> None:
-    """Entry point of a service process: settings from env, JSON logs, serve."""
+    """Entry point of a service process: settings from env, JSON logs, serve.
+    A fatal signal (SIGSEGV in a C extension...) dumps every thread's Python
+    stack to stderr (the service's log) before the process dies."""
+    import faulthandler
     import sys
+    faulthandler.enable()
     from dyadlab import log as jsonlog
     from dyadlab.config import ConfigError
     try:

@@ -516,6 +516,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             def __init__(self, request, context):
                 self.context = context
                 self.t0 = time.perf_counter()
+                # The peer is read now, while the handler holds the call: grpc's
+                # peer() on a call that was cancelled and released (a client's
+                # deadline passing mid-stream) reads freed memory and crashed
+                # the extractor (SIGSEGV; grpc/grpc#29927).
+                self.peer = _peer(context) if audited else ""
                 self.who = None
                 self.keys = object_keys(request) if request is not None else []
                 self.status = "OK"
@@ -540,7 +545,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             def done(self):
                 if audited:
-                    me.write_audit(method, self, self.context)
+                    me.write_audit(method, self)
 
         if handler.unary_unary:
             inner = handler.unary_unary
@@ -607,21 +612,24 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(
             ss, handler.request_deserializer, handler.response_serializer)
 
-    def write_audit(self, method: str, call, context) -> None:
-        try:
-            peer = context.peer()
-        except Exception:  # noqa: BLE001
-            peer = ""
+    def write_audit(self, method: str, call) -> None:
         rec = {
             "ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "service": self.service, "method": method,
             "who": call.who.audit() if call.who else (
                 {"role": None, "name": "anonymous", "via": "none"} if self.access is not None
                 else {"role": None, "name": "anonymous", "via": "auth-off"}),
-            "peer": peer, "keys": call.keys, "status": call.status,
+            "peer": call.peer, "keys": call.keys, "status": call.status,
             "ms": round((time.perf_counter() - call.t0) * 1000, 1),
         }
         self.audit.info(json.dumps(rec, separators=(",", ":")))
+
+
+def _peer(context) -> str:
+    try:
+        return context.peer()
+    except Exception:  # noqa: BLE001
+        return ""
 
 
 async def _iterate(result):
@@ -751,7 +759,6 @@ def _read_token(path: Path) -> str:
 
 def client_security(addr: str, settings: Settings) -> ClientSecurity:
     """What a client of `addr` uses, from the settings (see the module docstring)."""
-    host = settings.tls_server_name or host_of(addr)
     loop = is_loopback(host_of(addr))
     L = local(settings)
     token = None

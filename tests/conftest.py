@@ -79,6 +79,38 @@ class RunningStack:
     def addr(self, name: str) -> str:
         return self.stack.addrs[name]
 
+    def assert_serving(self, timeout_s: float = 10.0) -> None:
+        """Every service SERVING; an optional one (synth: no TorchServe in an
+        embedded stack) must still answer, NOT_SERVING. A service that does
+        not answer fails with how its process ended and its log's tail."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        from dyadlab import client
+        for name, addr in self.stack.addrs.items():
+            want = (health_pb2.HealthCheckResponse.NOT_SERVING if name in stack_mod.OPTIONAL
+                    else health_pb2.HealthCheckResponse.SERVING)
+            for svc in ("", stack_mod.SERVICES[name][2]):
+                try:
+                    with client.channel(addr) as ch:
+                        got = health_pb2_grpc.HealthStub(ch).Check(
+                            health_pb2.HealthCheckRequest(service=svc), timeout=timeout_s).status
+                except grpc.RpcError as e:
+                    pytest.fail(f"health of {name!r} ({svc!r}): {e.code()} {e.details()}\n"
+                                + self.post_mortem(name))
+                assert got == want, (name, svc, self.post_mortem(name))
+
+    def post_mortem(self, name: str, lines: int = 30) -> str:
+        """How a service's process is (running / how it ended) and its log's
+        tail: for assertion messages, so a CI log says why a service went away."""
+        from pathlib import Path
+        status = stack_mod.exit_status(self.stack.pids[name]) or "running"
+        try:
+            tail = Path(self.stack.logs[name]).read_text(errors="replace").splitlines()[-lines:]
+        except (OSError, KeyError):
+            tail = ["(no log)"]
+        return f"{name} (pid {self.stack.pids[name]}): {status}; log tail:\n" + "\n".join(tail)
+
 
 def _start_stack(home, extra_env: dict[str, str]) -> RunningStack:
     addrs = {n: f"127.0.0.1:{stack_mod.free_port()}" for n in stack_mod.SERVICES}

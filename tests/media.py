@@ -49,3 +49,19 @@ def video_frames(name: str, indices: list[int]):
             if i >= max(indices):
                 break
     return out
+
+
+def without_audio(src: Path, dest: Path) -> Path:
+    """`src`'s video stream remuxed alone into `dest` (no re-encoding)."""
+    import av
+    with av.open(str(src)) as i, av.open(str(dest), "w") as o:
+        vs = i.streams.video[0]
+        ovs = o.add_stream_from_template(vs)
+        for pk in i.demux(vs):
+            if pk.dts is None:
+                continue
+            pk.stream = ovs
+            o.mux(pk)
+    with av.open(str(dest)) as c:
+        assert not c.streams.audio and c.streams.video
+    return dest

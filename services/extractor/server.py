@@ -12,8 +12,8 @@ import concurrent.futures as cf
 import contextlib
 import dataclasses
 import hashlib
+import io
 import logging
-import os
 import tempfile
 import threading
 import time
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pandas as pd
 import prometheus_client as prom
 from google.protobuf import json_format
 
@@ -197,14 +198,16 @@ class ExtractorService:
             if not skip_speech:
                 th = threading.Thread(target=self._speech, args=(path, keys, speech_out), daemon=True)
                 th.start()
-            ex = pipeline.extract(str(path), opts, self.pool, index=idx,
-                                  cache=pipeline.ChunkCache(self.store, keys.work),
-                                  progress=lambda st, d, t, m: report(st, d, t, m),
-                                  workers=self.settings.workers)
-            if th is not None:
-                th.join()
-                if "error" in speech_out:
-                    raise speech_out["error"]
+            try:
+                ex = pipeline.extract(str(path), opts, self.pool, index=idx,
+                                      cache=pipeline.ChunkCache(self.store, keys.work),
+                                      progress=lambda st, d, t, m: report(st, d, t, m),
+                                      workers=self.settings.workers)
+            finally:
+                if th is not None:
+                    th.join()        # never leave it reading a file that goes away
+            if "error" in speech_out:
+                raise speech_out["error"]
             report("write", 0, 1, "")
             frames_ref = self.store.put_bytes(keys.frames, ft.to_bytes(ex.table, "parquet"))
             res = extractor_pb2.ExtractResult(
@@ -232,6 +235,10 @@ class ExtractorService:
     def _speech(self, path: Path, keys: Keys, out: dict) -> None:
         try:
             if self.store.exists(keys.speech):
+                # Written by an earlier job that stopped before its summary (killed,
+                # or its caller gave up): the notes travel inside the table.
+                data = self.store.get_bytes(keys.speech)
+                out["notes"] = list(pd.read_parquet(io.BytesIO(data)).attrs.get("notes", []))
                 out["ref"] = self.store.ref(keys.speech)
                 return
             r = speech.detect_speech(path)

@@ -81,11 +81,15 @@ class SpeechResult:
 
 
 def speech_table(result: SpeechResult | list[tuple[float, float]]) -> pd.DataFrame:
-    """One row per segment: start_s, end_s, duration_s (float, sorted by start)."""
+    """One row per segment: start_s, end_s, duration_s (float, sorted by start).
+    A SpeechResult's notes ride along in ``attrs["notes"]`` (kept by Parquet)."""
     segs = result.segments if isinstance(result, SpeechResult) else list(result)
     df = pd.DataFrame(segs, columns=["start_s", "end_s"], dtype=float)
     df["duration_s"] = df["end_s"] - df["start_s"]
-    return df.sort_values("start_s", ignore_index=True)
+    df = df.sort_values("start_s", ignore_index=True)
+    if isinstance(result, SpeechResult):
+        df.attrs["notes"] = list(result.notes)
+    return df
 
 
 def filter_segments(segments, min_speech_s: float = MIN_SPEECH_S
