@@ -2,7 +2,9 @@
 
 Calls retry on UNAVAILABLE through gRPC's own retry policy (service config):
 a call that failed before the server sent anything is sent again, with
-backoff. Every call made with these channels passes a deadline.
+backoff. Every call made with these channels has a deadline: the caller's, or
+else Settings.rpc_timeout_s (DYADLAB_RPC_TIMEOUT_S), filled in by an
+interceptor, so a hung dependency can never hang a caller forever.
 
 Every channel is made here, secured as dyadlab.security.client_security says
 for its address: TLS (the configured CA, or the local development CA for
@@ -58,35 +60,47 @@ def security_for(addr: str, settings: Settings | None = None) -> ClientSecurity:
 
 def channel(addr: str, settings: Settings | None = None,
             security: ClientSecurity | None = None) -> grpc.Channel:
+    settings = settings or _env_settings()
     sec = security or security_for(addr, settings)
     opts = CHANNEL_OPTIONS + sec.options()
     if sec.tls:
-        return grpc.secure_channel(addr, sec.channel_credentials(), options=opts)
-    ch = grpc.insecure_channel(addr, options=opts)
-    return grpc.intercept_channel(ch, _Metadata(sec.metadata())) if sec.token else ch
+        ch = grpc.secure_channel(addr, sec.channel_credentials(), options=opts)
+    else:
+        ch = grpc.insecure_channel(addr, options=opts)
+    md = () if sec.tls else sec.metadata()   # under TLS the token rides call credentials
+    return grpc.intercept_channel(ch, _Defaults(md, settings.rpc_timeout_s))
 
 
 def aio_channel(addr: str, settings: Settings | None = None,
                 security: ClientSecurity | None = None) -> grpc.aio.Channel:
     """An asyncio channel: what a service uses to call another service."""
+    settings = settings or _env_settings()
     sec = security or security_for(addr, settings)
     opts = CHANNEL_OPTIONS + sec.options()
+    md = () if sec.tls else sec.metadata()
+    icpt = [_AioUnaryUnary(md, settings.rpc_timeout_s), _AioUnaryStream(md, settings.rpc_timeout_s)]
     if sec.tls:
-        return grpc.aio.secure_channel(addr, sec.channel_credentials(), options=opts)
-    md = sec.metadata()
-    return grpc.aio.insecure_channel(addr, options=opts, interceptors=[
-        _AioUnaryUnary(md), _AioUnaryStream(md)] if md else None)
+        return grpc.aio.secure_channel(addr, sec.channel_credentials(), options=opts,
+                                       interceptors=icpt)
+    return grpc.aio.insecure_channel(addr, options=opts, interceptors=icpt)
 
 
-class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+def _env_settings() -> Settings:
+    from dyadlab.config import Settings
+    return Settings.from_env()
+
+
+class _Defaults(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
                 grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds the token to every call of a plaintext channel (DYADLAB_INSECURE)."""
+    """Per call: the default deadline when the caller gave none, and the token
+    as metadata on a plaintext channel (DYADLAB_INSECURE)."""
 
-    def __init__(self, md):
-        self.md = md
+    def __init__(self, md, timeout_s: float):
+        self.md, self.timeout_s = md, timeout_s
 
     def _details(self, d):
-        return _CallDetails(d.method, d.timeout, list(d.metadata or ()) + list(self.md),
+        return _CallDetails(d.method, self.timeout_s if d.timeout is None else d.timeout,
+                            list(d.metadata or ()) + list(self.md),
                             d.credentials, getattr(d, "wait_for_ready", None),
                             getattr(d, "compression", None))
 
@@ -110,23 +124,24 @@ class _CallDetails(grpc.ClientCallDetails):
 
 
 class _AioUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, md):
-        self.md = md
+    def __init__(self, md, timeout_s: float):
+        self.md, self.timeout_s = md, timeout_s
 
     async def intercept_unary_unary(self, continuation, d, request):
-        return await continuation(_aio_details(d, self.md), request)
+        return await continuation(_aio_details(d, self.md, self.timeout_s), request)
 
 
 class _AioUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, md):
-        self.md = md
+    def __init__(self, md, timeout_s: float):
+        self.md, self.timeout_s = md, timeout_s
 
     async def intercept_unary_stream(self, continuation, d, request):
-        return await continuation(_aio_details(d, self.md), request)
+        return await continuation(_aio_details(d, self.md, self.timeout_s), request)
 
 
-def _aio_details(d, md):
-    return grpc.aio.ClientCallDetails(d.method, d.timeout, list(d.metadata or ()) + list(md),
+def _aio_details(d, md, timeout_s: float):
+    return grpc.aio.ClientCallDetails(d.method, timeout_s if d.timeout is None else d.timeout,
+                                      list(d.metadata or ()) + list(md),
                                       d.credentials, d.wait_for_ready)
 
 

@@ -19,7 +19,7 @@
 | DYADLAB_LOG_LEVEL         | INFO                            | log level |
 | DYADLAB_WORKERS           | number of CPUs                  | worker processes for frame processing |
 | DYADLAB_MAX_VIDEO_BYTES   | 4 GiB                           | larger videos are refused |
-| DYADLAB_RPC_TIMEOUT_S     | 3600                            | deadline of long calls made by clients |
+| DYADLAB_RPC_TIMEOUT_S     | 3600                            | deadline of long calls made by clients; also every call that names none |
 | DYADLAB_SYNTH_ADDR        | 127.0.0.1:50064                 | where the synth service listens / is reached |
 | DYADLAB_SYNTH_MODEL       | <repo>/models/synth/synth-64.pt | exported synth model `dyadlab up` serves (missing: no TorchServe) |
 | DYADLAB_TORCHSERVE        | auto                            | `up` starts TorchServe: auto (if java, torchserve and the model exist) or off |

@@ -237,11 +237,13 @@ class _Servicer(smiles_pb2_grpc.SmilesServicer):
     def __init__(self, svc: SmilesService):
         self.svc = svc
 
-    async def _extract(self, video: common_pb2.ObjectRef, options, label: str = "extract"):
-        """Ask the extractor for a video's frames: yields Progress, then the ExtractResult."""
+    async def _extract(self, context, video: common_pb2.ObjectRef, options,
+                       label: str = "extract"):
+        """Ask the extractor for a video's frames: yields Progress, then the
+        ExtractResult. The caller's deadline carries over."""
         stub = extractor_pb2_grpc.ExtractorStub(self.svc.channel)
         call = stub.Extract(extractor_pb2.ExtractRequest(video=video, options=options),
-                            timeout=self.svc.settings.rpc_timeout_s)
+                            timeout=rpc.downstream_timeout(context, self.svc.settings.rpc_timeout_s))
         result = None
         try:
             async for ev in call:
@@ -268,7 +270,7 @@ class _Servicer(smiles_pb2_grpc.SmilesServicer):
         if source is None:
             raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "give a video or a frames reference")
         if source == "video":
-            async for item in self._extract(request.video, request.extract):
+            async for item in self._extract(context, request.video, request.extract):
                 if isinstance(item, common_pb2.Progress):
                     yield smiles_pb2.AnalyzeEvent(progress=item)
                 else:
@@ -309,7 +311,7 @@ class _Servicer(smiles_pb2_grpc.SmilesServicer):
                 df, _, tnotes = await asyncio.to_thread(svc.load_table, ref, f"{label} frames")
                 notes += tnotes
             else:
-                async for item in self._extract(ref, request.extract, f"extract {label}"):
+                async for item in self._extract(context, ref, request.extract, f"extract {label}"):
                     if isinstance(item, common_pb2.Progress):
                         yield smiles_pb2.DyadEvent(progress=item)
                     else:

@@ -722,7 +722,7 @@ class _Servicer(synth_pb2_grpc.SynthServicer):
         opts.skip_speech = True              # only the faces are needed
         stub = extractor_pb2_grpc.ExtractorStub(svc.channel)
         call = stub.Extract(extractor_pb2.ExtractRequest(video=request.video, options=opts),
-                            timeout=svc.settings.rpc_timeout_s)
+                            timeout=rpc.downstream_timeout(context, svc.settings.rpc_timeout_s))
         extract = None
         try:
             async for ev in call:
