@@ -94,6 +94,12 @@ class Stack:
     #: archive (store key), temporary (workdir to delete at stop); None = not started
     torchserve: dict | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: each service process's start time (psutil create_time): a recorded pid is
+    #: signalled only while it still names the process that was started
+    started: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def running(self, name: str) -> bool:
+        return _alive(self.pids[name], self.started.get(name))
 
     def env(self) -> dict[str, str]:
         env = {SERVICES[n][1]: a for n, a in self.addrs.items() if n in SERVICES}
@@ -113,14 +119,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _alive(pid: int) -> bool:
+#: services this process started, by pid: their exit status stays readable and a
+#: pid the kernel has handed to another process is never signalled (pid_max can
+#: be 32768, and a test session starts thousands of processes).
+_children: dict[int, subprocess.Popen] = {}
+
+
+def exit_status(pid: int) -> str | None:
+    """None while a service this process started runs; else how it ended
+    ("exit 1", "killed by SIGKILL"); "unknown" for a pid not started here."""
+    p = _children.get(pid)
+    if p is None:
+        return None if _alive(pid) else "unknown"
+    rc = p.poll()
+    if rc is None:
+        return None
+    return f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit {rc}"
+
+
+def _alive(pid: int, started: float | None = None) -> bool:
+    """pid runs (and, given its recorded start time, is still that process)."""
+    p = _children.get(pid)
+    if p is not None:
+        return p.poll() is None
+    import psutil
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        proc = psutil.Process(pid)
+        return (proc.status() != psutil.STATUS_ZOMBIE
+                and (started is None or abs(proc.create_time() - started) < 0.01))
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    return True
+    except psutil.Error:
+        return started is None
+
+
+def _create_time(pid: int) -> float | None:
+    import psutil
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
 
 
 def recorded(settings: Settings) -> Stack | None:
@@ -128,11 +166,12 @@ def recorded(settings: Settings) -> Stack | None:
     try:
         data = json.loads(state_file(settings).read_text())
         st = Stack(data["addrs"], data["pids"], data.get("logs", {}),
-                   torchserve=data.get("torchserve"), notes=data.get("notes", []))
+                   torchserve=data.get("torchserve"), notes=data.get("notes", []),
+                   started=data.get("started", {}))
     except (OSError, ValueError, KeyError):
         return None
     ts_alive = bool(st.torchserve) and _torchserve_alive(st.torchserve)
-    return st if ts_alive or any(_alive(p) for p in st.pids.values()) else None
+    return st if ts_alive or any(st.running(n) for n in st.pids) else None
 
 
 def healthy(addrs: dict[str, str], settings: Settings | None = None) -> bool:
@@ -359,6 +398,7 @@ def start(settings: Settings, addrs: dict[str, str] | None = None, metrics: bool
                 procs[name] = subprocess.Popen(
                     [sys.executable, "-m", module], env=senv, stdout=out,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                _children[procs[name].pid] = procs[name]
         if ts is not None:
             try:
                 secs = ts.wait_ready(READY_TIMEOUT_S)
@@ -380,11 +420,13 @@ def start(settings: Settings, addrs: dict[str, str] | None = None, metrics: bool
         for p in procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(10)
+            _children.pop(p.pid, None)
         if ts is not None:
             with contextlib.suppress(Exception):
                 stop_torchserve(ts_info)
         raise
-    st = Stack(addrs, {n: p.pid for n, p in procs.items()}, logs, embedded, ts_info, notes)
+    st = Stack(addrs, {n: p.pid for n, p in procs.items()}, logs, embedded, ts_info, notes,
+               {n: t for n, p in procs.items() if (t := _create_time(p.pid)) is not None})
     if not embedded:
         state_file(settings).parent.mkdir(parents=True, exist_ok=True)
         state_file(settings).write_text(json.dumps(dataclasses.asdict(st), indent=2))
@@ -408,29 +450,46 @@ def _wait_answering(addr: str, service: str, proc: subprocess.Popen,
 
 
 def stop(settings: Settings, st: Stack, timeout_s: float = 20.0) -> None:
-    """SIGTERM every service (graceful: in-flight calls finish), then SIGKILL;
-    then TorchServe (java and its workers)."""
-    for pid in st.pids.values():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for pid in st.pids.values():
-        while _alive(pid) and time.monotonic() < deadline:
-            _reap(pid)
-            time.sleep(0.05)
-        if _alive(pid):
+    """SIGTERM every service (graceful: in-flight calls finish), then SIGKILL
+    its process group (stragglers: worker processes of a service that died);
+    then TorchServe (java and its workers). Only processes that are still the
+    ones started are signalled."""
+    for name, pid in st.pids.items():
+        if st.running(name):
             with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for name, pid in st.pids.items():
+        p = _children.pop(pid, None)
+        if p is None:                      # recorded by another process (`dyadlab down`)
+            while st.running(name) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if st.running(name):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+            continue
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            wait_unreaped(p, max(0.0, deadline - time.monotonic()))
+        if p.returncode is None:
+            # Not reaped yet, so the pid (= the group's id) cannot have been reused.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-        _reap(pid)
+        p.wait()
     stop_torchserve(st.torchserve)
     if not st.embedded:
         with contextlib.suppress(FileNotFoundError):
             state_file(settings).unlink()
 
 
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+def wait_unreaped(p: subprocess.Popen, timeout_s: float) -> None:
+    """Until `p` has exited, leaving it a zombie (its pid still taken). Returns
+    at once when it was reaped already (its pid may then be anyone's)."""
+    deadline = time.monotonic() + timeout_s
+    while p.returncode is None and os.waitid(
+            os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(p.args, timeout_s)
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager

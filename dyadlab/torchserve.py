@@ -556,7 +556,9 @@ class TorchServe:
         and all its workers are gone (SIGKILL after `timeout`)."""
         import psutil
         procs = self.processes()
-        if self.tmp_dir is not None and (self.tmp_dir / PID_FILE).exists():
+        # `torchserve --stop` SIGTERMs whatever pid its pid file names, unchecked:
+        # after java died (pid file left behind) that pid may be another process.
+        if self.tmp_dir is not None and _pid_file_is_live(self.tmp_dir / PID_FILE):
             with contextlib.suppress(subprocess.TimeoutExpired, OSError):
                 with open(self.log_path, "ab") as log:
                     subprocess.run([_script("torchserve"), "--stop", "--foreground"],
@@ -590,6 +592,14 @@ class TorchServe:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _pid_file_is_live(path: Path) -> bool:
+    """The pid file exists and names a live TorchServe frontend."""
+    try:
+        return _is_torchserve(int(path.read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def _is_torchserve(pid: int) -> bool:

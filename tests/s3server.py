@@ -165,12 +165,16 @@ class SwiftS3Server:
         raise AssertionError("unreachable")
 
     def stop(self) -> None:
+        from dyadlab.stack import wait_unreaped
         for p in self.procs.values():
-            _killpg(p.pid, signal.SIGTERM)
+            if p.returncode is None:         # not reaped: its pid (= group id) is still ours
+                _killpg(p.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for p in self.procs.values():
+            if p.returncode is not None:
+                continue
             try:
-                p.wait(max(0.1, deadline - time.monotonic()))
+                wait_unreaped(p, max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
             _killpg(p.pid, signal.SIGKILL)   # stragglers, and anything they spawned

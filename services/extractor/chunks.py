@@ -181,10 +181,28 @@ def worker_pool(n: int):
 
 
 def init_worker(barrier=None) -> None:
-    """Pool initializer: load dlib's models; keep the start-up barrier."""
+    """Pool initializer: load dlib's models; keep the start-up barrier; exit
+    when the service process is gone."""
     global _barrier
     _barrier = barrier
+    _exit_with_parent(os.getppid())
     warm_up()
+
+
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """A worker whose service died (SIGKILL, a crash) is re-parented; it then
+    exits instead of living on as an orphan holding models and memory.
+    (Not PR_SET_PDEATHSIG: that fires when the *thread* that spawned the
+    worker ends, and the pool spawns workers from short-lived threads.)"""
+    import threading
+
+    def watch():
+        while True:
+            time.sleep(every_s)
+            if os.getppid() != parent:
+                os._exit(70)          # EX_SOFTWARE: nothing to clean up that the OS won't
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def warm_up(_: object = None) -> int:
