@@ -37,7 +37,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import av
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:   # the editable install (or PYTHONPATH) comes first

@@ -30,7 +30,6 @@ import concurrent.futures as cf
 import contextlib
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import threading

@@ -15,7 +15,7 @@ import pytest
 
 from dyadlab import cohort, storage
 from dyadlab.cohort import ManifestError
-from media import media_path, shared_video
+from media import media_path
 
 DYADLAB = str(Path(sys.executable).with_name("dyadlab"))
 PYFEAT = ["WolfgangLanger_Pexels.mp4", "single_face.mp4", "face_noface.mov", "noface_face.mov"]

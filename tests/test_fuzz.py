@@ -8,7 +8,6 @@ segmenter (services/smiles/segment.py) — never anything else. Kept fast:
 """
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np

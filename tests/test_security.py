@@ -369,7 +369,7 @@ def test_insecure_loopback_still_authenticates(pki, tmp_path):
 
 def test_health_port_is_plaintext_and_serves_health_only(pki, tmp_path):
     hport = free_port()
-    with serving(server_env(pki, tmp_path, DYADLAB_HEALTH_PORT=str(hport))) as addr:
+    with serving(server_env(pki, tmp_path, DYADLAB_HEALTH_PORT=str(hport))):
         with grpc.insecure_channel(f"127.0.0.1:{hport}") as ch:
             r = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service="dyadlab.v1.Smiles"), timeout=T)

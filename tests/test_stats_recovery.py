@@ -3,8 +3,6 @@ cohorts, planted effects recovered, planted nulls not found, the MLP learning
 only where something is there to learn."""
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
 import pytest
 import statsmodels.api as sm
 import statsmodels.formula.api as smf

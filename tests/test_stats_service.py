@@ -4,10 +4,8 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
-from pathlib import Path
 
 import grpc
-import numpy as np
 import pandas as pd
 import pytest
 
