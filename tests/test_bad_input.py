@@ -231,7 +231,7 @@ def status_table():
     if TABLE:
         w = max(len(r[0]) for r in TABLE)
         lines = [f"{'input'.ljust(w)} | {'status'.ljust(19)} | message (first 80 chars)",
-                 "-" * (w + 3) + "+" + "-" * 21 + "+" + "-" * 40]
+                 "-" * (w + 1) + "+" + "-" * 21 + "+" + "-" * 40]
         lines += [f"{a.ljust(w)} | {b.ljust(19)} | {c}" for a, b, c in TABLE]
         print("\n\nBAD-INPUT STATUS TABLE\n" + "\n".join(lines))
 
@@ -324,6 +324,20 @@ def oversized_message(ctx: Ctx):
             timeout=DEADLINE_S)
 
 
+def huge_sparse_video(ctx: Ctx):
+    """A 5-GiB object (a sparse file in the local store: no disk used) against
+    the default DYADLAB_MAX_VIDEO_BYTES of 4 GiB, over the wire."""
+    key = "inputs/huge-sparse.mp4"
+    ctx.store.put_bytes(key, b"\0")
+    path = ctx.store.local_path(key)
+    with open(path, "r+b") as f:
+        f.truncate(5 << 30)
+    try:
+        return extract(ctx, key)
+    finally:
+        path.unlink()
+
+
 def check_no_audio(ctx: Ctx, res) -> None:
     assert not res.video.has_audio and res.video.frames > 0
     assert ctx.store.exists(res.frames.key)
@@ -387,6 +401,8 @@ CASES = [
     Case("4K video (3840x2160)", extract_bytes(video_4k, ".mp4"), OK, "", check_4k),
     Case("variable frame rate (30/15/30 fps)", extract_bytes(vfr_video, ".mkv"), OK, "", check_vfr),
     Case("video without audio", extract_bytes(no_audio, ".mp4"), OK, "", check_no_audio),
+    Case("5 GiB video (over the 4 GiB default limit)", huge_sparse_video, INVALID,
+         "DYADLAB_MAX_VIDEO_BYTES"),
     Case("audio-only file (.m4a)", extract_bytes(audio_only, ".m4a"), INVALID, "no video stream"),
     # object keys
     Case("key with '..'", lambda c: extract(c, "inputs/../../etc/passwd"), INVALID, "'..'"),
