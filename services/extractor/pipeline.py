@@ -182,7 +182,7 @@ def assemble(results: list[chunks.ChunkResult], index: video.VideoIndex,
         rest_w = est.pop("rest_width")
         for k, v in est.items():
             block[k] = np.where(ok[p], v, np.nan)
-        blocks.append(pd.DataFrame(block))
+        blocks.append(block)
         faces.append({"face_id": new, "role": roles[new], "frames_tracked": int(ok[p].sum()),
                       "mean_confidence": float(conf[p, ok[p]].mean()),
                       "median_iod_px": iod[new], "au12_rest_width": rest_w})
@@ -193,7 +193,18 @@ def assemble(results: list[chunks.ChunkResult], index: video.VideoIndex,
                  ft.ROLE_COL: np.full(n, "", object)}
         for c in ft.POSE_COLS + ft.LANDMARK_COLS + ["AU06_r", "AU12_r", "AU25_r"]:
             empty[c] = np.full(n, np.nan)
-        blocks.append(pd.DataFrame(empty))
-    table = pd.concat(blocks, ignore_index=True).sort_values(["frame", "face_id"], kind="stable")
-    table = table[ft.column_order(list(table.columns))].reset_index(drop=True)
-    return table, faces, notes
+        blocks.append(empty)
+    return _interleave(blocks), faces, notes
+
+
+def _interleave(blocks: list[dict[str, np.ndarray]]) -> pd.DataFrame:
+    """One table from per-face column blocks (each frames 1..n in order),
+    rows ordered by (frame, face_id), columns in OpenFace's order. Built
+    column by column, each block's arrays dropped once used: the table is
+    copied once (pandas' consolidation), not once per concat/sort/reorder
+    step, which kept ~3 tables alive at once on long multi-face videos."""
+    cols = ft.column_order(list(blocks[0]))
+    data = {}
+    for c in cols:
+        data[c] = np.stack([b.pop(c) for b in blocks], axis=1).ravel()
+    return pd.DataFrame(data)
