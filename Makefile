@@ -17,7 +17,7 @@ $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock 2>&1 | grep -v "is ignored" || true
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
-	$(BIN)/python -c "import torch, dlib, av, grpc, silero_vad" # fail loudly if the install broke
+	$(BIN)/python -c "import torch, dlib, av, grpc, silero_vad, ai_edge_litert.interpreter" # fail loudly if the install broke
 	rm -f $(VENV)/.stamp-*; touch $@
 
 proto: $(STAMP) dyadlab/v1/.stamp dyadlab/torchserve_grpc/.stamp
@@ -57,8 +57,12 @@ $(SWIFT)/.stamp: tests/requirements-s3.txt
 test: setup media $(SWIFT)/.stamp
 	$(BIN)/python -m pytest -q
 
+# The parent-infant clip comes from the shared data (skipped, with a line, without it).
+SHARED_DATA ?= ../shared/data
 bench: setup media
-	$(BIN)/python scripts/bench_extract.py $(MEDIA)/WolfgangLanger_Pexels.mp4
+	$(BIN)/python scripts/bench_extract.py \
+	    --clip $(MEDIA)/WolfgangLanger_Pexels.mp4:80:300:600 \
+	    --clip $(SHARED_DATA)/videos/2UWdXP.joke1.rep3.take1.Peekaboo_h265.mp4:60:100:300
 	$(BIN)/python scripts/bench_mlp.py
 	$(BIN)/python scripts/bench_dyad.py
 	$(BIN)/python scripts/bench_cohort.py

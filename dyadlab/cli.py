@@ -177,7 +177,8 @@ def cmd_status(settings: Settings, args) -> int:
 
 
 def _extract_options(args) -> extractor_pb2.ExtractOptions:
-    o = extractor_pb2.ExtractOptions(max_faces=args.max_faces, skip_speech=args.no_speech)
+    o = extractor_pb2.ExtractOptions(max_faces=args.max_faces, skip_speech=args.no_speech,
+                                     frontend=args.frontend)
     if args.adult_face is not None:
         o.adult_face_id = args.adult_face
     return o
@@ -294,7 +295,8 @@ def cmd_dyad(settings: Settings, args) -> int:
     with stack.ensure(settings, say) as st:
         with client.channel(st.addrs["smiles"], settings) as ch:
             res = stream(smiles_pb2_grpc.SmilesStub(ch).AnalyzeDyad(
-                smiles_pb2.DyadRequest(source=src, params=params), timeout=settings.rpc_timeout_s),
+                smiles_pb2.DyadRequest(source=src, params=params, extract=extractor_pb2.ExtractOptions(
+                    frontend=args.frontend)), timeout=settings.rpc_timeout_s),
                 ProgressBar())
     out = Path(args.out)
     _download_all(store, res.files, out)
@@ -309,6 +311,10 @@ def cmd_dyad(settings: Settings, args) -> int:
     say(f"wrote {len(res.files)} files to {out}; open {out / 'dyad.html'}")
     return 0
 
+
+#: The extractor's face front-ends (services/extractor/frontends.py; the CLI
+#: imports no service, so the names are repeated here and checked by a test).
+FRONTEND_CHOICES = ["mesh", "dlib"]
 
 CORRECTIONS = {"none": stats_pb2.CORRECTION_NONE, "holm": stats_pb2.CORRECTION_HOLM,
                "fdr_bh": stats_pb2.CORRECTION_FDR_BH}
@@ -426,7 +432,8 @@ def cmd_cohort_run(settings: Settings, args) -> int:
     if part is not None:
         sessions = cohort.shard(sessions, *part)
         say(f"shard {part[0]}/{part[1]}: {len(sessions)} sessions")
-    opts = cohort.Options(keep_speech=args.keep_speech, max_faces=args.max_faces)
+    opts = cohort.Options(keep_speech=args.keep_speech, max_faces=args.max_faces,
+                          frontend=args.frontend)
     say("checking and storing inputs")
     cohort.prepare(sessions, store, say)
     out = Path(args.out)
@@ -468,7 +475,8 @@ def cmd_cohort_report(settings: Settings, args) -> int:
     store = storage.open_store(settings)
     sessions = cohort.read_manifest(Path(args.manifest), store)
     cohort.prepare(sessions, store, say)
-    opts = cohort.Options(keep_speech=args.keep_speech, max_faces=args.max_faces)
+    opts = cohort.Options(keep_speech=args.keep_speech, max_faces=args.max_faces,
+                          frontend=args.frontend)
     records, missing = [], []
     for s in sessions:
         key = cohort.record_key(s, opts)
@@ -606,7 +614,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop the local stack")
     sub.add_parser("status", help="health of every service")
 
+    def frontend_opt(sp):
+        sp.add_argument("--frontend", choices=FRONTEND_CHOICES, default="",
+                        help="face front-end: mesh (default; BlazeFace + face mesh, multi-view) or "
+                             "dlib (frontal only, for comparison)")
+
     def extract_opts(sp):
+        frontend_opt(sp)
         sp.add_argument("--max-faces", type=int, default=0, help="faces to track (default 2)")
         sp.add_argument("--no-speech", action="store_true", help="skip voice activity detection")
         sp.add_argument("--adult-face", type=int, default=None, metavar="ID",
@@ -641,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     dy.add_argument("--max-lag", type=float, default=0.0, help="synchrony lags, s (default 3)")
     dy.add_argument("--shifts", type=int, default=0, help="null-model shifts (default 1000)")
     dy.add_argument("--seed", type=int, default=0)
+    frontend_opt(dy)
     st = sub.add_parser("stats", help="relate smiles to questionnaires: Tables II-IV, Fig. 2, report")
     st.add_argument("smiles", help="long smile table (CSV/Parquet) with participant_id, visit_month")
     st.add_argument("--scores", required=True, help="questionnaire table (CSV/Parquet)")
@@ -665,6 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--keep-speech", action="store_true",
                         help="keep smiles that overlap speech in the analysis")
         sp.add_argument("--max-faces", type=int, default=0, help="faces to track (default 2)")
+        frontend_opt(sp)
         sp.add_argument("--correction", choices=list(CORRECTIONS), default="none")
         sp.add_argument("--no-mlp", action="store_true", help="skip Table II")
 

@@ -209,6 +209,7 @@ def shard(sessions: list[Session], index: int, count: int) -> list[Session]:
 class Options:
     keep_speech: bool = False   # drop smiles overlapping speech from the analysis (the paper)
     max_faces: int = 0
+    frontend: str = ""          # the extractor's face front-end ("" = its default)
 
     def tag(self) -> str:
         return hashlib.sha256(json.dumps([RECORD_VERSION, dataclasses.asdict(self)]).encode()).hexdigest()[:12]
@@ -277,7 +278,7 @@ def run_session(s: Session, opts: Options, channels: dict[str, grpc.Channel], ti
         result = None
         call = extractor_pb2_grpc.ExtractorStub(channels["extractor"]).Extract(
             extractor_pb2.ExtractRequest(video=ref, options=extractor_pb2.ExtractOptions(
-                max_faces=opts.max_faces)), timeout=timeout_s)
+                max_faces=opts.max_faces, frontend=opts.frontend)), timeout=timeout_s)
         for ev in call:
             if ev.HasField("progress"):
                 p = ev.progress
@@ -309,12 +310,13 @@ def run_session(s: Session, opts: Options, channels: dict[str, grpc.Channel], ti
                smiles_key=res.smiles.key, plot_key=res.plot.key, frames_key=req.frames.key)
     if s.dyad:
         status("dyad")
-        rec["dyad"] = run_dyad(s, channels, timeout_s)
+        rec["dyad"] = run_dyad(s, channels, timeout_s, opts)
     rec["seconds"] = round(time.perf_counter() - t0, 3)
     return rec
 
 
-def run_dyad(s: Session, channels: dict[str, grpc.Channel], timeout_s: float) -> dict:
+def run_dyad(s: Session, channels: dict[str, grpc.Channel], timeout_s: float,
+             opts: Options | None = None) -> dict:
     """The dyad measures of a session ({"summary_key", "files"}), or why there are none."""
     src = smiles_pb2.DyadSource(parent=common_pb2.ObjectRef(key=s.key, sha256=s.sha256),
                                 offset_s=s.offset_s)
@@ -323,7 +325,9 @@ def run_dyad(s: Session, channels: dict[str, grpc.Channel], timeout_s: float) ->
     try:
         res = None
         for ev in smiles_pb2_grpc.SmilesStub(channels["smiles"]).AnalyzeDyad(
-                smiles_pb2.DyadRequest(source=src), timeout=timeout_s):
+                smiles_pb2.DyadRequest(source=src, extract=extractor_pb2.ExtractOptions(
+                    max_faces=opts.max_faces if opts else 0,
+                    frontend=opts.frontend if opts else "")), timeout=timeout_s):
             if ev.HasField("result"):
                 res = ev.result
     except grpc.RpcError as e:

@@ -22,6 +22,10 @@ N_LANDMARKS = 68
 X_COLS = [f"x_{i}" for i in range(N_LANDMARKS)]
 Y_COLS = [f"y_{i}" for i in range(N_LANDMARKS)]
 LANDMARK_COLS = X_COLS + Y_COLS
+#: OpenFace's 3D landmarks: millimetres, camera coordinates (x right, y down,
+#: z away from the camera). NaN where the front-end has no depth (dlib).
+LANDMARK3D_COLS = ([f"X_{i}" for i in range(N_LANDMARKS)] + [f"Y_{i}" for i in range(N_LANDMARKS)]
+                   + [f"Z_{i}" for i in range(N_LANDMARKS)])
 
 #: The 17 intensity AUs OpenFace 2.x writes, in its order.
 OPENFACE_AUS = ["AU01_r", "AU02_r", "AU04_r", "AU05_r", "AU06_r", "AU07_r",
@@ -56,7 +60,7 @@ class TableError(ValueError):
 
 def column_order(columns) -> list[str]:
     """OpenFace's order for known columns, then anything else as it came."""
-    known = (REQUIRED_COLS + [ROLE_COL] + POSE_COLS + LANDMARK_COLS
+    known = (REQUIRED_COLS + [ROLE_COL] + POSE_COLS + LANDMARK_COLS + LANDMARK3D_COLS
              + OPENFACE_AUS)
     present = set(columns)
     ordered = [c for c in known if c in present]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import av
+import cv2
 import numpy as np
 
 
@@ -147,9 +148,25 @@ def _gray(frame: av.VideoFrame) -> np.ndarray:
     return np.ascontiguousarray(frame.to_ndarray(format="gray"))
 
 
+def _rgb(frame: av.VideoFrame) -> np.ndarray:
+    """RGB as (H, W, 3) uint8. Planar 4:2:0 frames are converted by OpenCV
+    (SIMD; ~0.1 ms for 640x360 where FFmpeg's swscale takes ~0.6 ms)."""
+    if frame.format.name in ("yuv420p", "yuvj420p") and frame.width % 2 == 0 and frame.height % 2 == 0:
+        w, h = frame.width, frame.height
+        y, u, v = (np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width]
+                   for p in frame.planes[:3])
+        i420 = np.empty((h * 3 // 2, w), np.uint8)
+        i420[:h] = y
+        i420[h:].reshape(-1)[: u.size] = u.reshape(-1)
+        i420[h:].reshape(-1)[u.size:] = v.reshape(-1)
+        return cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420)
+    return np.ascontiguousarray(frame.to_ndarray(format="rgb24"))
+
+
 def frames(path: str | os.PathLike, index: VideoIndex, start: int, stop: int,
-           threads: int = 1) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (frame number, grayscale image) for frames start..stop-1.
+           threads: int = 1, color: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (frame number, image) for frames start..stop-1: grey (H, W)
+    uint8, or RGB (H, W, 3) with `color`.
 
     Seeks to the keyframe at or before `start`, decodes forward and keeps the
     frames whose pts fall in range. A corrupt stretch ends the iteration early
@@ -174,7 +191,7 @@ def frames(path: str | os.PathLike, index: VideoIndex, start: int, stop: int,
                 i = number.get(int(fr.pts))
                 if i is None:
                     continue
-                img = _gray(fr)
+                img = _rgb(fr) if color else _gray(fr)
                 rot = getattr(fr, "rotation", 0) or 0
                 if rot:
                     img = np.ascontiguousarray(np.rot90(img, k=int(rot) // 90))
@@ -199,11 +216,14 @@ def loop(src: Path, dest: Path, min_seconds: float) -> Path:
         for p in inp.demux(*streams):
             if p.size and p.pts is not None and p.dts is not None:
                 packets[p.stream.index].append((p.pts, p.dts, p.duration, p.is_keyframe, bytes(p)))
-        # Length of one pass per stream, in its own time base.
+        # Length of one pass per stream, in its own time base: long enough for
+        # both clocks (with B-frames the decode times start before the
+        # presentation times; the next pass's must still come after this one's).
         span = {}
         for s in streams:
             ps = packets[s.index]
-            span[s.index] = max(p[0] + (p[2] or 0) for p in ps) - min(p[0] for p in ps)
+            span[s.index] = max(max(p[0] + (p[2] or 0) for p in ps) - min(p[0] for p in ps),
+                                max(p[1] + (p[2] or 0) for p in ps) - min(p[1] for p in ps))
         vs = streams[0]
         one_pass = span[vs.index] * float(vs.time_base)
         loops = max(1, int(-(-min_seconds // one_pass)))

@@ -72,3 +72,56 @@ class PoseEstimator:
         self._guess[key] = (rvec, tvec)
         R, _ = cv2.Rodrigues(rvec)
         return np.array([*tvec[:, 0], *euler_xyz(R)])
+
+
+#: Outer-eye-corner distance (exocanthion to exocanthion, Farkas' adult
+#: norms ~88-91 mm) that sets the millimetre scale of mesh faces. Infants'
+#: is ~65-70 mm, so their depth (pose_Tz, Z_*) reads ~30 % too far.
+EYE_CORNERS_MM = 90.0
+
+
+class MeshPose:
+    """Head pose and OpenFace's 3D landmarks (X_*, Y_*, Z_*, mm, camera
+    coordinates) from a face mesh (468 points: image pixels + depth in
+    pixels, weak perspective).
+
+    Rotation: the least-squares rotation (Kabsch, with scale) that carries
+    the canonical frontal mesh (`assets/canonical_mesh.npy`, derived by
+    scripts/derive_mesh_tables.py, eye corners one unit apart) onto the
+    centred mesh, as Euler angles R = Rx·Ry·Rz (OpenFace's convention).
+    Scale s (pixels per canonical unit) gives millimetres per pixel at the
+    face, m = EYE_CORNERS_MM / s, and its depth Tz = f·m (the camera of
+    `camera_matrix`); Tx, Ty = the mesh centroid's offset from the
+    principal point x m. A landmark with depth z (pixels, relative to the
+    centroid) lies at Z = Tz + z·m, X = (x − cx)·Z/f, Y = (y − cy)·Z/f.
+    """
+
+    def __init__(self, width: int, height: int):
+        from dyadlab.face.registry import ASSETS
+
+        self.K = camera_matrix(width, height)
+        self.canon = np.load(ASSETS / "canonical_mesh.npy").astype(np.float64)
+        self.canon -= self.canon.mean(axis=0)
+
+    def __call__(self, points: np.ndarray, lm68_3d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pose [Tx, Ty, Tz, Rx, Ry, Rz], (68, 3) landmarks in mm)."""
+        P = np.asarray(points, np.float64)
+        c = P.mean(axis=0)
+        Q = P - c
+        H = self.canon.T @ Q
+        U, S, Vt = np.linalg.svd(H)
+        d = np.sign(np.linalg.det(Vt.T @ U.T))
+        D = np.diag([1.0, 1.0, d])
+        R = Vt.T @ D @ U.T
+        s = float((S * np.diag(D)).sum() / (self.canon ** 2).sum())
+        if not np.isfinite(s) or s <= 0:
+            return np.full(6, np.nan), np.full((68, 3), np.nan)
+        f, cx, cy = self.K[0, 0], self.K[0, 2], self.K[1, 2]
+        m = EYE_CORNERS_MM / s
+        Tz = f * m
+        pose = np.array([(c[0] - cx) * m, (c[1] - cy) * m, Tz, *euler_xyz(R)])
+        L = np.asarray(lm68_3d, np.float64)
+        Z = Tz + (L[:, 2] - c[2]) * m
+        X = (L[:, 0] - cx) * Z / f
+        Y = (L[:, 1] - cy) * Z / f
+        return pose, np.stack([X, Y, Z], axis=1)

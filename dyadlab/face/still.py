@@ -173,3 +173,40 @@ def detect_and_landmark(gray_image: np.ndarray, **kw):
     if face is None:
         return None
     return face.box, face.landmarks, face.score
+
+
+@dataclasses.dataclass(frozen=True)
+class StillMesh:
+    points: np.ndarray      # (468, 3) input image pixels; z relative depth, same scale
+    presence: float         # the mesh's face-presence probability
+    score: float            # BlazeFace score of the detection it was fitted on
+
+
+def find_mesh(image: np.ndarray, border: float = BORDER, refine: int = 2) -> StillMesh | None:
+    """The best face in a grey or RGB uint8 image as a face mesh; None if no
+    face is detected. The image gets a replicated border first (tight crops
+    need context, as for `find_face`); BlazeFace short range, then full range."""
+    from dyadlab.face import blazeface, facemesh
+
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_RGBA2RGB)
+    h, w = img.shape[:2]
+    if min(h, w) < 8:
+        return None
+    p = int(round(border * max(h, w)))
+    padded = cv2.copyMakeBorder(img, p, p, p, p, cv2.BORDER_REPLICATE)
+    dets = blazeface.detect(padded, blazeface.SHORT) or blazeface.detect(padded, blazeface.FULL)
+    if not dets:
+        return None
+    det = dets[0]
+    best = m = facemesh.fit(padded, facemesh.roi_from_detection(det))
+    for _ in range(refine):
+        m = facemesh.fit(padded, facemesh.roi_from_points(m.points))
+        if m.presence >= best.presence:
+            best = m
+    pts = best.points.copy()
+    pts[:, :2] -= p
+    return StillMesh(pts, best.presence, det.score)

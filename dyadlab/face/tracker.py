@@ -296,9 +296,10 @@ _describe_lock = threading.Lock()
 
 
 def describe(chip: np.ndarray) -> np.ndarray:
-    """128-D dlib descriptor of a grey face chip (replicated to RGB); identical
-    to `compute_face_descriptor(image, landmarks)`, which cuts the same chip.
-    Serialised: a dlib network is not safe to run from two threads at once."""
-    rgb = np.ascontiguousarray(np.repeat(chip[:, :, None], 3, axis=2))
+    """128-D dlib descriptor of a face chip, grey (replicated to RGB) or RGB;
+    identical to `compute_face_descriptor(image, landmarks)`, which cuts the
+    same chip. Serialised: a dlib network is not safe to run from two
+    threads at once."""
+    rgb = np.ascontiguousarray(chip if chip.ndim == 3 else np.repeat(chip[:, :, None], 3, axis=2))
     with _describe_lock:
         return np.asarray(models.face_encoder().compute_face_descriptor(rgb), np.float32)

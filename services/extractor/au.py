@@ -134,7 +134,7 @@ def neutral(g: dict[str, np.ndarray], ok: np.ndarray,
 def estimate(lm: np.ndarray, fps: float, usable: np.ndarray | None = None,
              rest_width: tuple[float, float] = ADULT_REST_WIDTH) -> dict[str, np.ndarray]:
     """AU06_r, AU12_r, AU25_r for one person's frames, in time order, and
-    "rest_width": the resting mouth width w₀ (IOD) the AU12 scale used.
+    "calibration": what the scale used (the resting mouth width w₀ in IOD).
 
     `usable` marks the frames whose landmarks may set the neutral reference
     (tracked with reasonable confidence); all frames get estimates.
@@ -142,14 +142,15 @@ def estimate(lm: np.ndarray, fps: float, usable: np.ndarray | None = None,
     n = len(lm)
     g = geometry(lm)
     ok = np.isfinite(g["width"]) & (np.ones(n, bool) if usable is None else usable)
-    out = {k: np.full(n, np.nan) for k in ("AU06_r", "AU12_r", "AU25_r")}
-    out["rest_width"] = float("nan")
+    out: dict = {k: np.full(n, np.nan) for k in ("AU06_r", "AU12_r", "AU25_r")}
+    out["calibration"] = {"rest_width": float("nan"), "rest_width_range": list(rest_width),
+                          "channels": "geometry (2D mouth width)"}
     if ok.sum() < MIN_FRAMES:
         ok = np.isfinite(g["width"])
         if ok.sum() < 2:
             return out
     w0, rest = neutral(g, ok, rest_width)
-    out["rest_width"] = w0
+    out["calibration"].update(rest_width=w0, neutral="10th percentile of the person's width")
     d0 = float(np.median(g["lid"][rest]))
     out["AU12_r"] = np.clip(K_AU12 * (g["width"] - w0), 0, 5)
     k = max(3, int(round(0.25 * (fps if fps > 0 else 30))) | 1)
@@ -159,3 +160,143 @@ def estimate(lm: np.ndarray, fps: float, usable: np.ndarray | None = None,
     out["AU06_r"] = np.clip(K_AU6 * (d0 - lid), 0, 5)
     out["AU25_r"] = np.clip(K_AU25 * g["gap"], 0, 5)
     return out
+
+
+# -- the mesh front-end: pose-robust 3D geometry fused with appearance -----------------
+#
+# Geometry channel (3D). The mesh's 68 points in 3D (image pixels + depth):
+#   w = |P48 - P54| / |P36 - P45|  (3D lengths: a turned head shortens both alike)
+#   g12 = clip(K_AU12 · (w - w0), 0, 5)           (the calibration anchor, as in 2D)
+# w0, the neutral mouth, comes from the frames the appearance channel calls
+# not smiling (a12 < NEUTRAL_A12, below): their NEUTRAL_PCT-th percentile
+# (the anchor's definition), kept in the role's anthropometric range
+# (adults ADULT_REST_WIDTH, infants INFANT_REST_WIDTH). A person with fewer
+# than MIN_FRAMES such frames (who smiles through the whole clip) is
+# measured against the role's population rest width (PRIOR_REST_WIDTH)
+# instead of against her own smile.
+# Appearance channel: the CNN's smile logit z (median-filtered over ~0.2 s)
+# grows with the smile's breadth. Its scale is pinned by three logits
+# measured on the held-out expression photos when the model was trained
+# (`appearance.calibration()`): z_m, the median neutral face; z_n, the
+# 90th-percentile neutral face, reads AU12 = 0; z_h, the median posed happy
+# face (a clear, broad smile), reads the paper's threshold 1.5:
+#   a12 = clip(1.5 · (z - z_n) / (z_h - z_n), 0, 5).
+# Fusion: geometry measures, appearance vetoes and rescues:
+#   AU12 = max(v · g12, a12),   v = clip((z - z_m) / (z_n - z_m), 0, 1).
+# - geometry (the paper's calibrated width) gives the intensity wherever the
+#   face does not look clearly unsmiling: v = 1 from the 90th-percentile
+#   neutral look up, falling to 0 at the median neutral look (a mouth that is
+#   wide but unsmiling: speech, a pressed or stretched mouth);
+# - appearance takes over where it is sure of a smile that width
+#   underestimates: a laugh whose jaw drops (the mouth opens more than it
+#   widens), or a face that smiles through the whole clip (no neutral width).
+# Measured on the real clips (docs/methods.md): the mean of the two channels
+# missed subtle and one-sided smiles (appearance, trained on broad posed
+# smiles, reads them near 0); geometry alone read pressed lips and a
+# grimace as smiles. Known limit: the appearance model was trained on posed
+# photos without cry faces, and a cry's stretched lips with squeezed eyes
+# read as a weak smile to both channels.
+# AU6 (cheek raiser) narrows the eye from below: eye aperture
+#   e = mean over both eyes of |mid upper lid - mid lower lid| / IOD  (3D),
+# relative narrowing against the neutral frames' median e0,
+#   AU6 = clip(K_AU6_MESH · (e0 - e) / e0, 0, 5),
+# with a ~0.25 s running median against blinks. K_AU6_MESH puts the broad
+# smiles of the calibration clips (12-15 % narrower) at AU6 2.5-3, OpenFace's
+# usual range for them: a documented scale, not a measured one.
+
+NEUTRAL_A12 = 0.5
+PRIOR_REST_WIDTH = {"adult": 0.59, "infant": 0.50}
+K_AU6_MESH = 20.0
+APP_SMOOTH_S = 0.2
+
+
+def rest_range(role: str) -> tuple[float, float]:
+    return ADULT_REST_WIDTH if role == "adult" else INFANT_REST_WIDTH
+
+
+def geometry3d(lm3: np.ndarray) -> dict[str, np.ndarray]:
+    """Mouth width, inner-lip gap and eye aperture in 3D inter-ocular units."""
+    P = lambda i: lm3[:, i].astype(np.float64)   # noqa: E731
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iod = np.linalg.norm(P(45) - P(36), axis=1)
+        width = np.linalg.norm(P(48) - P(54), axis=1) / iod
+        gap = np.linalg.norm(P(62) - P(66), axis=1) / iod
+        eye = (np.linalg.norm((P(37) + P(38)) / 2 - (P(41) + P(40)) / 2, axis=1)
+               + np.linalg.norm((P(43) + P(44)) / 2 - (P(47) + P(46)) / 2, axis=1)) / 2 / iod
+    return {"width": width, "gap": gap, "eye": eye, "iod": iod}
+
+
+def _running_median(x: np.ndarray, k: int) -> np.ndarray:
+    out = x.copy()
+    f = np.isfinite(x)
+    if f.sum() >= 3 and k > 1:
+        out[f] = median_filter(x[f], size=k, mode="nearest")
+    return out
+
+
+def _calibration() -> tuple[float, float, float]:
+    from dyadlab.face import appearance
+    return appearance.calibration()
+
+
+def appearance_au12(smile_logit: np.ndarray) -> np.ndarray:
+    """The appearance channel on the AU scale: a12 (module text)."""
+    _, z_n, z_h = _calibration()
+    return np.clip(1.5 * (np.asarray(smile_logit, np.float64) - z_n) / (z_h - z_n), 0, 5)
+
+
+def appearance_weight(smile_logit: np.ndarray) -> np.ndarray:
+    """How far the appearance lets geometry speak: v (module text)."""
+    z_m, z_n, _ = _calibration()
+    return np.clip((np.asarray(smile_logit, np.float64) - z_m) / (z_n - z_m), 0, 1)
+
+
+def estimate_mesh(lm3: np.ndarray, smile_logit: np.ndarray, fps: float,
+                  usable: np.ndarray | None = None, role: str = "adult") -> dict:
+    """AU06_r, AU12_r, AU25_r for one person's frames (time order) from the
+    mesh front-end, and "calibration": what the scales used (module text)."""
+    n = len(lm3)
+    g = geometry3d(lm3)
+    ok = np.isfinite(g["width"]) & (np.ones(n, bool) if usable is None else usable)
+    out: dict = {k: np.full(n, np.nan) for k in ("AU06_r", "AU12_r", "AU25_r")}
+    lo, hi = rest_range(role)
+    calib = {"role": role or "unknown", "rest_width_range": [lo, hi], "channels":
+             "3D mouth width where the appearance does not veto it, or the appearance "
+             "channel where it reads higher", "rest_width": float("nan"),
+             "neutral": "", "neutral_frames": 0}
+    out["calibration"] = calib
+    if not np.isfinite(g["width"]).any():
+        return out
+    k = max(1, int(round(APP_SMOOTH_S * (fps if fps > 0 else 30))) | 1)
+    z = _running_median(np.asarray(smile_logit, np.float64), k)
+    a12, veto = appearance_au12(z), appearance_weight(z)
+    neutral = ok & (a12 < NEUTRAL_A12)
+    if neutral.sum() >= MIN_FRAMES:
+        w0 = float(np.clip(np.percentile(g["width"][neutral], NEUTRAL_PCT), lo, hi))
+        calib["neutral"] = (f"{NEUTRAL_PCT:g}th percentile of the mouth width in the "
+                            f"{int(neutral.sum())} frames the appearance channel calls not smiling")
+        e0 = float(np.nanmedian(g["eye"][neutral]))
+    else:
+        w0 = PRIOR_REST_WIDTH.get(role, PRIOR_REST_WIDTH["infant"])
+        calib["neutral"] = (f"population rest width of the role (only {int(neutral.sum())} "
+                            "not-smiling frames: the face smiles throughout)")
+        e0 = float(np.nanpercentile(g["eye"][ok], 90)) if ok.any() else np.nan
+    calib.update(rest_width=w0, neutral_frames=int(neutral.sum()))
+    g12 = np.clip(K_AU12 * (g["width"] - w0), 0, 5)
+    out["AU12_r"] = np.where(np.isfinite(z), np.maximum(veto * g12, a12), g12)
+    eye = _running_median(g["eye"], max(3, int(round(0.25 * (fps if fps > 0 else 30))) | 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["AU06_r"] = np.clip(K_AU6_MESH * (e0 - eye) / e0, 0, 5)
+    out["AU25_r"] = np.clip(K_AU25 * g["gap"], 0, 5)
+    return out
+
+
+def describe_calibration(role: str, c: dict) -> str:
+    """One sentence for a person: which scale this face's AUs are on."""
+    who = role or "unknown role"
+    w0 = c.get("rest_width", float("nan"))
+    lo, hi = c.get("rest_width_range", (float("nan"),) * 2)
+    w0s = f"{w0:.3f}" if w0 == w0 else "unknown"
+    return (f"{who}: AU12 = {c.get('channels', '')}; neutral mouth width {w0s} IOD "
+            f"({c.get('neutral', '') or 'no usable frames'}; {who} range {lo:.2f}-{hi:.2f}); "
+            f"AU12 1.5 = {1.5 / K_AU12:.2f} IOD wider than neutral")

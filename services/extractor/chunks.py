@@ -14,8 +14,6 @@ import time
 import numpy as np
 
 from dyadlab import video
-from dyadlab.face.pose import PoseEstimator
-from dyadlab.face.tracker import FaceTracker
 
 #: Chunking. Each chunk costs a tracker start (a whole-frame search, ~30 ms)
 #: and restarts tracking at its first frame, so chunks are as long as load
@@ -72,11 +70,20 @@ class TrackInfo:
     first_rect: tuple
     last_rect: tuple
     embedding: np.ndarray | None
-    chip: np.ndarray | None = None     # (150, 150) uint8 when the descriptor was deferred
+    chip: np.ndarray | None = None     # 150x150 (grey, or RGB x3) when the descriptor was deferred
 
 
 @dataclasses.dataclass
 class ChunkResult:
+    """One chunk's observations (one per frame and tracked face).
+
+    `success` is 1 where landmarks were measured; 0 where the face was seen
+    (detected, tracked) but could not be measured (mesh front-end: profile,
+    hands over the face) - its landmarks are NaN, never guesses.
+    `landmarks3d` are image pixels + depth (pixels), NaN for dlib;
+    `smile_logit`/`p_occluded` the appearance channel (its smile logit and
+    P(mouth occluded)), NaN where not run.
+    """
     start: int
     stop: int
     frames_decoded: int
@@ -88,22 +95,43 @@ class ChunkResult:
     tracks: list[TrackInfo]
     seconds: float
     stats: dict
+    success: np.ndarray | None = None      # (m,) bool
+    box: np.ndarray | None = None          # (m, 4) float32 face box
+    landmarks3d: np.ndarray | None = None  # (m, 68, 3) float32 pixels + depth
+    landmarks_mm: np.ndarray | None = None  # (m, 68, 3) float32 X Y Z (mm, camera)
+    smile_logit: np.ndarray | None = None      # (m,) float32
+    p_occluded: np.ndarray | None = None   # (m,) float32
+
+    def __post_init__(self):
+        m = len(self.frame)
+        if self.success is None:
+            self.success = np.isfinite(self.landmarks).all(axis=(1, 2)) if m else np.zeros(0, bool)
+        if self.box is None:
+            self.box = np.array([_rect(lm) if np.isfinite(lm).all() else (np.nan,) * 4
+                                 for lm in self.landmarks], np.float32).reshape(m, 4)
+        for name, shape in (("landmarks3d", (m, 68, 3)), ("landmarks_mm", (m, 68, 3)),
+                            ("smile_logit", (m,)), ("p_occluded", (m,))):
+            if getattr(self, name) is None:
+                setattr(self, name, np.full(shape, np.nan, np.float32))
 
     def to_npz(self) -> dict[str, np.ndarray]:
         t = self.tracks
+        chips = [x.chip for x in t if x.chip is not None]
         return {
             "meta": np.array([self.start, self.stop, self.frames_decoded], np.int64),
             "seconds": np.array([self.seconds]),
             "frame": self.frame, "tid": self.tid, "landmarks": self.landmarks,
-            "confidence": self.confidence, "pose": self.pose,
+            "confidence": self.confidence, "pose": self.pose, "success": self.success,
+            "box": self.box, "landmarks3d": self.landmarks3d, "landmarks_mm": self.landmarks_mm,
+            "smile_logit": self.smile_logit, "p_occluded": self.p_occluded,
             "t_tid": np.array([x.tid for x in t], np.int64),
             "t_span": np.array([(x.first, x.last) for x in t], np.int64).reshape(-1, 2),
             "t_rects": np.array([(*x.first_rect, *x.last_rect) for x in t], np.float64).reshape(-1, 8),
             "t_emb": np.array([x.embedding if x.embedding is not None else np.full(128, np.nan)
                                for x in t], np.float32).reshape(-1, 128),
             "t_has_chip": np.array([x.chip is not None for x in t], bool),
-            "t_chip": np.array([x.chip for x in t if x.chip is not None],
-                               np.uint8).reshape(-1, 150, 150),
+            "t_chip": (np.stack(chips).astype(np.uint8) if chips
+                       else np.zeros((0, CHIP_PX, CHIP_PX), np.uint8)),
         }
 
     @classmethod
@@ -118,8 +146,13 @@ class ChunkResult:
                                     tuple(r[:4]), tuple(r[4:]), None if np.isnan(e).any() else e,
                                     z["t_chip"][chip_no[i]] if has_chip[i] else None))
         start, stop, decoded = (int(v) for v in z["meta"])
+        extra = {k: z[k] for k in ("success", "box", "landmarks3d", "landmarks_mm", "smile_logit",
+                                   "p_occluded") if k in z.files}
         return cls(start, stop, decoded, z["frame"], z["tid"], z["landmarks"], z["confidence"],
-                   z["pose"], tracks, float(z["seconds"][0]), {})
+                   z["pose"], tracks, float(z["seconds"][0]), {}, **extra)
+
+
+CHIP_PX = 150
 
 
 def _rect(lm: np.ndarray) -> tuple:
@@ -129,49 +162,17 @@ def _rect(lm: np.ndarray) -> tuple:
 
 
 def process(path: str, index: video.VideoIndex, start: int, stop: int,
-            max_faces: int = 2, verify_every: int = 0) -> ChunkResult:
-    """Track faces in frames [start, stop): landmarks, confidence, head pose."""
-    t0 = time.perf_counter()
-    tracker = FaceTracker(index.width, index.height, index.avg_fps, max_faces=max_faces,
-                          verify_every=verify_every, defer_embeddings_on=start)
-    pose = PoseEstimator(index.width, index.height)
-    fr, tid, lms, conf, poses = [], [], [], [], []
-    spans: dict[int, list] = {}
-    decoded = 0
-    for no, img in video.frames(path, index, start, stop):
-        decoded += 1
-        for o in tracker.step(no, img):
-            if not np.isfinite(o.lm).all():
-                continue
-            fr.append(no)
-            tid.append(o.tid)
-            lms.append(o.lm)
-            conf.append(o.confidence)
-            poses.append(pose(o.tid, o.lm))
-            s = spans.get(o.tid)
-            if s is None:
-                s = spans[o.tid] = [no, no, _rect(o.lm), None]
-            s[1] = no
-            s[3] = o.lm
-    tracks = []
-    for t in tracker.close():
-        if t.tid in spans:
-            first, last, r0, lm_last = spans[t.tid]
-            tracks.append(TrackInfo(t.tid, first, last, r0, _rect(lm_last), t.embedding, t.chip))
-    m = len(fr)
-    return ChunkResult(
-        start, stop, decoded,
-        np.asarray(fr, np.int64), np.asarray(tid, np.int64),
-        np.asarray(lms, np.float32).reshape(m, 68, 2),
-        np.asarray(conf, np.float32), np.asarray(poses, np.float32).reshape(m, 6),
-        tracks, time.perf_counter() - t0, dict(tracker.stats, pid=os.getpid()))
+            max_faces: int = 2, verify_every: int = 0, frontend: str = "") -> ChunkResult:
+    """Track faces in frames [start, stop) with the named front-end (default: mesh)."""
+    from services.extractor import frontends
+    return frontends.get(frontend).process(path, index, start, stop, max_faces, verify_every)
 
 
 _barrier = None
 
 
 def worker_pool(n: int):
-    """n spawned worker processes with dlib's models loaded; submit n
+    """n spawned worker processes with the face models loaded; submit n
     `warm_up` probes and wait for them to know that all n are up."""
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -181,7 +182,7 @@ def worker_pool(n: int):
 
 
 def init_worker(barrier=None) -> None:
-    """Pool initializer: load dlib's models; keep the start-up barrier; exit
+    """Pool initializer: load the face models; keep the start-up barrier; exit
     when the service process is gone."""
     global _barrier
     _barrier = barrier
@@ -206,11 +207,17 @@ def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
 
 
 def warm_up(_: object = None) -> int:
-    """Load dlib's models (idempotent). As a readiness probe in a pool made with
+    """Load the default front-end's models (idempotent; another front-end's
+    load on first use). As a readiness probe in a pool made with
     `init_worker(barrier)`, it returns only once every worker has run it, so
     n probes prove n live workers."""
-    from dyadlab.face import models
-    models.load_all()
+    from services.extractor import frontends
+    try:
+        import torch
+        torch.set_num_threads(1)      # one core per worker: the pool is the parallelism
+    except ImportError:
+        pass
+    frontends.get(frontends.DEFAULT).warm_up()
     if _barrier is not None:
         _barrier.wait(timeout=300)
     return os.getpid()

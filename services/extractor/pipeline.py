@@ -15,12 +15,14 @@ import pandas as pd
 
 from dyadlab import frames as ft
 from dyadlab import video
-from services.extractor import au, chunks, identity
+from services.extractor import au, chunks, frontends, identity
 
 log = logging.getLogger("dyadlab.extractor")
 
-#: Bump when the output of the pipeline changes, so cached tables are not reused.
-PIPELINE_VERSION = "3"   # 2: searches every 3 s while alone, chunking by worker count
+#: Bump when the assembly of the frame table changes (identity join, roles,
+#: AU estimation), so cached tables are not reused. Each front-end has its
+#: own version too (`frontends.py`); both are in the cache key.
+PIPELINE_VERSION = "4"   # 4: front-ends, 3D columns, appearance channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +31,14 @@ class Options:
     verify_every: int = 0
     adult_face_id: int = -1
     chunk_frames: int = chunks.CHUNK_FRAMES
+    frontend: str = frontends.DEFAULT
 
     def cache_tag(self) -> str:
-        """What changes the frame table (the chunking does not)."""
-        return f"v{PIPELINE_VERSION}-f{self.max_faces}-d{self.verify_every}-a{self.adult_face_id}"
+        """What changes the frame table (the chunking does not): the front-end
+        and its version, the pipeline version and the options."""
+        fe = frontends.get(self.frontend)
+        return (f"{fe.name}{fe.version}-v{PIPELINE_VERSION}-f{self.max_faces}"
+                f"-d{self.verify_every}-a{self.adult_face_id}")
 
 
 @dataclasses.dataclass
@@ -104,7 +110,7 @@ def extract(path: str, opts: Options, executor: cf.Executor | None = None,
         futs: dict = {}
         try:
             futs = {ex.submit(chunks.process, str(path), index, *plan[i], opts.max_faces,
-                              opts.verify_every): i for i in todo}
+                              opts.verify_every, opts.frontend): i for i in todo}
             for fut in cf.as_completed(futs):
                 res = fut.result()
                 results[futs[fut]] = res
@@ -133,65 +139,94 @@ def extract(path: str, opts: Options, executor: cf.Executor | None = None,
 def assemble(results: list[chunks.ChunkResult], index: video.VideoIndex,
              opts: Options) -> tuple[pd.DataFrame, list[dict], list[str]]:
     n = index.n_frames
-    person_of = identity.join(results)
+    person_of = identity.join(results, opts.max_faces)
     n_people = (max(person_of.values()) + 1) if person_of else 0
     conf = np.zeros((n_people, n), np.float32)
-    ok = np.zeros((n_people, n), bool)
+    seen = np.zeros((n_people, n), bool)        # tracked (measured or not)
+    ok = np.zeros((n_people, n), bool)          # measured: success = 1
     lm = np.full((n_people, n, 68, 2), np.nan, np.float32)
+    lm3 = np.full((n_people, n, 68, 3), np.nan, np.float32)
+    mm = np.full((n_people, n, 68, 3), np.nan, np.float32)
     pose = np.full((n_people, n, 6), np.nan, np.float32)
+    box = np.full((n_people, n, 4), np.nan, np.float32)
+    smile_logit = np.full((n_people, n), np.nan, np.float32)
+    p_occ = np.full((n_people, n), np.nan, np.float32)
     for ci, r in enumerate(results):
         if len(r.frame) == 0:
             continue
         p = np.array([person_of[(ci, int(t))] for t in r.tid])
         conf[p, r.frame] = r.confidence
-        ok[p, r.frame] = True
+        seen[p, r.frame] = True
+        ok[p, r.frame] = r.success
         lm[p, r.frame] = r.landmarks
+        lm3[p, r.frame] = r.landmarks3d
+        mm[p, r.frame] = r.landmarks_mm
         pose[p, r.frame] = r.pose
-    keep = [p for p in range(n_people) if ok[p].sum() >= identity.MIN_PERSON_FRAMES]
+        box[p, r.frame] = r.box
+        smile_logit[p, r.frame] = r.smile_logit
+        p_occ[p, r.frame] = r.p_occluded
+    keep = [p for p in range(n_people) if seen[p].sum() >= identity.MIN_PERSON_FRAMES]
     notes: list[str] = []
     if n_people > len(keep):
         notes.append(f"{n_people - len(keep)} brief detection(s) of under "
                      f"{identity.MIN_PERSON_FRAMES} frames ignored")
-    iod = {}
+    iod, size = {}, {}
     for new, p in enumerate(keep):
         e = lm[p, ok[p]]
-        iod[new] = float(np.median(np.linalg.norm(e[:, 45] - e[:, 36], axis=1)))
-    roles = identity.assign_roles(list(range(len(keep))), iod, opts.adult_face_id)
+        iod[new] = float(np.median(np.linalg.norm(e[:, 45] - e[:, 36], axis=1))) if len(e) else 0.0
+        b = box[p, seen[p]]
+        size[new] = float(np.nanmedian(np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])))
+    # The size cue for roles: inter-ocular distance (dlib, as before); the
+    # face box for the mesh front-end, which also tracks faces it cannot measure.
+    mesh = opts.frontend != "dlib"
+    roles = identity.assign_roles(list(range(len(keep))), size if mesh else iod, opts.adult_face_id,
+                                  {new: int(seen[p].sum()) for new, p in enumerate(keep)}
+                                  if mesh else None)
 
     ts = index.timestamps
     blocks, faces = [], []
     for new, p in enumerate(keep):
-        # Unstable landmarks (occlusion, a face turning away) lower confidence.
-        iod_px = np.linalg.norm(lm[p, :, 45] - lm[p, :, 36], axis=1)
-        conf[p] *= au.stability(au.jitter(lm[p], index.avg_fps), iod_px,
-                                index.avg_fps).astype(np.float32)
-        est = au.estimate(lm[p], index.avg_fps, usable=ok[p] & (conf[p] >= 0.5),
-                          rest_width=au.ADULT_REST_WIDTH if roles[new] == "adult"
-                          else au.INFANT_REST_WIDTH)
+        role = roles[new]
+        if mesh:
+            est = au.estimate_mesh(lm3[p], smile_logit[p], index.avg_fps,
+                                   usable=ok[p] & (conf[p] >= 0.5), role=role)
+        else:
+            # Unstable landmarks (occlusion, a face turning away) lower confidence.
+            iod_px = np.linalg.norm(lm[p, :, 45] - lm[p, :, 36], axis=1)
+            conf[p] *= au.stability(au.jitter(lm[p], index.avg_fps), iod_px,
+                                    index.avg_fps).astype(np.float32)
+            est = au.estimate(lm[p], index.avg_fps, usable=ok[p] & (conf[p] >= 0.5),
+                              rest_width=au.ADULT_REST_WIDTH if role == "adult"
+                              else au.INFANT_REST_WIDTH)
         block = {
             "frame": np.arange(1, n + 1), "face_id": np.full(n, new), "timestamp": ts,
-            "confidence": np.where(ok[p], conf[p], 0.0).astype(np.float64),
-            "success": ok[p].astype(np.int64), ft.ROLE_COL: np.full(n, roles[new], object),
+            "confidence": np.where(seen[p], conf[p], 0.0).astype(np.float64),
+            "success": ok[p].astype(np.int64), ft.ROLE_COL: np.full(n, role, object),
         }
         for j, c in enumerate(ft.POSE_COLS):
-            block[c] = pose[p, :, j].astype(np.float64)
+            block[c] = np.where(ok[p], pose[p, :, j], np.nan).astype(np.float64)
         for j in range(68):
             block[f"x_{j}"] = lm[p, :, j, 0].astype(np.float64)
         for j in range(68):
             block[f"y_{j}"] = lm[p, :, j, 1].astype(np.float64)
-        rest_w = est.pop("rest_width")
+        for k, axis in enumerate("XYZ"):
+            for j in range(68):
+                block[f"{axis}_{j}"] = mm[p, :, j, k].astype(np.float64)
+        calib = est.pop("calibration")
         for k, v in est.items():
             block[k] = np.where(ok[p], v, np.nan)
         blocks.append(block)
-        faces.append({"face_id": new, "role": roles[new], "frames_tracked": int(ok[p].sum()),
-                      "mean_confidence": float(conf[p, ok[p]].mean()),
-                      "median_iod_px": iod[new], "au12_rest_width": rest_w})
+        faces.append({"face_id": new, "role": role, "frames_tracked": int(ok[p].sum()),
+                      "frames_seen": int(seen[p].sum()),
+                      "mean_confidence": float(conf[p, ok[p]].mean()) if ok[p].any() else 0.0,
+                      "median_iod_px": iod[new], "au12_rest_width": calib.get("rest_width", np.nan),
+                      "calibration": calib})
     if not blocks:
         notes.append(f"no face found in any of the {n} frames")
         empty = {"frame": np.arange(1, n + 1), "face_id": np.zeros(n, np.int64), "timestamp": ts,
                  "confidence": np.zeros(n), "success": np.zeros(n, np.int64),
                  ft.ROLE_COL: np.full(n, "", object)}
-        for c in ft.POSE_COLS + ft.LANDMARK_COLS + ["AU06_r", "AU12_r", "AU25_r"]:
+        for c in ft.POSE_COLS + ft.LANDMARK_COLS + ft.LANDMARK3D_COLS + ["AU06_r", "AU12_r", "AU25_r"]:
             empty[c] = np.full(n, np.nan)
         blocks.append(empty)
     return _interleave(blocks), faces, notes

@@ -32,7 +32,7 @@ from dyadlab.config import Settings
 from dyadlab.messages import ROLE_ENUM, object_ref
 from dyadlab.face import models
 from dyadlab.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc
-from services.extractor import chunks, pipeline, speech
+from services.extractor import au, chunks, frontends, pipeline, speech
 
 log = logging.getLogger("dyadlab.extractor")
 
@@ -49,11 +49,15 @@ def video_info(idx: video.VideoIndex) -> extractor_pb2.VideoInfo:
 
 
 def face_summaries(faces: list[dict]) -> list[extractor_pb2.FaceSummary]:
+    def finite(v) -> float:
+        return float(v) if v is not None and np.isfinite(v) else 0.0
+
     return [extractor_pb2.FaceSummary(
         face_id=f["face_id"], role=ROLE_ENUM.get(f["role"], common_pb2.ROLE_UNSPECIFIED),
         frames_tracked=f["frames_tracked"], mean_confidence=f["mean_confidence"],
-        median_iod_px=f["median_iod_px"],
-        au12_rest_width=f.get("au12_rest_width", 0.0) if np.isfinite(f.get("au12_rest_width", 0.0)) else 0.0)
+        median_iod_px=f["median_iod_px"], au12_rest_width=finite(f.get("au12_rest_width")),
+        frames_seen=f.get("frames_seen", f["frames_tracked"]),
+        au_calibration=au.describe_calibration(f["role"], f["calibration"]) if f.get("calibration") else "")
         for f in faces]
 
 
@@ -210,10 +214,11 @@ class ExtractorService:
                 raise speech_out["error"]
             report("write", 0, 1, "")
             frames_ref = self.store.put_bytes(keys.frames, ft.to_bytes(ex.table, "parquet"))
+            fe = frontends.get(opts.frontend)
             res = extractor_pb2.ExtractResult(
                 frames=object_ref(frames_ref), video=video_info(idx), faces=face_summaries(ex.faces),
                 notes=ex.notes + speech_out.get("notes", []), cache_hit=False,
-                seconds=time.perf_counter() - t0)
+                seconds=time.perf_counter() - t0, frontend=f"{fe.name}{fe.version}")
             if "ref" in speech_out:
                 res.speech.CopyFrom(object_ref(speech_out["ref"]))
             self._publish(keys, res)
@@ -273,8 +278,12 @@ def options_from(msg: extractor_pb2.ExtractOptions) -> pipeline.Options:
     adult = msg.adult_face_id if msg.HasField("adult_face_id") else -1
     if msg.HasField("adult_face_id") and adult < 0:
         raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "options.adult_face_id must be >= 0")
+    if msg.frontend and msg.frontend not in frontends.FRONTENDS:
+        raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"options.frontend {msg.frontend!r} is not a face front-end; "
+                            f"choose one of: {', '.join(frontends.FRONTENDS)}")
     return pipeline.Options(max_faces=msg.max_faces or 2, verify_every=msg.detect_every,
-                            adult_face_id=adult)
+                            adult_face_id=adult, frontend=msg.frontend or frontends.DEFAULT)
 
 
 class _Servicer(extractor_pb2_grpc.ExtractorServicer):

@@ -76,8 +76,13 @@ def dyad_params(msg: smiles_pb2.DyadParams) -> tuple[segment.SmileParams, segmen
 
 
 def _rest(rest: dict, video: str, face_id: int) -> str:
-    v = rest.get((video, face_id), 0.0)
+    v = rest.get((video, face_id), (0.0, ""))[0]
     return f"{v:.3f}" if v else "unknown (imported table)"
+
+
+def _calibration(rest: dict, video: str, face_id: int) -> str:
+    """How the extractor scaled this face's AU12 (role, neutral reference, channels)."""
+    return rest.get((video, face_id), (0.0, ""))[1] or "unknown (imported table)"
 
 
 def face_selector(msg: common_pb2.FaceSelector) -> str | int | None:
@@ -173,6 +178,9 @@ class SmilesService:
             "parent AU12 resting mouth width (IOD)": _rest(rest, "parent", fid_p),
             "infant AU12 resting mouth width (IOD)": _rest(rest, "infant" if len(people) > 1
                                                           else "parent", fid_i),
+            "parent AU12 calibration": _calibration(rest, "parent", fid_p),
+            "infant AU12 calibration": _calibration(rest, "infant" if len(people) > 1
+                                                    else "parent", fid_i),
             **{k.replace("_", " "): v for k, v in measures.items()}}
         tag = hashlib.sha256(repr((result["summary"], used)).encode()).hexdigest()[:24]
         refs = []
@@ -317,7 +325,8 @@ class _Servicer(smiles_pb2_grpc.SmilesServicer):
                     else:
                         result = item
                 notes += [f"{label} video: {n}" for n in result.notes]
-                rest.update({(label, f.face_id): f.au12_rest_width for f in result.faces})
+                rest.update({(label, f.face_id): (f.au12_rest_width, f.au_calibration)
+                             for f in result.faces})
                 df, _, _ = await asyncio.to_thread(svc.load_table, result.frames, f"{label} frames")
             people.append(df)
         pid = src.parent_face_id if src.HasField("parent_face_id") else None
