@@ -8,19 +8,23 @@ Extract is a cheap cache hit.
 
 Known truths, measured with the library and checked by eye:
 
-- WolfgangLanger_Pexels.mp4 (20 s): crying with a hand at the mouth
-  2.5-9.5 s, laughing 10-20 s. Smiles after 10 s (10.3, 12.0, 13.9, 17.8-19.6);
-  none starts in 2.0-9.5 s, where most frames of 3-9 s have confidence < 0.8.
-  A brief grimace at ~1.0 s does pass the AU12 rule (AU12 max ~1.5).
+- WolfgangLanger_Pexels.mp4 (20 s): crying, with a hand at the mouth
+  4-9 s, laughing 10-20 s. The laugh is one smile window from ~9.4 s (AU12
+  never falls back to rest while she laughs; the onset, the longest rise of
+  r, starts at 11.5 s); none starts in 2.0-9.5 s. The hand over the mouth at
+  4.0-4.6 s lowers most of those frames below 0.8. The cry's peak at ~1 s
+  passes the AU12 rule (a known limit: no cry faces in the appearance
+  model's training photos).
 - d5.mp4: rest, pucker 1.3-3.2 s, broad smile ~3.5-4.5 s: one smile from ~3.3 s.
 - d19.mp4: smiles at ~0.4, ~3.0 and 5.0-8.3 s (the README's "neutral first 5 s"
   is not what the video shows); lips pressed 3.3-5.0 s.
 - face_noface.mov: the man smiles during his ~2.7 s on screen, then a cut.
 - no_face.mp4: no face anywhere.
 - Peekaboo (HEVC, VFR ~14.3 fps, 150 frames): the mother hides her face or is
-  in profile almost all the clip (tracked in 6 frames, all in the first 0.5 s);
-  the infant, in three-quarter profile, is tracked in 89 frames with low
-  confidence. Speech (silero): 0.67-1.57, 2.40-3.61, 9.38-10.56 s.
+  in profile almost all the clip: found in every frame, measured in ~28 (the
+  first ~0.8 s and the last ~0.6 s, where she laughs at 10.2 s); the infant,
+  in three-quarter profile, is measured in ~116. Speech (silero): 0.67-1.57,
+  2.40-3.61, 9.38-10.56 s.
 - OpenFace_Test.csv: 100 rows, one face, AU12_r = 0 throughout.
 """
 from __future__ import annotations
@@ -243,15 +247,18 @@ def test_wolfgang_smiles_only_outside_the_crying(stack):
     ares, sm = stack.analyze("wl")
     assert ares.face_id == 0 and ares.smiles_found == len(sm) and ares.smiles_dropped_speech == 0
     after = sm[sm.start_s >= 10.0]
-    assert len(after) >= 2
+    assert len(after) >= 1
     assert any(overlaps(a, b, 17.5, 19.5) for a, b in zip(sm.start_s, sm.end_s))  # the laugh
     assert not ((sm.start_s >= 2.0) & (sm.start_s <= 9.5)).any(), sm[["start_s", "end_s"]]
     assert not any(overlaps(a, b, 2.5, 9.5) for a, b in zip(sm.start_s, sm.end_s))
-    # The hand over the mouth: most frames of 3-9 s are below the paper's 0.8.
-    mid = df[(df.timestamp >= 3.0) & (df.timestamp < 9.0)]
-    assert (mid.confidence < 0.8).mean() > 0.5
-    laugh = df[df.timestamp >= 10.0]
+    t = df.timestamp
+    # The crying never reads as a smile; the hand over the mouth at 4.0-4.6 s
+    # takes most of those frames below the paper's 0.8.
+    assert df.loc[(t >= 3.0) & (t < 9.0), "AU12_r"].mean() < 0.5
+    assert (df.loc[(t >= 4.0) & (t < 4.6), "confidence"] < 0.8).mean() > 0.5
+    laugh = df[t >= 10.0]
     assert (laugh.confidence >= 0.8).mean() > 0.95
+    assert (laugh.AU12_r >= 1.5).mean() > 0.8
 
 
 def test_d5_one_smile_after_the_pucker(stack):
@@ -339,30 +346,36 @@ def test_peekaboo_vfr_two_faces_roles_and_speech(stack):
 
 
 def test_peekaboo_speech_removal_default_vs_keep(stack):
+    """Real speech on a real clip: the mother laughs and talks at the end (her
+    smile at ~10.2 s overlaps her speech at 9.38-10.56 s); the infant smiles
+    quietly at ~7.5-9.2 s. The infant's AU12 reads low on the adult-built
+    models (max ~0.8), so its smiles are taken at threshold 0.4 here: the
+    subject is speech removal, not the threshold."""
     key, res, _ = stack.extract("peekaboo")
     sp = parquet(stack.store, res.speech.key)
     segs = list(zip(sp.start_s, sp.end_s))
-    # Default face = the adult, who is barely seen: no smiles, but an answer.
-    a_res, _ = stack.analyze("peekaboo")
-    adult = next(f.face_id for f in res.faces if f.role == common_pb2.ROLE_ADULT)
-    assert a_res.face_id == adult and a_res.speech_checked
-    # The infant at a low confidence bar (its frames are mostly below 0.8).
-    sel = dict(face=common_pb2.FaceSelector(role=common_pb2.ROLE_INFANT),
-               params=smiles_pb2.SmileParams(min_confidence=0.05))
-    drop_res, dropped = stack.analyze("peekaboo", **sel)
-    keep_res, kept = stack.analyze("peekaboo", keep_speech=True, **sel)
-    infant = next(f.face_id for f in res.faces if f.role == common_pb2.ROLE_INFANT)
-    assert drop_res.face_id == keep_res.face_id == infant
-    assert drop_res.speech_checked and keep_res.speech_checked
-    assert keep_res.smiles_found == drop_res.smiles_found == len(kept)
-    assert keep_res.smiles_dropped_speech == 0
-    want_flags = [any(overlaps(s, e, a, b) and b - a > 0.010 for a, b in segs)
-                  for s, e in zip(kept.start_s, kept.end_s)]
-    assert kept.overlaps_speech.tolist() == want_flags
-    assert any(want_flags) and not all(want_flags)  # the test means something
-    assert drop_res.smiles_dropped_speech == drop_res.smiles_found - len(dropped) == sum(want_flags)
-    assert not dropped.overlaps_speech.any()
-    assert dropped.smile_id.tolist() == kept.loc[~kept.overlaps_speech, "smile_id"].tolist()
+    flags, removed = [], 0
+    for role, params in ((common_pb2.ROLE_ADULT, smiles_pb2.SmileParams()),
+                         (common_pb2.ROLE_INFANT, smiles_pb2.SmileParams(
+                             min_confidence=0.05, au12_threshold=0.4))):
+        sel = dict(face=common_pb2.FaceSelector(role=role), params=params)
+        drop_res, dropped = stack.analyze("peekaboo", **sel)
+        keep_res, kept = stack.analyze("peekaboo", keep_speech=True, **sel)
+        fid = next(f.face_id for f in res.faces if f.role == role)
+        assert drop_res.face_id == keep_res.face_id == fid
+        assert drop_res.speech_checked and keep_res.speech_checked
+        assert keep_res.smiles_found == drop_res.smiles_found == len(kept) >= 1
+        assert keep_res.smiles_dropped_speech == 0
+        want_flags = [any(overlaps(s, e, a, b) and b - a > 0.010 for a, b in segs)
+                      for s, e in zip(kept.start_s, kept.end_s)]
+        assert kept.overlaps_speech.tolist() == want_flags
+        assert drop_res.smiles_dropped_speech == drop_res.smiles_found - len(dropped) == sum(want_flags)
+        assert dropped is None or not dropped.overlaps_speech.any()
+        if dropped is not None:
+            assert dropped.smile_id.tolist() == kept.loc[~kept.overlaps_speech, "smile_id"].tolist()
+        flags += want_flags
+        removed += drop_res.smiles_dropped_speech
+    assert any(flags) and not all(flags) and removed >= 1   # the test means something
 
 
 # -- speech removal on synthesised speech ----------------------------------------------------
