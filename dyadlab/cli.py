@@ -204,7 +204,8 @@ def cmd_extract(settings: Settings, args) -> int:
                 v = res.video
                 say(f"{v.frames} frames, {v.width}x{v.height}, {v.duration_s:.1f} s"
                     f"{', variable frame rate' if v.variable_frame_rate else ''}"
-                    f"{' (cached)' if res.cache_hit else f'; {res.seconds:.1f} s, {v.frames / max(res.seconds, 1e-9):.0f} fps'}")
+                    f"{' (cached)' if res.cache_hit else f'; {res.seconds:.1f} s, {v.frames / max(res.seconds, 1e-9):.0f} fps'}"
+                    f"{f'; face front-end {res.frontend}' if res.frontend else ''}")
         data = store.get_bytes(res.frames.key)
     if out.suffix.lower() == ".parquet" and data[:4] == b"PAR1":
         # The service's Parquet as it is: no pandas round trip (importing
@@ -218,8 +219,11 @@ def cmd_extract(settings: Settings, args) -> int:
         rows = len(df)
     for f in faces:
         role = ROLE_NAME.get(f.role, "role unknown")
-        say(f"face {f.face_id}: {role}, {f.frames_tracked} frames tracked, "
+        seen = (f", seen in {f.frames_seen}" if f.frames_seen > f.frames_tracked else "")
+        say(f"face {f.face_id}: {role}, {f.frames_tracked} frames measured{seen}, "
             f"mean confidence {f.mean_confidence:.2f}")
+        if f.au_calibration:
+            say(f"  AU12 scale: {f.au_calibration}")
     for n in notes:
         say(f"note: {n}")
     say(f"wrote {rows} rows to {out}")
@@ -767,6 +771,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted")
         return 130
+    except BrokenPipeError:
+        # The reader went away (`dyadlab status | grep -q ...`): stop quietly,
+        # as Unix tools do; point stdout at /dev/null so the interpreter's
+        # final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

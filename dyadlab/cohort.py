@@ -50,7 +50,7 @@ from dyadlab.v1 import (common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb
 REQUIRED = ["participant_id", "visit_month", "video"]
 OPTIONAL = ["face", "openface_csv", "dyad", "infant_video", "offset_s"]
 TRUE = {"1", "true", "yes", "y"}
-RECORD_VERSION = "2"
+RECORD_VERSION = "3"   # 3: the mesh front-end; records name their front-end and AU12 calibration
 
 
 @dataclasses.dataclass
@@ -265,7 +265,7 @@ def run_session(s: Session, opts: Options, channels: dict[str, grpc.Channel], ti
     ref = common_pb2.ObjectRef(key=s.key, sha256=s.sha256)
     rec = {"participant_id": s.participant_id, "visit_month": s.visit_month, "input_sha256": s.sha256,
            "face": s.face, "frames": 0, "duration_s": s.duration_s, "faces": 0, "face_id": -1,
-           "role": "", "mean_confidence": None, "notes": []}
+           "role": "", "mean_confidence": None, "notes": [], "frontend": "", "au_calibration": ""}
     req = smiles_pb2.AnalyzeRequest(face=_face_selector(s.face), keep_speech=True, plot=True)
     if s.openface:
         status("import")
@@ -291,7 +291,8 @@ def run_session(s: Session, opts: Options, channels: dict[str, grpc.Channel], ti
         if result.HasField("speech"):
             req.speech.CopyFrom(result.speech)
         faces, rec["notes"] = result.faces, list(result.notes)
-        rec.update(frames=result.video.frames, duration_s=result.video.duration_s)
+        rec.update(frames=result.video.frames, duration_s=result.video.duration_s,
+                   frontend=result.frontend)
     status("smiles")
     res = None
     for ev in smiles_pb2_grpc.SmilesStub(channels["smiles"]).Analyze(req, timeout=timeout_s):
@@ -306,6 +307,7 @@ def run_session(s: Session, opts: Options, channels: dict[str, grpc.Channel], ti
         if f.face_id == res.face_id:
             rec["role"] = ROLE_NAME.get(f.role, "")
             rec["mean_confidence"] = round(f.mean_confidence, 4)
+            rec["au_calibration"] = f.au_calibration
     rec.update(smiles_found=res.smiles_found, speech_checked=res.speech_checked,
                smiles_key=res.smiles.key, plot_key=res.plot.key, frames_key=req.frames.key)
     if s.dyad:
@@ -421,6 +423,7 @@ def collect(records: list[dict], store: storage.ObjectStore, keep_speech: bool):
                      "speech_checked": r.get("speech_checked", False),
                      "dyad": "measured" if (r.get("dyad") or {}).get("summary_key") else
                              (r["dyad"]["error"] if r.get("dyad") else ""),
+                     "frontend": r.get("frontend", ""), "au_calibration": r.get("au_calibration", ""),
                      "processing_s": r["seconds"], "notes": " | ".join(r["notes"])})
     long = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=KEYS + ["smile_id"])
     return long, pd.DataFrame(rows)

@@ -15,7 +15,8 @@ $dyadlab status
 $dyadlab extract "$video" --out "$out/frames.csv"
 $dyadlab smiles "$video" --out "$out/smiles.csv" --plot "$out/smiles.png"
 face=${DEMO_FACE:-$(dirname "$video")/single_face.jpg}
-if [ -f "$face" ] && $dyadlab status | grep -Eq '^synth +[^ ]+ +SERVING'; then
+status=$($dyadlab status || true)
+if [ -f "$face" ] && grep -Eq '^synth +[^ ]+ +SERVING' <<<"$status"; then
   $dyadlab synth matrix "$face" --out "$out/avimage.png"
   echo "avImage matrix: $out/avimage.png"
 fi

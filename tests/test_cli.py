@@ -167,3 +167,35 @@ def test_cohort_simulate_then_stats_writes_the_report(stack_home, tmp_path):
     p = run(stack_home, "stats", sim / "smiles.csv", "--scores", bad, "--out", out, "--no-mlp",
             check=False)
     assert p.returncode == 2 and "column 'pss': 99 is outside PSS's range [0, 40]" in p.stderr
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    """`dyadlab status | head -1` (or `| grep -q`): the pipe closes while the
+    command still writes; it stops quietly, as Unix tools do."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYADLAB_")}
+    env["DYADLAB_HOME"] = str(tmp_path)
+    env.update({var: f"127.0.0.1:{free_port()}" for _, var, _, _ in SERVICES.values()})
+    p = subprocess.run(f"'{DYADLAB}' status | head -c 1 >/dev/null", shell=True, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr
+
+
+def test_extract_names_its_front_end_and_each_face_scale(stack_home, tmp_path):
+    out = tmp_path / "frames.csv"
+    p = run(stack_home, "extract", media_path("single_face.mp4"), "--out", out, "--no-speech")
+    assert "face front-end mesh" in p.stderr and "AU12 scale: adult:" in p.stderr, p.stderr
+    df = pd.read_csv(out)
+    assert {"X_0", "Y_67", "Z_33"} <= set(df.columns)
+    p = run(stack_home, "extract", media_path("single_face.mp4"), "--out", out, "--no-speech",
+            "--frontend", "dlib")
+    assert "face front-end dlib" in p.stderr
+    bad = run(stack_home, "extract", media_path("single_face.mp4"), "--out", out,
+              "--frontend", "openface", check=False)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_cli_front_end_choices_are_the_extractors():
+    """The CLI imports no service, so it names the front-ends itself."""
+    from dyadlab.cli import FRONTEND_CHOICES
+    from services.extractor.frontends import FRONTENDS
+    assert sorted(FRONTEND_CHOICES) == sorted(FRONTENDS)

