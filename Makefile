@@ -58,7 +58,7 @@ test: setup media $(SWIFT)/.stamp
 	$(BIN)/python -m pytest -q
 
 # The parent-infant clip comes from the shared data (skipped, with a line, without it).
-SHARED_DATA ?= ../shared/data
+SHARED_DATA ?= $(or $(DYADLAB_SHARED_DATA),../shared/data)
 bench: setup media
 	$(BIN)/python scripts/bench_extract.py \
 	    --clip $(MEDIA)/WolfgangLanger_Pexels.mp4:80:300:600 \

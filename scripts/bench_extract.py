@@ -110,10 +110,26 @@ def stack_worker_pids(env: dict) -> list[int]:
 
 
 # -- 4. the whole command --------------------------------------------------------------------
+CLI_TIMEOUT_S = 600
+
+
 def cli(env: dict, *args: str, check: bool = True) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    p = subprocess.run([str(ROOT / ".venv/bin/dyadlab"), *args], env=env,
-                       cwd=env["DYADLAB_HOME"], capture_output=True, text=True)
+    """Wall time and stderr of one `dyadlab` command. A command that hangs
+    (seen once: grpc's Channel.close() deadlocking in a health check, a
+    client-library bug - grpc/grpc#20026) is killed after CLI_TIMEOUT_S, said,
+    and run once more."""
+    for attempt in (1, 2):
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run([str(ROOT / ".venv/bin/dyadlab"), *args], env=env,
+                               cwd=env["DYADLAB_HOME"], capture_output=True, text=True,
+                               timeout=CLI_TIMEOUT_S)
+            break
+        except subprocess.TimeoutExpired:
+            print(f"dyadlab {args[0]} hung for {CLI_TIMEOUT_S} s and was killed "
+                  f"(attempt {attempt}); timing the command again", flush=True)
+            if attempt == 2:
+                raise SystemExit(f"dyadlab {' '.join(args)} hung twice")
     dt = time.perf_counter() - t0
     if check and p.returncode != 0:
         raise SystemExit(f"dyadlab {' '.join(args)} failed ({p.returncode}):\n{p.stderr}")

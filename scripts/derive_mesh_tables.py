@@ -3,7 +3,11 @@ the mesh -> iBUG-68 correspondence (`assets/ibug68_from_mesh.json`) and the
 canonical frontal mesh that head pose is measured against
 (`assets/canonical_mesh.npy`).
 
-    .venv/bin/python scripts/derive_mesh_tables.py [--images N]
+    .venv/bin/python scripts/derive_mesh_tables.py [--images N] [--overlays DIR]
+
+With --overlays, every held-out video frame is also written to DIR as a PNG
+with dlib's 68 points (green) and the mapped mesh points (red) drawn on it,
+for a look by eye (real faces: keep DIR out of the repository).
 
 Pairs: on frontal faces, dlib's 68-point fit (the iBUG-68 definition that
 OpenFace's columns follow) and the MediaPipe mesh of the same image. Fitting
@@ -72,7 +76,7 @@ def pairs_from_images(paths):
     return out
 
 
-def pairs_from_video(path, n=150, step=3):
+def pairs_from_video(path, n=150, step=3, overlays=None):
     import av
     out = []
     with av.open(str(path)) as c:
@@ -86,7 +90,19 @@ def pairs_from_video(path, n=150, step=3):
             if m is None or f is None or m.presence < 0.9 or f.score < 0.5:
                 continue
             out.append((f.landmarks.astype(np.float64), m.points.astype(np.float64)))
+            if overlays is not None:
+                overlays.append((f"{Path(path).stem}-{i:04d}", img, f.landmarks, m.points))
     return out
+
+
+def write_overlays(items, W, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, img, dlib68, mesh in items:
+        im = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+        for (x, y), (u, v) in zip(dlib68, W @ mesh[:, :2]):
+            cv2.circle(im, (int(round(x)), int(round(y))), 2, (0, 200, 0), -1)
+            cv2.circle(im, (int(round(u)), int(round(v))), 1, (0, 0, 255), -1)
+        cv2.imwrite(str(folder / f"{name}.png"), im)
 
 
 def iod(d):
@@ -164,6 +180,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--assets", default=str(REPO / "dyadlab" / "face" / "assets"))
+    ap.add_argument("--overlays", default=None, help="write overlay PNGs of the held-out frames here")
     a = ap.parse_args()
     files = sorted((SHARED / "expressions" / "images").glob("*.jpg"))[: a.images]
     print(f"{len(files)} images")
@@ -172,12 +189,14 @@ def main():
     table = fit(train)
     W = matrix(table)
     res = {"fit": check(train, W, "fitting images"), "held": check(held, W, "held-out images")}
-    vids = []
+    vids, shown = [], ([] if a.overlays else None)
     for v in ("d19.mp4", "d5.mp4"):
-        vids += pairs_from_video(SHARED / "videos" / v)
+        vids += pairs_from_video(SHARED / "videos" / v, overlays=shown)
     media = REPO / ".cache" / "media" / "single_face.mp4"
     if media.exists():
-        vids += pairs_from_video(media)
+        vids += pairs_from_video(media, overlays=shown)
+    if shown:
+        write_overlays(shown, W, Path(a.overlays))
     res["video"] = check(vids, W, "held-out video frames")
     out = Path(a.assets) / "ibug68_from_mesh.json"
     out.write_text(json.dumps({
