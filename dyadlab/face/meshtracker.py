@@ -43,7 +43,7 @@ import dataclasses
 
 import numpy as np
 
-from dyadlab.face import blazeface, facemesh, ibug68
+from dyadlab.face import blazeface, boxes, facemesh, ibug68
 
 KEEP_PRESENCE = 0.5
 REFINE_FROM = 0.05
@@ -55,11 +55,6 @@ FRONTAL_EYE_RATIO = 0.38
 PROFILE_YAW = np.radians(65.0)
 MATCH_DISTANCE = 0.6      # detection centre within this x face size of the track's
 DUPLICATE_DISTANCE = 0.4
-
-
-def _centre_size(box: np.ndarray) -> tuple[np.ndarray, float]:
-    return (np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]),
-            float(max(box[2] - box[0], box[3] - box[1], 1.0)))
 
 
 def profile_yaw(det: blazeface.Detection) -> float:
@@ -191,7 +186,7 @@ class MeshTracker:
             cands = [d for d in free if _near(d.box, tr.box, MATCH_DISTANCE)]
             if not cands:
                 continue
-            det = min(cands, key=lambda d: _distance(d.box, tr.box))
+            det = min(cands, key=lambda d: boxes.distance(d.box, tr.box))
             free.remove(det)
             tr.det_score, tr.last_seen = det.score, no
             if profile_yaw(det) > PROFILE_YAW or no < tr.next_try:
@@ -239,11 +234,6 @@ class MeshTracker:
                     self._end(young)
 
 
-def _distance(a: np.ndarray, b: np.ndarray) -> float:
-    ca, _ = _centre_size(a)
-    cb, sb = _centre_size(b)
-    return float(np.linalg.norm(ca - cb) / sb)
-
-
 def _near(a: np.ndarray, b: np.ndarray, k: float) -> bool:
-    return _distance(a, b) < k
+    """Box a's centre within k x box b's size of b's."""
+    return boxes.distance(a, b) < k

@@ -38,7 +38,7 @@ import cv2
 import dlib
 import numpy as np
 
-from dyadlab.face import models
+from dyadlab.face import boxes, models
 
 PATCH = 24
 NCC_SUSPECT = 0.6
@@ -61,14 +61,6 @@ def confidence(score: float, ncc: float) -> float:
 def _center_scale(lm: np.ndarray) -> tuple[np.ndarray, float]:
     c = lm.mean(axis=0)
     return c, float(np.sqrt(((lm - c) ** 2).sum(axis=1).mean()))
-
-
-def _iou(a, b) -> float:
-    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
-    x1, y1 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
-    ua = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / ua if ua > 0 else 0.0
 
 
 @dataclasses.dataclass
@@ -174,7 +166,7 @@ class FaceTracker:
 
     def _reset(self, img, tr: Track, det, score: float, no: int) -> None:
         # Re-fit from the detector's box only when the tracked box has drifted.
-        if _iou(det, tr.rect()) < REFIT_BELOW_IOU or not np.isfinite(tr.lm).all():
+        if boxes.iou(det, tr.rect()) < REFIT_BELOW_IOU or not np.isfinite(tr.lm).all():
             tr.lm = self._fit(img, det)
             tr.rel = self._relation(tr.lm, det)
         tr.template = self._patch(img, tr.lm)
@@ -195,7 +187,7 @@ class FaceTracker:
             if len(self.tracks) >= self.max_faces:
                 break
             det = (r.left() / s, r.top() / s, r.right() / s, r.bottom() / s)
-            if any(_iou(det, t.rect()) > 0.2 for t in self.tracks):
+            if any(boxes.iou(det, t.rect()) > 0.2 for t in self.tracks):
                 continue
             lm = self._fit(img, det)
             tr = Track(self._next_id, lm, self._relation(lm, det), self._patch(img, lm),
@@ -224,7 +216,7 @@ class FaceTracker:
         best = None
         for score, r in zip(scores, rects):
             det = (L + r.left() / f, T + r.top() / f, L + r.right() / f, T + r.bottom() / f)
-            if _iou(det, (x0, y0, x1, y1)) > 0.3 and (best is None or score > best[0]):
+            if boxes.iou(det, (x0, y0, x1, y1)) > 0.3 and (best is None or score > best[0]):
                 best = (float(score), det)
         return best
 

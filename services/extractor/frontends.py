@@ -17,6 +17,10 @@ class Frontend:
     version: str
     module: str          # has process(path, index, start, stop, max_faces, detect_every)
     what: str
+    #: 3D landmarks, boxes for faces it cannot measure and the appearance
+    #: channel (mesh), or 2D landmarks only (dlib): which AU estimate and
+    #: which size cue for roles the pipeline uses.
+    multiview: bool = True
 
     def process(self, *args):
         return importlib.import_module(self.module).process(*args)
@@ -30,7 +34,8 @@ FRONTENDS: dict[str, Frontend] = {f.name: f for f in [
              "BlazeFace + MediaPipe face mesh (LiteRT), 68 points and 3D from the mesh, "
              "AU12/AU6 from 3D geometry fused with the appearance CNN; multi-view"),
     Frontend("dlib", "3", "services.extractor.track_dlib",
-             "dlib HOG + 68-point shape predictor, AU12 from 2D mouth width; frontal faces only"),
+             "dlib HOG + 68-point shape predictor, AU12 from 2D mouth width; frontal faces only",
+             multiview=False),
 ]}
 DEFAULT = "mesh"
 

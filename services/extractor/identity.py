@@ -29,18 +29,13 @@ import dataclasses
 
 import numpy as np
 
+from dyadlab.face import boxes
+
 SAME_PERSON = 0.55
 MIN_PERSON_FRAMES = 5
 NEAR_FACES = 1.5
 SIZE_RATIO = 1.8
 DIFFERENT_PERSON = 0.75
-
-
-def _iou(a, b) -> float:
-    x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
-    u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / u if u > 0 else 0.0
 
 
 def _has_embedding(t) -> bool:
@@ -71,12 +66,10 @@ class Person:
 
 def _near(a, b) -> float:
     """Distance of box centres in units of the larger box; inf for very different sizes."""
-    sa, sb = max(a[2] - a[0], a[3] - a[1], 1e-6), max(b[2] - b[0], b[3] - b[1], 1e-6)
+    sa, sb = boxes.size(a), boxes.size(b)
     if max(sa, sb) / min(sa, sb) > SIZE_RATIO:
         return np.inf
-    ca = np.array([(a[0] + a[2]) / 2, (a[1] + a[3]) / 2])
-    cb = np.array([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2])
-    return float(np.linalg.norm(ca - cb) / max(sa, sb))
+    return boxes.distance(a, b, unit=max(sa, sb))
 
 
 def join(chunks, max_faces: int = 2) -> dict[tuple[int, int], int]:
@@ -87,9 +80,9 @@ def join(chunks, max_faces: int = 2) -> dict[tuple[int, int], int]:
     for first, ci, t in tracks:
         free = [p for p in people if p.last < first]
         best = None
-        cont = [p for p in free if p.last == first - 1 and _iou(p.last_rect, t.first_rect) > 0.3]
+        cont = [p for p in free if p.last == first - 1 and boxes.iou(p.last_rect, t.first_rect) > 0.3]
         if cont:
-            best = max(cont, key=lambda p: _iou(p.last_rect, t.first_rect))
+            best = max(cont, key=lambda p: boxes.iou(p.last_rect, t.first_rect))
         else:
             d = [(p.distance(t), i) for i, p in enumerate(free)]
             d = [x for x in d if x[0] < SAME_PERSON]

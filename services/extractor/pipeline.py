@@ -178,7 +178,7 @@ def assemble(results: list[chunks.ChunkResult], index: video.VideoIndex,
         size[new] = float(np.nanmedian(np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])))
     # The size cue for roles: inter-ocular distance (dlib, as before); the
     # face box for the mesh front-end, which also tracks faces it cannot measure.
-    mesh = opts.frontend != "dlib"
+    mesh = frontends.get(opts.frontend).multiview
     roles = identity.assign_roles(list(range(len(keep))), size if mesh else iod, opts.adult_face_id,
                                   {new: int(seen[p].sum()) for new, p in enumerate(keep)}
                                   if mesh else None)
