@@ -34,7 +34,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dyadlab import client, rpc, security, storage
 from dyadlab.config import ConfigError, Settings
-from dyadlab.stack import SERVICES, free_port
+from dyadlab.services import NAMES, SERVICES
+from dyadlab.stack import free_port
 from dyadlab.v1 import (common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2, smiles_pb2_grpc,
                         stats_pb2, stats_pb2_grpc)
 from media import media_path
@@ -435,6 +436,87 @@ def test_access_file_parsing_and_errors(tmp_path):
         assert tok not in str(ei.value) and "zq9xk" not in str(ei.value)   # never a credential
 
 
+def test_every_rpc_in_the_protos_has_a_role():
+    """ROLES is built from the protos' descriptors: every RPC that dyadlab/v1
+    declares is an analysis (or admin-only on purpose), so a new one cannot be
+    forgotten; a new service must join security.PROTO_SERVICES."""
+    import importlib
+    import pkgutil
+
+    import dyadlab.v1
+    declared = {}
+    for m in pkgutil.iter_modules(dyadlab.v1.__path__):
+        if m.name.endswith("_pb2"):
+            for s in importlib.import_module(f"dyadlab.v1.{m.name}").DESCRIPTOR.services_by_name.values():
+                declared[s.full_name] = {security.method_path(x) for x in s.methods}
+    assert set(declared) == {s.full_name for s in security.PROTO_SERVICES}
+    rpcs = set().union(*declared.values())
+    assert ANALYZE in rpcs and len(rpcs) >= 9
+    for path in rpcs:
+        roles = {r for r in security.ROLES if security.allowed(r, path)}
+        want = {"admin"} if path in security.ADMIN_ONLY else {"admin", "analyst"} | (
+            {"service"} if path in security.ROLES["service"] else set())
+        assert roles == want, path
+    assert security.ROLES["service"] == {"/dyadlab.v1.Extractor/Extract",
+                                         "/dyadlab.v1.Extractor/ImportOpenFace"}
+    assert not rpcs & security.OPEN_METHODS and not security.allowed("analyst", "/grpc.health.v1.Health/List")
+
+
+def test_one_wrapper_for_the_four_handler_kinds():
+    """interceptors.wrap_handler runs enter / failed / done around each kind."""
+    from dyadlab import interceptors
+
+    class Hooks:
+        def __init__(self, request, context):
+            self.seen = context
+            context.append(("begin", request))
+
+        async def enter(self):
+            self.seen.append("enter")
+
+        def failed(self, exc):
+            self.seen.append(("failed", type(exc).__name__))
+
+        def done(self):
+            self.seen.append("done")
+
+    async def unary(request, context):
+        if request == "boom":
+            raise ValueError(request)
+        return request
+
+    async def stream(request, context):
+        for x in (1, 2):
+            yield x
+
+    async def requests():
+        yield "r"
+
+    makers = [grpc.unary_unary_rpc_method_handler(unary), grpc.unary_stream_rpc_method_handler(stream),
+              grpc.stream_unary_rpc_method_handler(unary), grpc.stream_stream_rpc_method_handler(stream)]
+
+    async def go():
+        out = []
+        for h in makers:
+            kind = interceptors.kind_of(h)
+            w = getattr(interceptors.wrap_handler(h, Hooks), kind)
+            seen: list = []
+            req = "x" if kind.startswith("unary") else requests()
+            got = await w(req, seen) if kind.endswith("_unary") else [i async for i in w(req, seen)]
+            out.append((kind, got if kind.endswith("_stream") else got == req, seen))
+        seen = []
+        with pytest.raises(ValueError):
+            await interceptors.wrap_handler(makers[0], Hooks).unary_unary("boom", seen)
+        return out, seen
+
+    out, failed = asyncio.run(go())
+    assert out == [("unary_unary", True, [("begin", "x"), "enter", "done"]),
+                   ("unary_stream", [1, 2], [("begin", "x"), "enter", "done"]),
+                   ("stream_unary", True, [("begin", None), "enter", "done"]),
+                   ("stream_stream", [1, 2], [("begin", None), "enter", "done"])]
+    assert failed == [("begin", "boom"), "enter", ("failed", "ValueError"), "done"]
+
+
 def test_audit_keys_are_short_hashes():
     sha = hashlib.sha256(b"video").hexdigest()
     req = smiles_pb2.DyadRequest(source=smiles_pb2.DyadSource(
@@ -595,7 +677,7 @@ def test_full_analysis_leaves_no_name_path_or_image_in_any_log(tmp_path):
     sha = hashlib.sha256(video.read_bytes()).hexdigest()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYADLAB_")}
     env.update({"DYADLAB_HOME": str(home), "DYADLAB_TORCHSERVE": "off", "DYADLAB_WORKERS": "1",
-                **{var: f"127.0.0.1:{free_port()}" for _, var, _, _ in SERVICES.values()}})
+                **{var: f"127.0.0.1:{free_port()}" for var in (s.addr_env for s in SERVICES)}})
 
     def run(*args):
         p = subprocess.run([DYADLAB, *map(str, args)], env=env, capture_output=True, text=True,
@@ -615,7 +697,7 @@ def test_full_analysis_leaves_no_name_path_or_image_in_any_log(tmp_path):
                                    timeout=120))
     logs = sorted(p for p in (home / "logs").rglob("*") if p.is_file())
     audit = home / "logs" / "audit.jsonl"
-    assert audit in logs and {p.name for p in logs} >= {f"{n}.log" for n in SERVICES}
+    assert audit in logs and {p.name for p in logs} >= {f"{n}.log" for n in NAMES}
     L = security.local(Settings.from_env(env))
     secrets_ = [L.user_token.read_text().strip(), L.service_token.read_text().strip()]
     needles = [video.name, video.stem, ward.name, str(ward), str(video), "Jane", "Roe", "visit6"]
