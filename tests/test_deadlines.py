@@ -61,7 +61,7 @@ def test_the_audit_sees_the_calls_it_must():
     assert {"Extract", "Analyze", "Predictions", "Check", "Transfer"} <= rpc_method_names()
     found = {(str(f), m) for f, _, m, _ in stub_calls()}
     for want in [("services/smiles/server.py", "Extract"), ("services/synth/server.py", "Extract"),
-                 ("dyadlab/torchserve.py", "Predictions"), ("dyadlab/client.py", "Check"),
+                 ("dyadlab/torchserve/client.py", "Predictions"), ("dyadlab/client.py", "Check"),
                  ("dyadlab/cohort.py", "Analyze")]:
         assert want in found, want
     assert len(found) >= 15

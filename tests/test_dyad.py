@@ -1,4 +1,4 @@
-"""Dyad measures (services/smiles/dyad.py): alignment, contingency, lagged
+"""Dyad measures (services/smiles/dyad/): alignment, contingency, lagged
 synchrony, shared affect, and their behaviour on constructed dyads."""
 from __future__ import annotations
 

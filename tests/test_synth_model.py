@@ -103,18 +103,18 @@ def test_wgan_terms():
     fake = torch.tensor([[-1.0], [0.0], [4.0]])
     assert close(LS.wgan_d_loss(real, fake), 1.0 - 2.0)
     assert close(LS.wgan_g_loss(fake), -1.0)
-    assert close(LS.d_adversarial(real, fake, "wgan-gp"), -1.0)
-    assert close(LS.g_adversarial(fake, "wgan-gp"), -1.0)
-    assert close(LS.d_adversarial(torch.zeros(2, 1), torch.zeros(2, 1), "gan"), 2 * LOG2)
+    assert close(LS.d_adversarial(real, fake, adv="wgan-gp"), -1.0)
+    assert close(LS.g_adversarial(fake, adv="wgan-gp"), -1.0)
+    assert close(LS.d_adversarial(torch.zeros(2, 1), torch.zeros(2, 1), adv="gan"), 2 * LOG2)
     with pytest.raises(ValueError, match="adv must be one of"):
-        LS.d_adversarial(real, fake, "lsgan")
+        LS.d_adversarial(real, fake, adv="lsgan")
     with pytest.raises(ValueError, match="adv must be one of"):
-        LS.g_adversarial(fake, "hinge")
+        LS.g_adversarial(fake, adv="hinge")
 
 
 def test_interpolate():
     real, fake = torch.ones(2, 3, requires_grad=True), torch.zeros(2, 3, requires_grad=True)
-    x = LS.interpolate(real, fake, torch.tensor([[0.25], [1.0]]))
+    x = LS.interpolate(real, fake, alpha=torch.tensor([[0.25], [1.0]]))
     assert torch.equal(x, torch.tensor([[0.25] * 3, [1.0] * 3]))
     assert x.requires_grad and x.is_leaf                     # detached from both inputs
     x = LS.interpolate(torch.ones(5, 2, 4, 4), torch.zeros(5, 2, 4, 4))   # random alpha per sample
@@ -139,7 +139,7 @@ def test_gradient_penalty_sums_patches_and_norms_per_sample():
     assert close(LS.gradient_penalty(x @ W, x), (math.sqrt(5) - 1) ** 2, 1e-5)
     # Critic 0.5 |x|^2: gradient x, per-sample norms 1 and 3 -> mean of 0 and 4.
     x = LS.interpolate(torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.zeros(2, 2),
-                       torch.ones(2, 1))
+                       alpha=torch.ones(2, 1))
     assert close(LS.gradient_penalty(0.5 * (x ** 2).sum(1, keepdim=True), x), 2.0, 1e-5)
 
 
@@ -215,7 +215,7 @@ def test_landmark_objectives_with_paper_weights():
     assert close(total, 2 * LOG2 + 5 * 0.04, 1e-5)
     # Other weights are honoured.
     total, _ = LS.landmark_g_objective(torch.zeros(2, 1), va + 0.1, va, x + 0.2, x, fake,
-                                       lambda_e=1, lambda_rec=2, lambda_ffc=3)
+                                       lambdas=LS.Lambdas(lambda_e=1, lambda_rec=2, lambda_ffc=3))
     assert close(total, LOG2 + 0.01 + 2 * 0.2 + 3 * 0.05, 1e-5)
 
 
@@ -240,7 +240,8 @@ def test_objectives_wgan_gp():
     assert terms == pytest.approx({"adv": -2.0, "e_real": 0.04, "gp": 0.5}, abs=1e-6)
     assert close(total, -2 + 5 * 0.04 + 10 * 0.5, 1e-5)
     total, terms = LS.image_d_objective(real, fake, va, va, torch.zeros(2, 136), torch.zeros(2, 136),
-                                        adv="wgan-gp", gp=torch.tensor(0.25), lambda_gp=4)
+                                        adv="wgan-gp", gp=torch.tensor(0.25),
+                                        lambdas=LS.Lambdas(lambda_gp=4))
     assert close(total, -2 + 4 * 0.25, 1e-6)
     with pytest.raises(ValueError, match="gp"):
         LS.landmark_d_objective(real, fake, va, va, adv="wgan-gp")

@@ -1,4 +1,4 @@
-"""The dyad's tables, figures and HTML page (dyad measures from `dyad.py`)."""
+"""The dyad's tables, figures and HTML page (dyad measures from the `dyad` package)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -102,10 +102,10 @@ def write(out: Path, result: dict, params: dict, notes: list[str]) -> dict[str, 
             "dyad_contingency.png": fig_contingency(c), "dyad_synchrony.png": fig_synchrony(s)}
     files = {"dyad_summary.csv": out / "dyad_summary.csv", "contingency.csv": out / "contingency.csv",
              "synchrony.csv": out / "synchrony.csv", "shared_episodes.csv": out / "shared_episodes.csv"}
-    summary.to_csv(files["dyad_summary.csv"], index=False, float_format="%.6g")
-    cont.to_csv(files["contingency.csv"], index=False, float_format="%.6g")
-    sync.to_csv(files["synchrony.csv"], index=False, float_format="%.6g")
-    a["episodes"].to_csv(files["shared_episodes.csv"], index=False, float_format="%.6g")
+    summary.to_csv(files["dyad_summary.csv"], index=False)
+    cont.to_csv(files["contingency.csv"], index=False)
+    sync.to_csv(files["synchrony.csv"], index=False)
+    a["episodes"].to_csv(files["shared_episodes.csv"], index=False)
     for name, data in figs.items():
         files[name] = out / name
         files[name].write_bytes(data)

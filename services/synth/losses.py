@@ -27,10 +27,16 @@ equation but trains with WGAN-GP; it is available as ``adv="wgan-gp"``
 (``wgan_d_loss``, ``wgan_g_loss``, ``gradient_penalty``, λ_gp = 10 as in
 StarGAN) should the vanilla loss prove unstable.
 
-Weights (paper, Sec. IV-A): λ_e = 5 (both converters), λ_rec = 10,
-λ_ffc = 10, λ_l = 10.
+Weights: ``Lambdas``, one place for every λ, with the paper's names;
+``PAPER_LAMBDAS`` holds the paper's values (Sec. IV-A): λ_e = 5 (both
+converters), λ_rec = 10, λ_ffc = 10, λ_l = 10; and StarGAN's λ_gp = 10.
+
+Every option of a loss (``adv``, ``saturating``, ``alpha``, ``lambdas``,
+``gp``) is keyword-only; only the tensors are positional.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +57,24 @@ LANDMARK_GROUPS: dict[str, range] = {
 ADV_MODES = ("gan", "wgan-gp")
 
 
+@dataclasses.dataclass(frozen=True)
+class Lambdas:
+    """The loss weights of Eqs. 5 and 10 (and of WGAN-GP's penalty).
+
+    The landmark objectives read lambda_e, lambda_rec and lambda_ffc, the
+    image objectives lambda_e, lambda_l and lambda_rec, both D objectives
+    lambda_gp under ``adv="wgan-gp"``. The defaults are the paper's."""
+    lambda_e: float = 5.0       # λ_e: emotion (VA) regression, L_e (Eqs. 2, 7)
+    lambda_rec: float = 10.0    # λ_rec: cycle reconstruction, L_rec (Eqs. 3, 9)
+    lambda_ffc: float = 10.0    # λ_ffc: face-feature centres, L_ffc (Eq. 4)
+    lambda_l: float = 10.0      # λ_l: landmark regression by D_i, L_l (Eq. 8)
+    lambda_gp: float = 10.0     # λ_gp: gradient penalty (StarGAN; WGAN-GP only)
+
+
+#: the paper's weights (Sec. IV-A)
+PAPER_LAMBDAS = Lambdas()
+
+
 # ---------------------------------------------------------------------------
 # adversarial
 # ---------------------------------------------------------------------------
@@ -65,7 +89,7 @@ def gan_d_loss(real_src: torch.Tensor, fake_src: torch.Tensor) -> torch.Tensor:
             + F.binary_cross_entropy_with_logits(fake_src, torch.zeros_like(fake_src)))
 
 
-def gan_g_loss(fake_src: torch.Tensor, saturating: bool = False) -> torch.Tensor:
+def gan_g_loss(fake_src: torch.Tensor, *, saturating: bool = False) -> torch.Tensor:
     """Generator's adversarial term (mean over batch and patches).
 
     Default (non-saturating): -E[log σ(D(G(x,c)))].
@@ -87,7 +111,7 @@ def wgan_g_loss(fake_src: torch.Tensor) -> torch.Tensor:
     return -fake_src.mean()
 
 
-def interpolate(real: torch.Tensor, fake: torch.Tensor,
+def interpolate(real: torch.Tensor, fake: torch.Tensor, *,
                 alpha: torch.Tensor | None = None) -> torch.Tensor:
     """x̂ = α·real + (1-α)·fake with one α ~ U[0,1] per sample (StarGAN),
     detached from both inputs and marked ``requires_grad`` for the penalty."""
@@ -110,7 +134,7 @@ def gradient_penalty(src: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return ((norm - 1) ** 2).mean()
 
 
-def d_adversarial(real_src, fake_src, adv: str = "gan") -> torch.Tensor:
+def d_adversarial(real_src, fake_src, *, adv: str = "gan") -> torch.Tensor:
     """The discriminator's adversarial term for ``adv`` in ADV_MODES."""
     if adv == "gan":
         return gan_d_loss(real_src, fake_src)
@@ -119,7 +143,7 @@ def d_adversarial(real_src, fake_src, adv: str = "gan") -> torch.Tensor:
     raise ValueError(f"adv must be one of {ADV_MODES}, got {adv!r}")
 
 
-def g_adversarial(fake_src, adv: str = "gan") -> torch.Tensor:
+def g_adversarial(fake_src, *, adv: str = "gan") -> torch.Tensor:
     """The generator's adversarial term for ``adv`` in ADV_MODES."""
     if adv == "gan":
         return gan_g_loss(fake_src)
@@ -185,83 +209,77 @@ def ffc_loss(fake_lm: torch.Tensor, real_lm: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # full objectives (Eqs. 5 and 10)
 # ---------------------------------------------------------------------------
-def _check(adv: str) -> None:
-    if adv not in ADV_MODES:
-        raise ValueError(f"adv must be one of {ADV_MODES}, got {adv!r}")
+def _objective(adv_term: torch.Tensor, /, **weighted: tuple[float, torch.Tensor]
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+    """adv_term + Σ λ·term over ``weighted`` (name=(λ, term)), added in that
+    order. Returns (total, {"adv": value, name: value, ...}) for logging."""
+    total = adv_term
+    for lam, term in weighted.values():
+        total = total + lam * term
+    terms = {"adv": adv_term, **{name: term for name, (_, term) in weighted.items()}}
+    return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
-def landmark_d_objective(real_src, fake_src, real_va_pred, real_va, *, lambda_e: float = 5.0,
-                         adv: str = "gan", gp: torch.Tensor | None = None,
-                         lambda_gp: float = 10.0) -> tuple[torch.Tensor, dict[str, float]]:
+def _d_objective(adv_term: torch.Tensor, /, *, adv: str, gp: torch.Tensor | None,
+                 lambda_gp: float, **weighted: tuple[float, torch.Tensor]
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """A discriminator's ``_objective``, + λ_gp·GP last when adv="wgan-gp"."""
+    if adv == "wgan-gp":
+        if gp is None:
+            raise ValueError("adv='wgan-gp' needs gp=gradient_penalty(...)")
+        weighted["gp"] = (lambda_gp, gp)
+    return _objective(adv_term, **weighted)
+
+
+def landmark_d_objective(real_src, fake_src, real_va_pred, real_va, *,
+                         lambdas: Lambdas = PAPER_LAMBDAS, adv: str = "gan",
+                         gp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """L_{D_l} = -L_adv + λ_e L_e^real  (+ λ_gp GP when adv="wgan-gp").
 
     Returns (total, {term: value}) for logging. ``gp`` is required for
     WGAN-GP and ignored otherwise.
     """
-    _check(adv)
-    terms = {"adv": d_adversarial(real_src, fake_src, adv),
-             "e_real": emotion_loss(real_va_pred, real_va)}
-    total = terms["adv"] + lambda_e * terms["e_real"]
-    if adv == "wgan-gp":
-        if gp is None:
-            raise ValueError("adv='wgan-gp' needs gp=gradient_penalty(...)")
-        terms["gp"] = gp
-        total = total + lambda_gp * gp
-    return total, {k: float(v.detach()) for k, v in terms.items()}
+    return _d_objective(d_adversarial(real_src, fake_src, adv=adv),
+                        adv=adv, gp=gp, lambda_gp=lambdas.lambda_gp,
+                        e_real=(lambdas.lambda_e, emotion_loss(real_va_pred, real_va)))
 
 
 def landmark_g_objective(fake_src, fake_va_pred, c_e, x_rec, x, fake_lm, *,
-                         lambda_e: float = 5.0, lambda_rec: float = 10.0, lambda_ffc: float = 10.0,
+                         lambdas: Lambdas = PAPER_LAMBDAS,
                          adv: str = "gan") -> tuple[torch.Tensor, dict[str, float]]:
     """L_{G_l} = L_adv + λ_e L_e^fake + λ_rec L_rec + λ_ffc L_ffc.
 
     fake_src, fake_va_pred = D_l(G_l(x, c_e)); x_rec = G_l(G_l(x, c_e), c'_e);
     fake_lm = G_l(x, c_e) (compared with x by the face-feature-centre loss).
     """
-    _check(adv)
-    terms = {"adv": g_adversarial(fake_src, adv),
-             "e_fake": emotion_loss(fake_va_pred, c_e),
-             "rec": reconstruction_loss(x_rec, x),
-             "ffc": ffc_loss(fake_lm, x)}
-    total = (terms["adv"] + lambda_e * terms["e_fake"] + lambda_rec * terms["rec"]
-             + lambda_ffc * terms["ffc"])
-    return total, {k: float(v.detach()) for k, v in terms.items()}
+    return _objective(g_adversarial(fake_src, adv=adv),
+                      e_fake=(lambdas.lambda_e, emotion_loss(fake_va_pred, c_e)),
+                      rec=(lambdas.lambda_rec, reconstruction_loss(x_rec, x)),
+                      ffc=(lambdas.lambda_ffc, ffc_loss(fake_lm, x)))
 
 
 def image_d_objective(real_src, fake_src, real_va_pred, real_va, real_lm_pred, real_lm, *,
-                      lambda_e: float = 5.0, lambda_l: float = 10.0, adv: str = "gan",
-                      gp: torch.Tensor | None = None,
-                      lambda_gp: float = 10.0) -> tuple[torch.Tensor, dict[str, float]]:
+                      lambdas: Lambdas = PAPER_LAMBDAS, adv: str = "gan",
+                      gp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """L_{D_i} = -L_adv + λ_e L_e^real + λ_l L_l^real  (+ λ_gp GP for WGAN-GP).
 
     real_src, real_va_pred, real_lm_pred = D_i(x); fake_src = D_i(G_i(...)).
     """
-    _check(adv)
-    terms = {"adv": d_adversarial(real_src, fake_src, adv),
-             "e_real": emotion_loss(real_va_pred, real_va),
-             "l_real": landmark_loss(real_lm_pred, real_lm)}
-    total = terms["adv"] + lambda_e * terms["e_real"] + lambda_l * terms["l_real"]
-    if adv == "wgan-gp":
-        if gp is None:
-            raise ValueError("adv='wgan-gp' needs gp=gradient_penalty(...)")
-        terms["gp"] = gp
-        total = total + lambda_gp * gp
-    return total, {k: float(v.detach()) for k, v in terms.items()}
+    return _d_objective(d_adversarial(real_src, fake_src, adv=adv),
+                        adv=adv, gp=gp, lambda_gp=lambdas.lambda_gp,
+                        e_real=(lambdas.lambda_e, emotion_loss(real_va_pred, real_va)),
+                        l_real=(lambdas.lambda_l, landmark_loss(real_lm_pred, real_lm)))
 
 
 def image_g_objective(fake_src, fake_va_pred, c_e, fake_lm_pred, c_l, x_rec, x, *,
-                      lambda_e: float = 5.0, lambda_l: float = 10.0, lambda_rec: float = 10.0,
+                      lambdas: Lambdas = PAPER_LAMBDAS,
                       adv: str = "gan") -> tuple[torch.Tensor, dict[str, float]]:
     """L_{G_i} = L_adv + λ_e L_e^fake + λ_l L_l^fake + λ_rec L_rec.
 
     fake_src, fake_va_pred, fake_lm_pred = D_i(G_i(x, c_l, c_e)); c_l the
     target landmarks (B, 136); x_rec = G_i(G_i(x, c_l, c_e), c'_l, c'_e).
     """
-    _check(adv)
-    terms = {"adv": g_adversarial(fake_src, adv),
-             "e_fake": emotion_loss(fake_va_pred, c_e),
-             "l_fake": landmark_loss(fake_lm_pred, c_l),
-             "rec": reconstruction_loss(x_rec, x)}
-    total = (terms["adv"] + lambda_e * terms["e_fake"] + lambda_l * terms["l_fake"]
-             + lambda_rec * terms["rec"])
-    return total, {k: float(v.detach()) for k, v in terms.items()}
+    return _objective(g_adversarial(fake_src, adv=adv),
+                      e_fake=(lambdas.lambda_e, emotion_loss(fake_va_pred, c_e)),
+                      l_fake=(lambdas.lambda_l, landmark_loss(fake_lm_pred, c_l)),
+                      rec=(lambdas.lambda_rec, reconstruction_loss(x_rec, x)))

@@ -65,11 +65,12 @@ class Config:
     steps_landmark: int = 4000
     steps_image: int = 3000
     steps_judge: int = 2000
-    lambda_e: float = 5.0
-    lambda_rec: float = 10.0
-    lambda_ffc: float = 10.0
-    lambda_l: float = 10.0
-    lambda_e_image: float = 5.0
+    # the λ of losses.Lambdas (default: the paper's); each converter has its own λ_e
+    lambda_e: float = LS.PAPER_LAMBDAS.lambda_e          # landmark converter
+    lambda_rec: float = LS.PAPER_LAMBDAS.lambda_rec
+    lambda_ffc: float = LS.PAPER_LAMBDAS.lambda_ffc
+    lambda_l: float = LS.PAPER_LAMBDAS.lambda_l
+    lambda_e_image: float = LS.PAPER_LAMBDAS.lambda_e    # image converter
     adv: str = "gan"
     target_jitter: float = 0.05
     seed: int = 0
@@ -88,6 +89,12 @@ class Config:
     def steps(self, stage: str) -> int:
         return {"landmark": self.steps_landmark, "image": self.steps_image,
                 "judge": self.steps_judge}[stage]
+
+    def lambdas(self, stage: str) -> LS.Lambdas:
+        """The loss weights of the "landmark" or "image" converter (λ_gp: the paper's)."""
+        return LS.Lambdas(lambda_e=self.lambda_e_image if stage == "image" else self.lambda_e,
+                          lambda_rec=self.lambda_rec, lambda_ffc=self.lambda_ffc,
+                          lambda_l=self.lambda_l)
 
 
 # -- networks -------------------------------------------------------------------------
@@ -165,8 +172,23 @@ def _flip_some(rng, pts: np.ndarray, images: np.ndarray | None, size: int):
     return pts, images
 
 
+def _update(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One optimiser step down `loss`'s gradient."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def _gan_row(d_loss: torch.Tensor, d_terms: dict[str, float], g_loss: torch.Tensor,
+             g_terms: dict[str, float]) -> dict[str, float]:
+    """A GAN step's log row: the D and G totals, and their terms as D/<term>, G/<term>."""
+    return {"D": d_loss.item(), "G": g_loss.item(), **{f"D/{k}": v for k, v in d_terms.items()},
+            **{f"G/{k}": v for k, v in g_terms.items()}}
+
+
 def landmark_step(nets, opts, fs: D.FaceSet, rng, cfg: Config) -> dict[str, float]:
     G, Dl = nets["G"], nets["D"]
+    lambdas = cfg.lambdas("landmark")
     idx = D.batch_indices(rng, len(fs.va), cfg.batch)
     pts, _ = _flip_some(rng, fs.landmarks[idx], None, fs.size)
     x = torch.from_numpy(D.normalised_landmarks(pts)[0])
@@ -177,22 +199,16 @@ def landmark_step(nets, opts, fs: D.FaceSet, rng, cfg: Config) -> dict[str, floa
     real_src, real_va = Dl(x)
     fake_src, _ = Dl(fake.detach())
     d_loss, d_terms = LS.landmark_d_objective(real_src, fake_src, real_va, c_real,
-                                              lambda_e=cfg.lambda_e, adv=cfg.adv,
+                                              lambdas=lambdas, adv=cfg.adv,
                                               gp=_gp(Dl, x, fake, cfg))
-    opts["D"].zero_grad()
-    d_loss.backward()
-    opts["D"].step()
+    _update(opts["D"], d_loss)
 
     fake_src, fake_va = Dl(fake)
     rec = G(fake, c_real)
     g_loss, g_terms = LS.landmark_g_objective(fake_src, fake_va, c_e, rec, x, fake,
-                                              lambda_e=cfg.lambda_e, lambda_rec=cfg.lambda_rec,
-                                              lambda_ffc=cfg.lambda_ffc, adv=cfg.adv)
-    opts["G"].zero_grad()
-    g_loss.backward()
-    opts["G"].step()
-    return {"D": d_loss.item(), "G": g_loss.item(), **{f"D/{k}": v for k, v in d_terms.items()},
-            **{f"G/{k}": v for k, v in g_terms.items()}}
+                                              lambdas=lambdas, adv=cfg.adv)
+    _update(opts["G"], g_loss)
+    return _gan_row(d_loss, d_terms, g_loss, g_terms)
 
 
 def _gp(Dnet, real, fake, cfg: Config):
@@ -204,6 +220,7 @@ def _gp(Dnet, real, fake, cfg: Config):
 
 def image_step(nets, opts, fs: D.FaceSet, rng, cfg: Config, G_l: LandmarkGenerator) -> dict[str, float]:
     G, Di = nets["G"], nets["D"]
+    lambdas = cfg.lambdas("image")
     idx = D.batch_indices(rng, len(fs.va), cfg.batch)
     pts, imgs = _flip_some(rng, fs.landmarks[idx], fs.images[idx], fs.size)
     lm, centres, radii = D.normalised_landmarks(pts)
@@ -220,22 +237,16 @@ def image_step(nets, opts, fs: D.FaceSet, rng, cfg: Config, G_l: LandmarkGenerat
     real_src, real_va, real_lm = Di(x)
     fake_src = Di(fake.detach())[0]
     d_loss, d_terms = LS.image_d_objective(real_src, fake_src, real_va, c_real, real_lm, x_l,
-                                           lambda_e=cfg.lambda_e_image, lambda_l=cfg.lambda_l,
-                                           adv=cfg.adv, gp=_gp(Di, x, fake, cfg))
-    opts["D"].zero_grad()
-    d_loss.backward()
-    opts["D"].step()
+                                           lambdas=lambdas, adv=cfg.adv,
+                                           gp=_gp(Di, x, fake, cfg))
+    _update(opts["D"], d_loss)
 
     fake_src, fake_va, fake_lm = Di(fake)
     rec = G(fake, lm_own, c_real)
     g_loss, g_terms = LS.image_g_objective(fake_src, fake_va, c_e, fake_lm, c_l, rec, x,
-                                           lambda_e=cfg.lambda_e_image, lambda_l=cfg.lambda_l,
-                                           lambda_rec=cfg.lambda_rec, adv=cfg.adv)
-    opts["G"].zero_grad()
-    g_loss.backward()
-    opts["G"].step()
-    return {"D": d_loss.item(), "G": g_loss.item(), **{f"D/{k}": v for k, v in d_terms.items()},
-            **{f"G/{k}": v for k, v in g_terms.items()}}
+                                           lambdas=lambdas, adv=cfg.adv)
+    _update(opts["G"], g_loss)
+    return _gan_row(d_loss, d_terms, g_loss, g_terms)
 
 
 def judge_augment(rng, imgs: np.ndarray) -> np.ndarray:
@@ -268,9 +279,7 @@ def judge_step(nets, opts, fs: D.FaceSet, rng, cfg: Config, weights: np.ndarray)
     idx = rng.choice(len(fs.va), cfg.judge_batch, p=weights)
     x = D.to_tensor_images(judge_augment(rng, fs.images[idx]))
     loss = F.mse_loss(J(x), torch.from_numpy(fs.va[idx]))
-    opts["J"].zero_grad()
-    loss.backward()
-    opts["J"].step()
+    _update(opts["J"], loss)
     return {"J": loss.item()}
 
 

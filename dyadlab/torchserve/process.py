@@ -1,11 +1,4 @@
-"""A local TorchServe (0.12.0) for dyadlab: config, start, readiness, stop, gRPC client.
-
-One `TorchServe` is one server in its own working directory:
-
-    ts = TorchServe(workdir, model_store, {"synth": "synth.mar"})
-    ts.start()                     # returns once every model has a READY worker
-    ts.predict("synth", {"data": b"..."})
-    ts.stop()                      # java and its Python workers are gone
+"""One local TorchServe process tree: config.properties, start, readiness, stop.
 
 What the working directory holds: config.properties (written here),
 torchserve.log (stdout/stderr of the server), logs/ (TorchServe's own logs, it
@@ -19,13 +12,8 @@ java.io.tmpdir, which the CLI takes from $TEMP. Each instance therefore runs
 its CLI calls with its own TMPDIR/TEMP/TMP, so it neither sees nor stops a
 user's TorchServe, nor clashes with its worker sockets.
 
-Auth. Token authorization stays on unless asked otherwise: TorchServe writes
-key_file.json (inference, management and API keys) into its cwd, and every
-REST call needs "Authorization: Bearer <key>", every gRPC call the metadata
-("authorization", "Bearer <key>"): the inference key for inference/metrics,
-the management key for management. A gRPC call without it fails with
-PERMISSION_DENIED, a REST call with HTTP 400. The metrics API (Prometheus text,
-metrics_mode=prometheus) does not check tokens in 0.12.0; it listens on loopback.
+Auth: token authorization stays on unless asked otherwise (see
+:mod:`dyadlab.torchserve.client`); the keys are read from key_file.json.
 """
 from __future__ import annotations
 
@@ -46,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
+
+from .client import InferenceClient, ping, predict
 
 #: what `torchserve --start` puts in the java command line (its pid-file check too)
 TS_NAMESPACE = "org.pytorch.serve.ModelServer"
@@ -103,104 +93,6 @@ def _script(name: str) -> str:
     if not found:
         raise TorchServeError(f"{name} not found (pip install torchserve torch-model-archiver)")
     return found
-
-
-def auth_metadata(key: str | None) -> tuple[tuple[str, str], ...]:
-    """gRPC metadata for TorchServe's token auth ('' / None: none)."""
-    return (("authorization", f"Bearer {key}"),) if key else ()
-
-
-# -- gRPC client -------------------------------------------------------------------
-class InferenceClient:
-    """TorchServe's gRPC inference API on `addr` (host:port) with the inference key."""
-
-    def __init__(self, addr: str, key: str | None = None, *, max_message_mb: int = 64):
-        from dyadlab.torchserve_grpc import inference_pb2_grpc
-        opts = [("grpc.max_send_message_length", max_message_mb << 20),
-                ("grpc.max_receive_message_length", max_message_mb << 20)]
-        self.addr, self.key = addr, key
-        self._channel = grpc.insecure_channel(addr, options=opts)
-        self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel)
-
-    def ping(self, timeout: float = 10.0) -> str:
-        """The server's health text, e.g. '{"status": "Healthy"}'."""
-        from google.protobuf import empty_pb2
-        return self._stub.Ping(empty_pb2.Empty(), timeout=timeout,
-                               metadata=auth_metadata(self.key)).health
-
-    def predict(self, model: str, inputs: Mapping[str, bytes], timeout: float = 60.0,
-                version: str = "") -> bytes:
-        """One prediction: the handler sees `inputs` as one request (a dict of bytes).
-        Raises grpc.RpcError: PERMISSION_DENIED without a valid key; INTERNAL for
-        an unknown model ("Model not found: ...") or a failing handler; ..."""
-        from dyadlab.torchserve_grpc import inference_pb2
-        req = inference_pb2.PredictionsRequest(model_name=model, model_version=version,
-                                               input={k: bytes(v) for k, v in inputs.items()})
-        return self._stub.Predictions(req, timeout=timeout,
-                                      metadata=auth_metadata(self.key)).prediction
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> InferenceClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def predict(addr: str, key: str | None, model: str, inputs: Mapping[str, bytes],
-            timeout: float = 60.0, version: str = "") -> bytes:
-    """One gRPC prediction on a fresh channel (see InferenceClient.predict)."""
-    with InferenceClient(addr, key) as c:
-        return c.predict(model, inputs, timeout=timeout, version=version)
-
-
-def ping(addr: str, key: str | None, timeout: float = 10.0) -> str:
-    with InferenceClient(addr, key) as c:
-        return c.ping(timeout=timeout)
-
-
-# -- model archives ------------------------------------------------------------------
-def build_mar(name: str, version: str, serialized_file: str | os.PathLike | None,
-              handler: str | os.PathLike, extra_files: Sequence[str | os.PathLike] = (),
-              export_dir: str | os.PathLike = ".", *, model_file: str | os.PathLike | None = None,
-              requirements_file: str | os.PathLike | None = None,
-              config_file: str | os.PathLike | None = None, force: bool = True) -> Path:
-    """Package a model with `torch-model-archiver`; returns export_dir/<name>.mar.
-
-    handler: a handler .py file (module-level `handle(data, context)` or one
-    class with initialize/handle) or the name of a TorchServe default handler.
-    config_file: a model-config.yaml (batchSize, responseTimeout, ...)."""
-    if not _MODEL_NAME.match(name):
-        raise ValueError(f"invalid model name {name!r}")
-    export = Path(export_dir)
-    export.mkdir(parents=True, exist_ok=True)
-    cmd = [_script("torch-model-archiver"), "--model-name", name, "--version", str(version),
-           "--handler", str(handler), "--export-path", str(export)]
-    if serialized_file is not None:
-        cmd += ["--serialized-file", str(serialized_file)]
-    if extra_files:
-        files = [str(f) for f in extra_files]
-        if any("," in f for f in files):
-            raise ValueError("extra file paths must not contain ',' (the archiver splits on it)")
-        cmd += ["--extra-files", ",".join(files)]
-    for flag, value in (("--model-file", model_file), ("--requirements-file", requirements_file),
-                        ("--config-file", config_file)):
-        if value is not None:
-            cmd += [flag, str(value)]
-    if force:
-        cmd.append("--force")
-    # The archiver stages files in $TMPDIR/<name> and deletes that directory first:
-    # two builds of one name at once (tests, `dyadlab up`) would clobber each other.
-    with tempfile.TemporaryDirectory(prefix="dyadlab-mar-") as tmp:
-        env = {**os.environ, "TMPDIR": tmp, "TEMP": tmp, "TMP": tmp}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    mar = export / f"{name}.mar"
-    if proc.returncode != 0 or not mar.is_file():
-        raise TorchServeError(f"torch-model-archiver failed ({proc.returncode}): "
-                              f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
-    return mar
 
 
 # -- config.properties ----------------------------------------------------------------
