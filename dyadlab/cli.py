@@ -23,17 +23,16 @@ import argparse
 import contextlib
 import io
 import os
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 
-from dyadlab import client, stack, storage
+from dyadlab import client, services, stack, storage, tables
 from dyadlab import frames as ft
 from dyadlab.config import ConfigError, Settings
-from dyadlab.messages import ROLE_NAME
+from dyadlab.messages import ROLE_NAME, face_selector, object_ref
 from dyadlab.v1 import (common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2, smiles_pb2_grpc,
                         stats_pb2, stats_pb2_grpc, synth_pb2, synth_pb2_grpc)
 
@@ -93,21 +92,15 @@ class ProgressBar:
 
 # -- store helpers -----------------------------------------------------------------
 def upload(store: storage.ObjectStore, path: Path, prefix: str) -> common_pb2.ObjectRef:
-    """Put a local file under inputs/<sha256><ext>; skip if already there."""
+    """Put a local file under inputs/<sha256><ext> (storage.content_key); skip if already there."""
     if not path.is_file():
         raise CliError(f"no such file: {path}")
-    sha = storage.sha256_file(path)
-    ext = path.suffix.lower() if re.fullmatch(r"\.[a-z0-9]{1,8}", path.suffix.lower()) else ""
-    key = f"{prefix}/{sha}{ext}"
-    size = path.stat().st_size
-    if store.size(key) != size:
-        store.put_file(key, path, sha256=sha)
-    return common_pb2.ObjectRef(bucket=store.bucket, key=key, sha256=sha, size=size)
+    return object_ref(storage.put_content(store, path, prefix))
 
 
 def write_table(df: pd.DataFrame, out: Path) -> None:
     fmt = "parquet" if out.suffix.lower() == ".parquet" else "csv"
-    write_bytes(ft.to_bytes(df, fmt), out)
+    write_bytes(tables.to_bytes(df, fmt), out)
 
 
 def write_bytes(data: bytes, out: Path) -> None:
@@ -160,17 +153,19 @@ def cmd_status(settings: Settings, args) -> int:
     print(f"store: {'s3 ' + settings.s3_endpoint if settings.uses_s3 else settings.store_dir}")
     ok = True
     for name, addr in addrs.items():
-        state = client.health_status(addr, stack.SERVICES[name][2], settings=settings)
+        svc = services.get(name)
+        state = client.health_status(addr, svc.grpc_name, settings=settings)
         pid = f" pid {rec.pids[name]}" if rec else ""
-        optional = name in stack.OPTIONAL and state == "NOT_SERVING"
+        optional = svc.optional and state == "NOT_SERVING"
         print(f"{name:10s} {addr:22s} {state}{pid}" + (" (optional)" if optional else ""))
         ok &= state == "SERVING" or optional
+    if ok and not stack.same_store(addrs, settings, storage.store_id(storage.open_store(settings))):
+        print("note: these services work on another store (another DYADLAB_HOME or store): "
+              "commands run here start an embedded stack on free ports instead")
     from dyadlab import security
     print(f"security: {security.describe(settings, stack.audit_log_path(settings) if rec else '')}")
-    ts = rec.torchserve if rec else None
-    if ts:
-        print(f"{'torchserve':10s} {ts.get('grpc', '?'):22s} "
-              f"pid {ts.get('pid', '?')}")
+    for name, info in (rec.companions if rec else {}).items():
+        print(stack.companion(name).describe(info))
     for note in (rec.notes if rec else []):
         print(f"note: {note}")
     return 0 if ok else 3
@@ -207,14 +202,14 @@ def cmd_extract(settings: Settings, args) -> int:
                     f"{' (cached)' if res.cache_hit else f'; {res.seconds:.1f} s, {v.frames / max(res.seconds, 1e-9):.0f} fps'}"
                     f"{f'; face front-end {res.frontend}' if res.frontend else ''}")
         data = store.get_bytes(res.frames.key)
-    if out.suffix.lower() == ".parquet" and data[:4] == b"PAR1":
+    if out.suffix.lower() == ".parquet" and tables.is_parquet(data):
         # The service's Parquet as it is: no pandas round trip (importing
         # pandas alone is ~0.4 s of this command's run). The service's table
         # has a row per frame and face (a row per frame when no face is found).
         write_bytes(data, out)
         rows = res.rows if src.suffix.lower() == ".csv" else res.video.frames * max(1, len(faces))
     else:
-        df, _ = ft.read_table(data)
+        df, _ = tables.read_frames(data)
         write_table(df, out)
         rows = len(df)
     for f in faces:
@@ -231,14 +226,10 @@ def cmd_extract(settings: Settings, args) -> int:
 
 
 def _face(value: str | None) -> common_pb2.FaceSelector:
-    if value is None:
-        return common_pb2.FaceSelector()
-    if value in ("adult", "infant"):
-        return common_pb2.FaceSelector(role=common_pb2.ROLE_ADULT if value == "adult"
-                                       else common_pb2.ROLE_INFANT)
-    if value.isdigit():
-        return common_pb2.FaceSelector(face_id=int(value))
-    raise CliError(f"--face {value!r}: use adult, infant or a face_id")
+    try:
+        return face_selector(value)
+    except ValueError:
+        raise CliError(f"--face {value!r}: use adult, infant or a face_id") from None
 
 
 def cmd_smiles(settings: Settings, args) -> int:
@@ -503,22 +494,16 @@ def cmd_cohort_report(settings: Settings, args) -> int:
 @contextlib.contextmanager
 def _synth(settings: Settings):
     """A Synth stub on a SERVING synth service: the running stack's (`dyadlab
-    up`) or the configured address. No embedded stack is started: embedded
-    stacks run without TorchServe, so their synth could not serve."""
-    rec = stack.recorded(settings)
-    addrs = ([rec.addrs["synth"]] if rec is not None and "synth" in rec.addrs else [])
-    addrs += [a for a in [settings.synth_addr] if a not in addrs]
-    state = "UNREACHABLE"
-    for addr in addrs:
-        state = client.health_status(addr, "dyadlab.v1.Synth", settings=settings)
-        if state == "SERVING":
-            with client.channel(addr, settings) as ch:
-                yield synth_pb2_grpc.SynthStub(ch)
-            return
-    raise CliError(f"the synth service at {addrs[0]} is {state}: it needs TorchServe serving a "
-                   "trained model. Start the stack with `dyadlab up` (it serves DYADLAB_SYNTH_MODEL; "
-                   "train one with `dyadlab synth train ... --export PATH`); `dyadlab status` "
-                   "shows the state")
+    up`), the configured one, or an embedded stack with its own TorchServe
+    for this command (its start takes a while: it says how long)."""
+    with stack.ensure(settings, say, serving=("synth",)) as st:
+        state = client.health_status(st.addrs["synth"], services.get("synth").grpc_name, settings=settings)
+        if state != "SERVING":
+            raise CliError(f"the synth service is {state}: it needs TorchServe serving a trained model"
+                           + "".join(f"; {n}" for n in st.notes)
+                           + " (train one with `dyadlab synth train ... --export PATH`)")
+        with client.channel(st.addrs["synth"], settings) as ch:
+            yield synth_pb2_grpc.SynthStub(ch)
 
 
 def _face_image(store: storage.ObjectStore, path: str) -> synth_pb2.FaceImage:

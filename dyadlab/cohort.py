@@ -42,7 +42,7 @@ import grpc
 
 from dyadlab import storage, video
 from dyadlab.frames import TableError
-from dyadlab.messages import ROLE_NAME
+from dyadlab.messages import ROLE_NAME, face_selector, object_ref
 from dyadlab.study import KEYS, VISITS
 from dyadlab.v1 import (common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2, smiles_pb2_grpc,
                         stats_pb2, stats_pb2_grpc)
@@ -134,8 +134,10 @@ def read_manifest(path: Path, store: storage.ObjectStore) -> list[Session]:
             else:
                 seen[pid, visit] = i
         face = r.get("face", "").strip()
-        if face and face not in ("adult", "infant") and not face.isdigit():
-            problems.append(f"{where}: face {face!r} is not adult, infant or a face_id")
+        try:
+            face_selector(face)
+        except ValueError as e:
+            problems.append(f"{where}: face {e}")
         s = Session(i, pid, visit, None, face=face)
         of = r.get("openface_csv", "").strip()
         if of:
@@ -226,12 +228,8 @@ def record_key(s: Session, opts: Options) -> str:
 def _stored(local: Path | None, key: str, store: storage.ObjectStore) -> tuple[str, str]:
     """(key, sha256) of an input: a local file is put under its content hash."""
     if local is not None:
-        sha = storage.sha256_file(local)
-        ext = local.suffix.lower() if local.suffix.lower()[1:].isalnum() else ""
-        key = f"inputs/{sha}{ext}"
-        if store.size(key) != local.stat().st_size:
-            store.put_file(key, local, sha256=sha)
-        return key, sha
+        ref = storage.put_content(store, local)
+        return ref.key, ref.sha256
     h = hashlib.sha256()
     with store.open(key) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -249,15 +247,6 @@ def prepare(sessions: list[Session], store: storage.ObjectStore,
 
 
 # -- running sessions ------------------------------------------------------------------------
-def _face_selector(face: str) -> common_pb2.FaceSelector:
-    if face in ("adult", "infant"):
-        return common_pb2.FaceSelector(role=common_pb2.ROLE_ADULT if face == "adult"
-                                       else common_pb2.ROLE_INFANT)
-    if face.isdigit():
-        return common_pb2.FaceSelector(face_id=int(face))
-    return common_pb2.FaceSelector()
-
-
 def run_session(s: Session, opts: Options, channels: dict[str, grpc.Channel], timeout_s: float,
                 status: Callable[[str], None]) -> dict:
     """Extract (cached by content) and segment one session; its record."""
@@ -266,7 +255,7 @@ def run_session(s: Session, opts: Options, channels: dict[str, grpc.Channel], ti
     rec = {"participant_id": s.participant_id, "visit_month": s.visit_month, "input_sha256": s.sha256,
            "face": s.face, "frames": 0, "duration_s": s.duration_s, "faces": 0, "face_id": -1,
            "role": "", "mean_confidence": None, "notes": [], "frontend": "", "au_calibration": ""}
-    req = smiles_pb2.AnalyzeRequest(face=_face_selector(s.face), keep_speech=True, plot=True)
+    req = smiles_pb2.AnalyzeRequest(face=face_selector(s.face), keep_speech=True, plot=True)
     if s.openface:
         status("import")
         imp = extractor_pb2_grpc.ExtractorStub(channels["extractor"]).ImportOpenFace(
@@ -455,14 +444,12 @@ def build_report(records: list[dict], scores_path: Path, out: Path, store: stora
     dyads_ref = None
     if dyads is not None:
         dyads.to_csv(out / "dyads.csv", index=False)
-        ddata = dyads.to_csv(index=False).encode()
-        dyads_ref = common_pb2.ObjectRef(key=f"inputs/{hashlib.sha256(ddata).hexdigest()}.csv")
-        store.put_bytes(dyads_ref.key, ddata, content_type="text/csv")
-    data = long.to_csv(index=False).encode()
-    key = f"inputs/{hashlib.sha256(data).hexdigest()}.csv"
-    store.put_bytes(key, data, content_type="text/csv")
-    req = stats_pb2.CohortRequest(smiles=common_pb2.ObjectRef(key=key),
-                                  scores=_upload(store, scores_path), correction=correction, mlp=mlp)
+        dyads_ref = object_ref(storage.put_content_bytes(store, dyads.to_csv(index=False).encode(),
+                                                         "dyads.csv", content_type="text/csv"))
+    smiles_ref = object_ref(storage.put_content_bytes(store, long.to_csv(index=False).encode(),
+                                                      "smiles.csv", content_type="text/csv"))
+    req = stats_pb2.CohortRequest(smiles=smiles_ref, scores=object_ref(storage.put_content(store, scores_path)),
+                                  correction=correction, mlp=mlp)
     if dyads_ref is not None:
         req.dyads.CopyFrom(dyads_ref)
     with client.channel(stats_addr) as ch:
@@ -478,14 +465,6 @@ def build_report(records: list[dict], scores_path: Path, out: Path, store: stora
     for f in result.files:
         store.get_file(f.ref.key, out / Path(f.name).name)
     return result
-
-
-def _upload(store: storage.ObjectStore, path: Path) -> common_pb2.ObjectRef:
-    sha = storage.sha256_file(path)
-    key = f"inputs/{sha}{path.suffix.lower()}"
-    if store.size(key) != path.stat().st_size:
-        store.put_file(key, path, sha256=sha)
-    return common_pb2.ObjectRef(key=key, sha256=sha)
 
 
 def write_failures(failed: list[dict], out: Path) -> None:

@@ -150,32 +150,10 @@ def describe_faces(df: pd.DataFrame) -> str:
     return "; ".join(parts)
 
 
-def read_table(data: bytes) -> tuple[pd.DataFrame, list[str]]:
-    """A frame table from Parquet (dyadlab's own) or CSV (OpenFace 2.x or a
-    dyadlab export) bytes; returns (table, notes). Raises TableError."""
-    import io
-
-    import pandas as pd
-
-    if data[:4] == b"PAR1":
-        try:
-            df = pd.read_parquet(io.BytesIO(data))
-        except Exception as e:  # noqa: BLE001 — pyarrow raises many kinds
-            raise TableError(f"the data is not a readable Parquet file ({type(e).__name__})") from None
-        validate(df)
-        return df, []
-    from dyadlab.openface import read_openface_csv
-    return read_openface_csv(data)
-
-
-def to_bytes(df: pd.DataFrame, fmt: str) -> bytes:
-    """Serialise a frame (or smile) table as 'parquet' or 'csv'."""
-    import io
-
-    if fmt == "parquet":
-        buf = io.BytesIO()
-        df.to_parquet(buf, index=False)
-        return buf.getvalue()
-    if fmt == "csv":
-        return df.to_csv(index=False, float_format="%.6g").encode()
-    raise ValueError(f"unknown table format {fmt!r}")
+def median_interval(t: np.ndarray) -> float:
+    """Median of the positive time steps (s) of a time column; NaN with fewer
+    than two distinct times. A frame table's sampling interval: robust to
+    dropped frames and to the repeated times of several faces."""
+    d = np.diff(np.asarray(t, float))
+    d = d[d > 0]
+    return float(np.median(d)) if len(d) else float("nan")

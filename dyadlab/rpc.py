@@ -6,7 +6,7 @@ examples/python: a `grpc.aio` server with the standard health service
 reflection, Prometheus metrics per RPC, JSON logs, and graceful shutdown on
 SIGTERM/SIGINT (health flips to NOT_SERVING first so load balancers drain).
 
-Security (dyadlab/security.py): the port is TLS (mutual TLS on request), or
+Security (dyadlab/security/): the port is TLS (mutual TLS on request), or
 plaintext only where DYADLAB_INSECURE allows it; every call is authenticated
 and authorized by role, except health and reflection; every call but health
 checks gets a line in the audit log. DYADLAB_HEALTH_PORT adds a plaintext
@@ -18,6 +18,7 @@ become precise gRPC statuses with a message a person can act on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -31,7 +32,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 import prometheus_client as prom
 
-from dyadlab import frames, security, storage
+from dyadlab import frames, interceptors, security, storage
+from dyadlab.v1 import common_pb2
 from dyadlab.client import MAX_MESSAGE_BYTES
 from dyadlab.config import Settings
 
@@ -91,6 +93,23 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the service log"
 
 
+def object_size(store: storage.ObjectStore, ref, field: str, noun: str | None = None) -> int:
+    """Check the object a request names (an ObjectRef in field `field`) and
+    return its size: INVALID_ARGUMENT when the reference is empty, its key
+    malformed or its bucket not this service's; NOT_FOUND when there is no
+    such object ("no <noun> at key ...")."""
+    if not ref.key:
+        raise UserError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.key is empty")
+    storage.validate_key(ref.key)
+    if ref.bucket and ref.bucket != store.bucket:
+        raise UserError(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{field}: bucket {ref.bucket!r} is not this service's bucket {store.bucket!r}")
+    size = store.size(ref.key)
+    if size is None:
+        raise UserError(grpc.StatusCode.NOT_FOUND, f"no {noun or field} at key {ref.key!r}")
+    return size
+
+
 def status_errors(fn):
     """Turn exceptions raised by a servicer method into precise gRPC statuses."""
     async def _abort(exc, context):
@@ -125,6 +144,11 @@ def status_errors(fn):
 
 
 Report = Callable[[str, int, int, str], None]
+
+
+def progress(stage: str, done: int, total: int, message: str = "") -> common_pb2.Progress:
+    """The API's Progress message (what a Report's arguments become on the wire)."""
+    return common_pb2.Progress(stage=stage, done=done, total=total, message=message)
 
 
 def downstream_timeout(context, default_s: float) -> float:
@@ -199,40 +223,44 @@ class _MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not (handler.unary_unary or handler.unary_stream):
             return handler
         method = details.method
+        return interceptors.wrap_handler(handler, lambda request, context: _Timing(method, context))
 
-        def record(context, t0, failed):
-            code = context.code() if hasattr(context, "code") else None
-            name = code.name if isinstance(code, grpc.StatusCode) else (
-                "UNKNOWN" if failed else "OK")
-            RPCS.labels(method, name).inc()
-            RPC_SECONDS.labels(method).observe(time.perf_counter() - t0)
 
-        if handler.unary_unary:
-            inner = handler.unary_unary
+class _Timing:
+    """One call's count (by status) and wall time (interceptors.CallHooks)."""
 
-            async def uu(request, context):
-                t0, failed = time.perf_counter(), True
-                try:
-                    resp = await inner(request, context)
-                    failed = False
-                    return resp
-                finally:
-                    record(context, t0, failed)
-            return grpc.unary_unary_rpc_method_handler(
-                uu, handler.request_deserializer, handler.response_serializer)
+    def __init__(self, method: str, context):
+        self.method, self.context = method, context
+        self.t0, self.raised = time.perf_counter(), False
 
-        inner_s = handler.unary_stream
+    async def enter(self) -> None:
+        pass
 
-        async def us(request, context):
-            t0, failed = time.perf_counter(), True
-            try:
-                async for item in inner_s(request, context):
-                    yield item
-                failed = False
-            finally:
-                record(context, t0, failed)
-        return grpc.unary_stream_rpc_method_handler(
-            us, handler.request_deserializer, handler.response_serializer)
+    def failed(self, exc: BaseException) -> None:
+        self.raised = True
+
+    def done(self) -> None:
+        code = self.context.code() if hasattr(self.context, "code") else None
+        name = code.name if isinstance(code, grpc.StatusCode) else (
+            "UNKNOWN" if self.raised else "OK")
+        RPCS.labels(self.method, name).inc()
+        RPC_SECONDS.labels(self.method).observe(time.perf_counter() - self.t0)
+
+
+async def _advertise_store(settings: Settings, health_servicer) -> None:
+    """Advertise which store this service uses: the health name
+    dyadlab.services.store_health_name(id) answers SERVING. Retried until the
+    store answers (a store that is down must not delay the start)."""
+    from dyadlab.services import store_health_name
+    while True:
+        try:
+            sid = await asyncio.to_thread(lambda: storage.store_id(storage.open_store(settings)))
+        except Exception as e:  # noqa: BLE001 — the store is not reachable yet
+            log.info("store identity not known yet", extra={"error": type(e).__name__})
+            await asyncio.sleep(5.0)
+            continue
+        await health_servicer.set(store_health_name(sid), health_pb2.HealthCheckResponse.SERVING)
+        return
 
 
 async def serve(service: Service, settings: Settings, addr: str,
@@ -285,8 +313,11 @@ async def serve(service: Service, settings: Settings, addr: str,
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread (in-process tests): stop_event is used instead
 
+    advertise = asyncio.ensure_future(_advertise_store(settings, health_servicer))
     try:
         t0 = time.perf_counter()
+        with contextlib.suppress(asyncio.TimeoutError):   # known before SERVING, unless the store is down
+            await asyncio.wait_for(asyncio.shield(advertise), 2.0)
         await service.start()
         if not self_managed:
             await set_serving(True)
@@ -300,6 +331,7 @@ async def serve(service: Service, settings: Settings, addr: str,
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace_s)
     finally:
+        advertise.cancel()
         await service.stop()
         await server.stop(0)
         if probe_server is not None:
@@ -327,3 +359,28 @@ def run(service_factory: Callable[[Settings], Service], addr_of: Callable[[Setti
         log.error("configuration refused: %s", e)
         print(f"dyadlab: configuration refused: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+async def relay_progress(call, label: str, peer: str):
+    """Relay a downstream streaming call (e.g. the extractor's Extract, whose
+    events carry either a `progress` or a `result`) to this call's own caller,
+    in progress_stream's terms: yield ("progress", (stage, done, total,
+    message)) for each of its progress events, the stage prefixed "<label>/",
+    then ("result", its result).
+
+    A failed call passes the downstream verdict on through (bad video, missing
+    key, ...): a UserError with its status and the message prefixed "<peer>: ".
+    A stream that ends without a result is UNAVAILABLE."""
+    result = None
+    try:
+        async for ev in call:
+            if ev.HasField("progress"):
+                p = ev.progress
+                yield "progress", (f"{label}/{p.stage}", p.done, p.total, p.message)
+            else:
+                result = ev.result
+    except grpc.aio.AioRpcError as e:
+        raise UserError(e.code(), f"{peer}: {e.details()}") from None
+    if result is None:
+        raise UserError(grpc.StatusCode.UNAVAILABLE, f"{peer} ended without a result")
+    yield "result", result

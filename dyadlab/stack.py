@@ -4,20 +4,29 @@
 $DYADLAB_HOME/run/stack.json; commands use a running stack, or start an
 embedded one (free ports, same store) for their own duration.
 
-TorchServe (synth's model server) is part of `dyadlab up`: the exported model
-DYADLAB_SYNTH_MODEL is packed into a .mar (services.synth.archive.build),
-published to the object store under synth/archives/<name>-<sha12>.mar, fetched
-from there into $DYADLAB_HOME/torchserve/model-store (TorchServe loads nothing
-else) and served with token auth on, every listener on loopback
-(DYADLAB_TORCHSERVE_* addresses), allowed_urls limited to that model store and
-Prometheus metrics. The services get DYADLAB_TORCHSERVE_GRPC and
-DYADLAB_TORCHSERVE_KEY_FILE (the path of TorchServe's 0600 key_file.json: the
-synth service reads the inference key from it; the key itself is never put in
-an environment or a log). Without java, the torchserve package or the model
-file, or with DYADLAB_TORCHSERVE=off, TorchServe is skipped with a note, the
-services get DYADLAB_TORCHSERVE=off and synth reports NOT_SERVING. Embedded
-stacks skip it unless asked (start(..., torchserve=True): free ports, a
-temporary working directory).
+Which services there are, what each runs and where it listens comes from
+the service registry (dyadlab.services). A service may name a *companion*
+there: a module that starts the process the service relies on (synth:
+TorchServe, services/synth/companion.py). The stack starts companions before
+the services and stops them after; it knows nothing else of them. A
+companion module provides
+
+    unavailable(settings) -> str | None          why it cannot run here (None: it can)
+    start(settings, *, embedded, say) -> (handle, info) | (None, note)
+    wait_ready(handle, info, timeout_s) -> str   a line for the user, with the time it took
+    env(info | None) -> dict[str, str]           what the services' processes get
+    alive(info) -> bool;  describe(info) -> str;  stop(info)
+    CompanionError                               raised by start / wait_ready
+
+`info` is a JSON-able dict, recorded in stack.json. An embedded stack starts
+the companions of the services a command needs SERVING (`ensure(serving=...)`,
+e.g. synth's TorchServe for `dyadlab synth ...`); otherwise it skips them.
+
+A stack on the configured addresses is used only when it works on this
+command's store: every service advertises the store's identity (health name
+dyadlab.services.store_health_name, dyadlab.rpc.serve); a stack started with
+another DYADLAB_HOME or store is left alone and an embedded stack on free
+ports runs this command instead (with a note saying so).
 
 Security (docs/security.md): with no TLS configured, the services listen with
 TLS on loopback using the per-user local development credentials
@@ -33,51 +42,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import signal
 import socket
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import Callable, Iterable
 
-from dyadlab import client, security
+from dyadlab import client, security, services, storage
 from dyadlab.config import Settings
 
-#: name -> (module to run, env var with its address, gRPC service name, metrics port)
-SERVICES = {
-    "extractor": ("services.extractor", "DYADLAB_EXTRACTOR_ADDR", "dyadlab.v1.Extractor", 9461),
-    "smiles": ("services.smiles", "DYADLAB_SMILES_ADDR", "dyadlab.v1.Smiles", 9462),
-    "stats": ("services.stats", "DYADLAB_STATS_ADDR", "dyadlab.v1.Stats", 9463),
-}
 READY_TIMEOUT_S = 180.0
 
 
-def _has_module(name: str) -> bool:
-    import importlib.util
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ImportError:
-        return False
-
-
-# -- synth hook ------------------------------------------------------------------------
-# The synth gRPC service (services/synth/server.py, written separately) joins the
-# stack when its module exists. It is OPTIONAL: it may report NOT_SERVING (no
-# TorchServe / no model) without making the stack unhealthy. Its process gets
-# DYADLAB_SYNTH_ADDR, DYADLAB_TORCHSERVE_GRPC (and its alias DYADLAB_TORCHSERVE_ADDR),
-# DYADLAB_TORCHSERVE_KEY_FILE and DYADLAB_SYNTH_TS_MODEL (the TorchServe model
-# name, "synth"), or DYADLAB_TORCHSERVE=off when TorchServe is not running.
-SYNTH_SERVICE = ("services.synth.server", "DYADLAB_SYNTH_ADDR", "dyadlab.v1.Synth", 9464)
-if _has_module(SYNTH_SERVICE[0]):
-    SERVICES["synth"] = SYNTH_SERVICE
-#: services whose NOT_SERVING does not make the stack unhealthy
-OPTIONAL = frozenset({"synth"})
-#: the TorchServe model name synth's archive is registered under
-SYNTH_TS_MODEL = "synth"
+def companion(name: str) -> ModuleType:
+    """The companion module of service `name` (see the module docstring)."""
+    mod = services.get(name).companion
+    if not mod:
+        raise KeyError(f"the {name} service has no companion")
+    return importlib.import_module(mod)
 
 
 class StackError(RuntimeError):
@@ -90,9 +78,9 @@ class Stack:
     pids: dict[str, int]
     logs: dict[str, str]
     embedded: bool = False
-    #: the running TorchServe: workdir, pid, grpc (inference addr), key_file, model,
-    #: archive (store key), temporary (workdir to delete at stop); None = not started
-    torchserve: dict | None = None
+    #: the running companions, by the service they serve (synth: TorchServe's workdir,
+    #: pid, grpc addr, key_file, model, archive, temporary); absent = not started
+    companions: dict[str, dict] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     #: each service process's start time (psutil create_time): a recorded pid is
     #: signalled only while it still names the process that was started
@@ -102,10 +90,10 @@ class Stack:
         return _alive(self.pids[name], self.started.get(name))
 
     def env(self) -> dict[str, str]:
-        env = {SERVICES[n][1]: a for n, a in self.addrs.items() if n in SERVICES}
-        if self.torchserve:
-            env["DYADLAB_TORCHSERVE_GRPC"] = self.torchserve["grpc"]
-            env["DYADLAB_TORCHSERVE_KEY_FILE"] = self.torchserve["key_file"]
+        """The environment a client process needs to use this stack."""
+        env = {services.get(n).addr_env: a for n, a in self.addrs.items() if n in services.BY_NAME}
+        for n, info in self.companions.items():
+            env.update(companion(n).env(info))
         return env
 
 
@@ -165,168 +153,41 @@ def recorded(settings: Settings) -> Stack | None:
     """The stack `dyadlab up` recorded, if any of its processes still runs."""
     try:
         data = json.loads(state_file(settings).read_text())
-        st = Stack(data["addrs"], data["pids"], data.get("logs", {}),
-                   torchserve=data.get("torchserve"), notes=data.get("notes", []),
-                   started=data.get("started", {}))
+        comps = data.get("companions")
+        if comps is None and data.get("torchserve"):          # recorded before companions
+            comps = {"synth": data["torchserve"]}
+        st = Stack(data["addrs"], data["pids"], data.get("logs", {}), companions=comps or {},
+                   notes=data.get("notes", []), started=data.get("started", {}))
     except (OSError, ValueError, KeyError):
         return None
-    ts_alive = bool(st.torchserve) and _torchserve_alive(st.torchserve)
-    return st if ts_alive or any(st.running(n) for n in st.pids) else None
+    comp_alive = any(companion(n).alive(info) for n, info in st.companions.items())
+    return st if comp_alive or any(st.running(n) for n in st.pids) else None
 
 
-def healthy(addrs: dict[str, str], settings: Settings | None = None) -> bool:
+def healthy(addrs: dict[str, str], settings: Settings | None = None,
+            serving: Iterable[str] = ()) -> bool:
     """Every required service SERVING; an optional one (synth) may be
-    NOT_SERVING or absent (a stack deployed without it)."""
+    NOT_SERVING or absent (a stack deployed without it) unless it is in `serving`."""
+    serving = set(serving)
     for n, a in addrs.items():
-        if n not in SERVICES:
+        if n not in services.BY_NAME:
             continue
-        state = client.health_status(a, SERVICES[n][2], settings=settings)
-        if state != "SERVING" and not (n in OPTIONAL and state in ("NOT_SERVING", "UNREACHABLE")):
+        svc = services.get(n)
+        state = client.health_status(a, svc.grpc_name, settings=settings)
+        if state != "SERVING" and not (svc.optional and n not in serving
+                                       and state in ("NOT_SERVING", "UNREACHABLE")):
             return False
     return True
 
 
+def same_store(addrs: dict[str, str], settings: Settings, store_id: str) -> bool:
+    """Every service at `addrs` advertises the store `store_id` (dyadlab.rpc.serve)."""
+    name = services.store_health_name(store_id)
+    return all(client.health_status(a, name, settings=settings) == "SERVING" for a in addrs.values())
+
+
 def configured_addrs(settings: Settings) -> dict[str, str]:
-    addrs = {"extractor": settings.extractor_addr, "smiles": settings.smiles_addr,
-             "stats": settings.stats_addr}
-    if "synth" in SERVICES:
-        addrs["synth"] = settings.synth_addr
-    return addrs
-
-
-# -- TorchServe ------------------------------------------------------------------------
-def _torchserve_alive(info: dict) -> bool:
-    from dyadlab.torchserve import _is_torchserve
-    return bool(info.get("pid")) and _is_torchserve(int(info["pid"]))
-
-
-def _port(addr: str) -> int:
-    return int(addr.rsplit(":", 1)[1])
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
-
-
-def torchserve_host(settings: Settings) -> str:
-    """The one loopback host every listener of the stack's TorchServe uses."""
-    hosts = {a.rpartition(":")[0] for a in settings.torchserve_addrs().values()}
-    if len(hosts) != 1 or next(iter(hosts)) not in LOOPBACK:
-        raise StackError("`dyadlab up` runs TorchServe on loopback only: every DYADLAB_TORCHSERVE_* "
-                         f"address must be on one of {LOOPBACK[:3]}, got {sorted(hosts)}")
-    return next(iter(hosts)).strip("[]")
-
-
-def torchserve_ports(settings: Settings):
-    from dyadlab.torchserve import Ports
-    a = settings.torchserve_addrs()
-    return Ports(_port(a["inference"]), _port(a["management"]), _port(a["metrics"]),
-                 _port(a["grpc_inference"]), _port(a["grpc_management"]))
-
-
-def torchserve_unavailable(settings: Settings) -> str | None:
-    """Why `up` cannot start TorchServe here (None: it can)."""
-    from dyadlab import torchserve as T
-    if settings.torchserve == "off":
-        return "TorchServe is off (DYADLAB_TORCHSERVE=off)"
-    if not _has_module("ts") or not _has_module("model_archiver"):
-        return "TorchServe is not installed (pip install torchserve torch-model-archiver pyyaml)"
-    if not T.java_available():
-        return "java not found (TorchServe needs a JDK 11+; set JAVA_HOME)"
-    if not Path(settings.synth_model).is_file():
-        return (f"no synth model at {settings.synth_model} (train one: python -m services.synth.train "
-                f"... --export {settings.synth_model}, or set DYADLAB_SYNTH_MODEL)")
-    return None
-
-
-def prepare_torchserve(settings: Settings, model_store: Path, say=lambda msg: None) -> tuple[str, Path]:
-    """Build synth's archive from DYADLAB_SYNTH_MODEL, publish it to the object
-    store, fetch it into `model_store` (the only place TorchServe loads from;
-    older archives there are removed). -> (store key, local .mar)."""
-    from dyadlab.storage import open_store
-    from services.synth import archive
-    store = open_store(settings)
-    with tempfile.TemporaryDirectory(prefix="synth-build-") as tmp:
-        try:
-            mar = archive.build(settings.synth_model, tmp, SYNTH_TS_MODEL,
-                                batch_size=settings.synth_batch,
-                                max_batch_delay_ms=settings.synth_batch_delay_ms,
-                                workers=settings.synth_workers, threads=settings.synth_threads)
-        except (ValueError, OSError) as e:
-            raise StackError(f"cannot package the synth model {settings.synth_model}: {e} "
-                             "(DYADLAB_TORCHSERVE=off starts the stack without TorchServe)") from e
-        key = archive.publish(store, mar)
-    model_store.mkdir(parents=True, exist_ok=True)
-    local = archive.fetch(store, key, model_store)
-    for old in model_store.glob("*.mar"):
-        if old != local:
-            old.unlink(missing_ok=True)
-    say(f"synth model {settings.synth_model.name} -> store {key}")
-    return key, local
-
-
-def start_torchserve(settings: Settings, *, embedded: bool = False, say=lambda msg: None):
-    """Start (without waiting) the stack's TorchServe; -> (TorchServe, info) or
-    (None, note) when it cannot run here."""
-    from dyadlab import torchserve as T
-    why = torchserve_unavailable(settings)
-    if why:
-        return None, f"{why}: TorchServe not started, synth reports NOT_SERVING"
-    torchserve_host(settings)
-    if embedded:
-        settings.home.mkdir(parents=True, exist_ok=True)
-        workdir, ports, temporary = Path(tempfile.mkdtemp(prefix="ts-", dir=settings.home)), T.Ports.free(), True
-    else:
-        workdir, ports, temporary = settings.torchserve_dir, torchserve_ports(settings), False
-        if (workdir / T.STATE_FILE).exists():          # left over by a crashed `up`: ours
-            with contextlib.suppress(Exception):
-                T.TorchServe.attach(workdir).stop()
-    workdir.mkdir(parents=True, exist_ok=True)
-    os.chmod(workdir, 0o700)                            # the key file lives here
-    try:
-        key, local = prepare_torchserve(settings, workdir / "model-store", say)
-        ts = T.TorchServe(workdir, workdir / "model-store", {SYNTH_TS_MODEL: local.name},
-                          ports=ports, host=torchserve_host(settings), token_auth=True,
-                          workers_per_model=settings.synth_workers)
-        try:
-            ts.start(wait=False)
-        except T.TorchServeError as e:
-            raise StackError(f"TorchServe did not start: {e}\n(DYADLAB_TORCHSERVE=off starts the "
-                             "stack without it)") from e
-    except BaseException:
-        if temporary:
-            shutil.rmtree(workdir, ignore_errors=True)
-        raise
-    info = {"workdir": str(workdir), "pid": ts.pid, "grpc": ts.grpc_inference_addr,
-            "management": ts.management_url, "metrics": ts.metrics_url,
-            "key_file": str(ts.key_file), "model": SYNTH_TS_MODEL, "archive": key,
-            "temporary": temporary}
-    return ts, info
-
-
-def stop_torchserve(info: dict | None) -> None:
-    """Stop the stack's TorchServe (java and workers) and forget its state."""
-    if not info:
-        return
-    from dyadlab import torchserve as T
-    workdir = Path(info["workdir"])
-    try:
-        ts = T.TorchServe.attach(workdir)
-    except (OSError, ValueError, KeyError):
-        ts = None
-    if ts is not None:
-        ts.stop()
-    elif info.get("pid") and _torchserve_alive(info):     # state file gone: by pid
-        import psutil
-        with contextlib.suppress(psutil.Error):
-            procs = [psutil.Process(int(info["pid"]))]
-            procs += procs[0].children(recursive=True)
-            for p in procs:
-                p.terminate()
-            _gone, alive = psutil.wait_procs(procs, timeout=30)
-            for p in alive:
-                p.kill()
-    if info.get("temporary"):
-        shutil.rmtree(workdir, ignore_errors=True)
+    return settings.addrs()
 
 
 def _say_stderr(msg: str) -> None:
@@ -354,66 +215,78 @@ def security_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def _start_companions(settings: Settings, names: Iterable[str], embedded: bool, say, notes: list[str],
+                      env: dict[str, str]) -> dict[str, tuple]:
+    """Start the companions of `names` (without waiting); -> {service: (handle, info)}.
+    One that cannot run here is skipped with a note; every service's env says so."""
+    started: dict[str, tuple] = {}
+    for svc in services.SERVICES:
+        if not svc.companion:
+            continue
+        mod = companion(svc.name)
+        handle, info = None, None
+        if svc.name in names:
+            try:
+                handle, info = mod.start(settings, embedded=embedded, say=say)
+            except mod.CompanionError as e:
+                raise StackError(str(e)) from e
+            if handle is None:
+                notes.append(info)
+                say(info)
+                info = None
+            else:
+                started[svc.name] = (handle, info)
+        env.update(mod.env(info))
+    return started
+
+
 def start(settings: Settings, addrs: dict[str, str] | None = None, metrics: bool = True,
-          embedded: bool = False, torchserve: bool | None = None, say=_say_stderr) -> Stack:
+          embedded: bool = False, companions: bool | Iterable[str] | None = None,
+          say=_say_stderr) -> Stack:
     """Start every service as a child process and wait until all are SERVING
-    (optional ones: until they answer). `torchserve`: also start TorchServe with
-    synth's model (None = for `dyadlab up`, i.e. when not embedded); skipped
-    with a note (Stack.notes, and `say`) when it cannot run here."""
+    (optional ones: until they answer). `companions`: which services' companions
+    to start (True: all; None: all for `dyadlab up`, none when embedded); one
+    that cannot run here is skipped with a note (Stack.notes, and `say`)."""
     addrs = addrs or configured_addrs(settings)
+    if companions is None:
+        companions = not embedded
+    names = set(services.NAMES) if companions is True else set(companions or ())
     log_dir = settings.home / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.update(settings.to_env())
     env.update(security_env(settings))
-    env.update({SERVICES[n][1]: a for n, a in addrs.items() if n in SERVICES})
+    env.update({services.get(n).addr_env: a for n, a in addrs.items() if n in services.BY_NAME})
     env["PYTHONUNBUFFERED"] = "1"
     procs: dict[str, subprocess.Popen] = {}
     logs = {}
     notes: list[str] = []
-    ts, ts_info = None, None
-    if torchserve is None:
-        torchserve = not embedded
+    comps: dict[str, tuple] = {}
     try:
-        if torchserve:
-            ts, ts_info = start_torchserve(settings, embedded=embedded, say=say)
-            if ts is None:
-                notes.append(ts_info)
-                say(ts_info)
-                ts_info = None
-        if ts is None:
-            env["DYADLAB_TORCHSERVE"] = "off"
-            env.pop("DYADLAB_TORCHSERVE_KEY_FILE", None)
-        else:
-            env.update({"DYADLAB_TORCHSERVE": "auto", "DYADLAB_TORCHSERVE_GRPC": ts_info["grpc"],
-                        "DYADLAB_TORCHSERVE_ADDR": ts_info["grpc"],
-                        "DYADLAB_TORCHSERVE_KEY_FILE": ts_info["key_file"],
-                        "DYADLAB_SYNTH_TS_MODEL": ts_info["model"]})
-        for name, (module, _, _, mport) in SERVICES.items():
-            if name not in addrs:
+        comps = _start_companions(settings, names, embedded, say, notes, env)
+        for svc in services.SERVICES:
+            if svc.name not in addrs:
                 continue
-            logs[name] = str(log_dir / f"{name}.log")
-            senv = dict(env, DYADLAB_METRICS_PORT=str(mport if metrics else 0))
-            with open(logs[name], "ab") as out:
-                procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", module], env=senv, stdout=out,
+            logs[svc.name] = str(log_dir / f"{svc.name}.log")
+            senv = dict(env, DYADLAB_METRICS_PORT=str(svc.metrics_port if metrics else 0))
+            with open(logs[svc.name], "ab") as out:
+                procs[svc.name] = subprocess.Popen(
+                    [sys.executable, "-m", svc.module], env=senv, stdout=out,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-                _children[procs[name].pid] = procs[name]
-        if ts is not None:
+                _children[procs[svc.name].pid] = procs[svc.name]
+        for n, (handle, info) in comps.items():
+            mod = companion(n)
             try:
-                secs = ts.wait_ready(READY_TIMEOUT_S)
-            except Exception as e:
-                raise StackError(f"TorchServe did not get ready: {e}\n(DYADLAB_TORCHSERVE=off "
-                                 "starts the stack without it)") from e
-            say(f"torchserve: gRPC {ts_info['grpc']}, model {ts_info['model']} ready in {secs:.1f} s; "
-                f"logs {ts_info['workdir']}/logs")
-            ts_info["pid"] = ts.pid
+                say(mod.wait_ready(handle, info, READY_TIMEOUT_S))
+            except mod.CompanionError as e:
+                raise StackError(str(e)) from e
         for name, p in procs.items():
-            if name in OPTIONAL and ts is None:
-                _wait_answering(addrs[name], SERVICES[name][2], p, settings)
+            svc = services.get(name)
+            if svc.optional and name not in comps:
+                _wait_answering(addrs[name], svc.grpc_name, p, settings)
             else:
-                client.wait_ready(addrs[name], READY_TIMEOUT_S, SERVICES[name][2],
-                                  alive=lambda p=p: p.poll() is None, settings=settings)
+                client.wait_ready(addrs[name], READY_TIMEOUT_S, svc.grpc_name,
+                                  alive=_running(p), settings=settings)
     except BaseException:
         for p in procs.values():
             p.terminate()
@@ -421,16 +294,21 @@ def start(settings: Settings, addrs: dict[str, str] | None = None, metrics: bool
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(10)
             _children.pop(p.pid, None)
-        if ts is not None:
+        for n, (_handle, info) in comps.items():
             with contextlib.suppress(Exception):
-                stop_torchserve(ts_info)
+                companion(n).stop(info)
         raise
-    st = Stack(addrs, {n: p.pid for n, p in procs.items()}, logs, embedded, ts_info, notes,
+    st = Stack(addrs, {n: p.pid for n, p in procs.items()}, logs, embedded,
+               {n: info for n, (_h, info) in comps.items()}, notes,
                {n: t for n, p in procs.items() if (t := _create_time(p.pid)) is not None})
     if not embedded:
         state_file(settings).parent.mkdir(parents=True, exist_ok=True)
         state_file(settings).write_text(json.dumps(dataclasses.asdict(st), indent=2))
     return st
+
+
+def _running(p: subprocess.Popen) -> Callable[[], bool]:
+    return lambda: p.poll() is None
 
 
 def _wait_answering(addr: str, service: str, proc: subprocess.Popen,
@@ -452,8 +330,8 @@ def _wait_answering(addr: str, service: str, proc: subprocess.Popen,
 def stop(settings: Settings, st: Stack, timeout_s: float = 20.0) -> None:
     """SIGTERM every service (graceful: in-flight calls finish), then SIGKILL
     its process group (stragglers: worker processes of a service that died);
-    then TorchServe (java and its workers). Only processes that are still the
-    ones started are signalled."""
+    then the companions (TorchServe: java and its workers). Only processes
+    that are still the ones started are signalled."""
     for name, pid in st.pids.items():
         if st.running(name):
             with contextlib.suppress(ProcessLookupError):
@@ -475,7 +353,8 @@ def stop(settings: Settings, st: Stack, timeout_s: float = 20.0) -> None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
         p.wait()
-    stop_torchserve(st.torchserve)
+    for n, info in st.companions.items():
+        companion(n).stop(info)
     if not st.embedded:
         with contextlib.suppress(FileNotFoundError):
             state_file(settings).unlink()
@@ -493,21 +372,40 @@ def wait_unreaped(p: subprocess.Popen, timeout_s: float) -> None:
 
 
 @contextlib.contextmanager
-def ensure(settings: Settings, say=lambda msg: None, torchserve: bool = False):
-    """A stack to talk to: a running one, else an embedded one for this block
-    (with its own TorchServe if `torchserve`)."""
+def ensure(settings: Settings, say=lambda msg: None, serving: Iterable[str] = ()):
+    """A stack to talk to, on this command's store: the recorded one (`dyadlab
+    up`) or one on the configured addresses, if healthy with every service of
+    `serving` SERVING; else an embedded one for this block, with the
+    companions of `serving` (e.g. synth's TorchServe)."""
+    serving = tuple(serving)
+    sid = storage.store_id(storage.open_store(settings))
     rec = recorded(settings)
-    if rec is not None and healthy(rec.addrs, settings) and (rec.torchserve or not torchserve):
-        yield rec
+    candidates = [("the stack `dyadlab up` started", rec.addrs)] if rec is not None else []
+    candidates.append(("a stack", configured_addrs(settings)))
+    for what, addrs in candidates:
+        if not healthy(addrs, settings, serving):
+            continue
+        if not same_store(addrs, settings, sid):
+            where = ", ".join(f"{n} {a}" for n, a in list(addrs.items())[:1])
+            say(f"{what} at {where} works on another store (another DYADLAB_HOME or "
+                f"DYADLAB_STORE_DIR / S3 bucket than this command's {_store_words(settings)}); "
+                "leaving it alone")
+            continue
+        yield rec if rec is not None and addrs is rec.addrs else Stack(addrs, {}, {})
         return
-    addrs = configured_addrs(settings)
-    if not torchserve and healthy(addrs, settings):
-        yield Stack(addrs, {}, {})
-        return
-    say("no running stack (dyadlab up); starting an embedded one for this command")
-    st = start(settings, {n: f"127.0.0.1:{free_port()}" for n in SERVICES}, metrics=False,
-               embedded=True, torchserve=torchserve, say=say)
+    need = f" with {' and '.join(serving)} serving" if serving else ""
+    say(f"no running stack on this store{need} (dyadlab up); starting an embedded one for this command")
+    t0 = time.monotonic()
+    st = start(settings, {n: f"127.0.0.1:{free_port()}" for n in services.NAMES}, metrics=False,
+               embedded=True, companions=serving, say=say)
+    if st.companions:
+        say(f"embedded stack ready in {time.monotonic() - t0:.1f} s")
     try:
         yield st
     finally:
         stop(settings, st)
+
+
+def _store_words(settings: Settings) -> str:
+    return (f"S3 {settings.s3_endpoint}/{settings.bucket}" if settings.uses_s3
+            else f"store {settings.store_dir}")

@@ -152,6 +152,13 @@ class ObjectStore(abc.ABC):
             raise NotFound(f"no object {key!r} in bucket {self.bucket!r}")
         return Ref(self.bucket, key, sha256, size)
 
+    @contextlib.contextmanager
+    def local_file(self, key: str) -> Iterator[Path]:
+        """A local file with the object's bytes for the block's duration (a
+        temporary copy, removed after; the local backend gives its own file)."""
+        with tempfile.TemporaryDirectory(prefix="dyadlab-") as d:
+            yield self.get_file(key, Path(d) / "object")
+
 
 class LocalStore(ObjectStore):
     """Objects as files under ROOT/BUCKET/KEY; temporaries under ROOT/BUCKET/.tmp."""
@@ -208,6 +215,10 @@ class LocalStore(ObjectStore):
 
     def delete(self, key):
         self._path(key).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def local_file(self, key: str) -> Iterator[Path]:
+        yield self.local_path(key)
 
     def local_path(self, key: str) -> Path:
         """The file behind a key (local backend only: avoids a copy)."""
@@ -397,6 +408,57 @@ class _Response(io.RawIOBase):
             self._r.close()
             self._r.release_conn()
         super().close()
+
+
+#: where inputs (videos, tables, photos) are put under their content hash
+INPUTS = "inputs"
+_EXT = re.compile(r"\.[a-z0-9]{1,8}")
+
+
+def content_key(sha256: str, name: str = "", prefix: str = INPUTS) -> str:
+    """PREFIX/<sha256><ext>: the one rule for content-addressed keys. The
+    extension is the file name's, in lower case, when it is 1-8 letters and
+    digits (none otherwise): the same bytes always get the same key."""
+    ext = os.path.splitext(name)[1].lower()
+    return f"{prefix}/{sha256}{ext if _EXT.fullmatch(ext) else ''}"
+
+
+def put_content(store: "ObjectStore", path: str | os.PathLike, prefix: str = INPUTS) -> Ref:
+    """Put a local file under its content hash (skipped when it is there already)."""
+    path = Path(path)
+    sha = sha256_file(path)
+    key, size = content_key(sha, path.name, prefix), path.stat().st_size
+    if store.size(key) != size:
+        store.put_file(key, path, sha256=sha)
+    return Ref(store.bucket, key, sha, size)
+
+
+def put_content_bytes(store: "ObjectStore", data: bytes, name: str, prefix: str = INPUTS,
+                      content_type: str = "application/octet-stream") -> Ref:
+    """Put bytes under their content hash (`name` gives the extension)."""
+    import hashlib
+    sha = hashlib.sha256(data).hexdigest()
+    key = content_key(sha, name, prefix)
+    if store.size(key) != len(data):
+        store.put_bytes(key, data, content_type)
+    return Ref(store.bucket, key, sha, len(data))
+
+
+#: where a store keeps its identity (a random id, written by the first service or CLI that asks)
+STORE_ID_KEY = "meta/store-id"
+
+
+def store_id(store: ObjectStore) -> str:
+    """This store's identity: the same for every process that uses the same
+    store (whatever its DYADLAB_HOME or endpoint name), different for another
+    store. Services advertise it (dyadlab.rpc.serve) so that a command can tell
+    a stack on its store from one on another store."""
+    import uuid
+    try:
+        return store.get_bytes(STORE_ID_KEY).decode().strip()
+    except NotFound:
+        store.put_bytes(STORE_ID_KEY, uuid.uuid4().hex.encode(), "text/plain")
+        return store.get_bytes(STORE_ID_KEY).decode().strip()   # whoever wrote last: one id
 
 
 def open_store(settings: Settings) -> ObjectStore:

@@ -48,7 +48,8 @@ if str(ROOT) not in sys.path:   # the editable install (or PYTHONPATH) comes fir
     sys.path.append(str(ROOT))
 
 from dyadlab import video  # noqa: E402
-from dyadlab.stack import SERVICES, free_port  # noqa: E402
+from dyadlab.services import SERVICES  # noqa: E402
+from dyadlab.stack import free_port  # noqa: E402
 from dyadlab.video import loop as loop_video  # noqa: E402
 
 
@@ -153,7 +154,7 @@ def stack_env() -> dict:
     """A fresh DYADLAB_HOME (local store) and free ports: nothing shared with a user's stack."""
     home = Path(tempfile.mkdtemp(prefix="dyadlab-bench-"))
     env = dict(os.environ, DYADLAB_HOME=str(home),
-               **{var: f"127.0.0.1:{free_port()}" for _, var, _, _ in SERVICES.values()})
+               **{var: f"127.0.0.1:{free_port()}" for var in (s.addr_env for s in SERVICES)})
     for k in ("DYADLAB_STORE_DIR", "DYADLAB_S3_ENDPOINT"):
         env.pop(k, None)
     return env

@@ -57,13 +57,13 @@ def temp_stack():
     os.environ.update(DYADLAB_HOME=str(home), DYADLAB_TORCHSERVE="off")
     for k in ("DYADLAB_STORE_DIR", "DYADLAB_S3_ENDPOINT"):
         os.environ.pop(k, None)
-    from dyadlab import stack
+    from dyadlab import services, stack
     from dyadlab.config import Settings
     settings = Settings.from_env()
     st = None
     try:
-        st = stack.start(settings, {n: f"127.0.0.1:{stack.free_port()}" for n in stack.SERVICES},
-                         metrics=False, embedded=True, torchserve=False)
+        st = stack.start(settings, {n: f"127.0.0.1:{stack.free_port()}" for n in services.NAMES},
+                         metrics=False, embedded=True, companions=False)
         yield settings, st
     finally:
         if st is not None:

@@ -62,6 +62,7 @@ def store(request, tmp_path) -> ObjectStore:
 # -- the service stack ----------------------------------------------------------------
 import dataclasses  # noqa: E402
 
+from dyadlab import services as registry  # noqa: E402
 from dyadlab import stack as stack_mod  # noqa: E402
 from dyadlab.config import Settings  # noqa: E402
 
@@ -88,9 +89,9 @@ class RunningStack:
 
         from dyadlab import client
         for name, addr in self.stack.addrs.items():
-            want = (health_pb2.HealthCheckResponse.NOT_SERVING if name in stack_mod.OPTIONAL
+            want = (health_pb2.HealthCheckResponse.NOT_SERVING if registry.get(name).optional
                     else health_pb2.HealthCheckResponse.SERVING)
-            for svc in ("", stack_mod.SERVICES[name][2]):
+            for svc in ("", registry.get(name).grpc_name):
                 try:
                     with client.channel(addr) as ch:
                         got = health_pb2_grpc.HealthStub(ch).Check(
@@ -113,8 +114,8 @@ class RunningStack:
 
 
 def _start_stack(home, extra_env: dict[str, str]) -> RunningStack:
-    addrs = {n: f"127.0.0.1:{stack_mod.free_port()}" for n in stack_mod.SERVICES}
-    env = {"DYADLAB_HOME": str(home), **{stack_mod.SERVICES[n][1]: a for n, a in addrs.items()},
+    addrs = {n: f"127.0.0.1:{stack_mod.free_port()}" for n in registry.NAMES}
+    env = {"DYADLAB_HOME": str(home), **{registry.get(n).addr_env: a for n, a in addrs.items()},
            **extra_env}
     settings = Settings.from_env(env)
     return RunningStack(settings, stack_mod.start(settings, addrs, metrics=False, embedded=True))

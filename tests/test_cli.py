@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from dyadlab import frames as ft
-from dyadlab.stack import SERVICES, free_port
+from dyadlab.services import NAMES, SERVICES
+from dyadlab.stack import free_port
 from media import media_path
 
 DYADLAB = str(Path(sys.executable).with_name("dyadlab"))
@@ -31,7 +32,7 @@ def run(home: Path, *args, check=True, timeout=300) -> subprocess.CompletedProce
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYADLAB_")}
     env["DYADLAB_HOME"] = str(home)
     env.update(_PORTS.setdefault(Path(home), {
-        var: f"127.0.0.1:{free_port()}" for var in [v for _, v, _, _ in SERVICES.values()] + TS_VARS}))
+        var: f"127.0.0.1:{free_port()}" for var in [s.addr_env for s in SERVICES] + TS_VARS}))
     p = subprocess.run([DYADLAB, *map(str, args)], env=env, capture_output=True, text=True,
                        timeout=timeout)
     if check and p.returncode != 0:
@@ -65,7 +66,7 @@ def stack_home(tmp_path_factory):
 def test_status_reports_every_service_serving(stack_home):
     p = run(stack_home, "status")
     lines = {line.split()[0]: line for line in p.stdout.splitlines()}
-    assert all("SERVING" in lines[name] for name in SERVICES)
+    assert all("SERVING" in lines[name] for name in NAMES)
     assert str(stack_home) in lines["store:"]
 
 
@@ -92,6 +93,25 @@ def test_extract_imports_openface_csv(stack_home, tmp_path):
     run(stack_home, "extract", media_path("OpenFace_Test.csv"), "--out", out)
     df = pd.read_parquet(out)
     assert len(df) == 100 and "AU12_r" in df.columns and "x_67" in df.columns
+
+
+def test_a_stack_on_another_store_is_left_alone(stack_home, tmp_path):
+    """A command whose DYADLAB_HOME (so store) differs from the running stack's,
+    on the same ports, used to upload into its own store and then get NOT_FOUND
+    from the other stack. It now sees the stack advertise another store and runs
+    an embedded stack on free ports; `status` says what is happening."""
+    other = tmp_path / "other-home"
+    _PORTS[other] = dict(_PORTS[Path(stack_home)])          # the same ports as the running stack
+    out = tmp_path / "of.csv"
+    p = run(other, "extract", media_path("OpenFace_Test.csv"), "--out", out)
+    assert "works on another store" in p.stderr and "starting an embedded one" in p.stderr
+    assert out.exists() and len(pd.read_csv(out)) > 0
+    st = run(other, "status")
+    assert "another store" in st.stdout
+    assert "another store" not in run(stack_home, "status").stdout
+    # the running stack's own home still uses it, without an embedded stack
+    p = run(stack_home, "extract", media_path("OpenFace_Test.csv"), "--out", tmp_path / "own.csv")
+    assert "embedded" not in p.stderr
 
 
 def test_smiles_table_and_plot(stack_home, tmp_path):
@@ -174,7 +194,7 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
     command still writes; it stops quietly, as Unix tools do."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYADLAB_")}
     env["DYADLAB_HOME"] = str(tmp_path)
-    env.update({var: f"127.0.0.1:{free_port()}" for _, var, _, _ in SERVICES.values()})
+    env.update({var: f"127.0.0.1:{free_port()}" for var in (s.addr_env for s in SERVICES)})
     p = subprocess.run(f"'{DYADLAB}' status | head -c 1 >/dev/null", shell=True, env=env,
                        capture_output=True, text=True, timeout=120)
     assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr

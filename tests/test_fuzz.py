@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis) of the input parsers and the segmenter.
 
 Each must either succeed or raise its documented error type — TableError for
-the OpenFace importer (dyadlab/openface.py, via frames.read_table too), the
+the OpenFace importer (dyadlab/openface.py, via tables.read_frames too), the
 questionnaire/smile-table validation (services/stats/scores.py) and the smile
 segmenter (services/smiles/segment.py) — never anything else. Kept fast:
 ~150 examples per property, no deadline (another job may hold the CPU).
@@ -21,7 +21,8 @@ from dyadlab.frames import TableError
 from dyadlab.openface import read_openface_csv
 from services.smiles import segment
 from services.stats import scores
-from services.stats.server import read_any
+from dyadlab import tables
+from dyadlab.tables import read_any
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -113,7 +114,7 @@ def test_openface_import_succeeds_or_raises_table_error(data):
 @given(st.binary(max_size=600))
 def test_openface_import_of_random_bytes(data):
     try:
-        df, notes = ft.read_table(data)       # Parquet sniffing, then the CSV importer
+        df, notes = tables.read_frames(data)       # Parquet sniffing, then the CSV importer
     except TableError as e:
         assert str(e)
         return

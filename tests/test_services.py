@@ -43,7 +43,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dyadlab import client
-from dyadlab.stack import SERVICES
+from dyadlab.services import SERVICES
 from dyadlab.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2, smiles_pb2_grpc
 from media import media_path, shared_video, without_audio
 from speechmux import mux_speech
@@ -52,7 +52,7 @@ WAV = Path(__file__).parent / "data" / "speech_espeak.wav"
 PEEKABOO = "2UWdXP.joke1.rep3.take1.Peekaboo_h265.mp4"
 DEADLINE_S = 180.0
 SHORT_S = 30.0
-SERVICE_NAMES = {name: grpc_name for name, (_, _, grpc_name, _) in SERVICES.items()}
+SERVICE_NAMES = {s.name: s.grpc_name for s in SERVICES}
 MEDIA = {  # name -> how to find it
     "wl": lambda: media_path("WolfgangLanger_Pexels.mp4"),
     "single": lambda: media_path("single_face.mp4"),

@@ -63,7 +63,7 @@ def test_simulate_writes_a_valid_cohort(stats, simulated):
     assert len(sc) == 188 and set(sc["visit_month"]) == {6, 12}
 
 
-def test_analyze_cohort_writes_every_table_figure_and_the_report(stats, analysed):
+def test_analyze_cohort_writes_every_table_figure_and_the_report(stats, simulated, analysed):
     rs, _ = stats
     progress, res = analysed
     stages = {p.stage for p in progress}
@@ -77,6 +77,14 @@ def test_analyze_cohort_writes_every_table_figure_and_the_report(stats, analysed
     assert {"feature", "t", "df", "p", "cohens_d", "mean_6", "sd_6", "mean_12", "sd_12",
             "p_adj"} <= set(t3.columns)
     assert len(t3) == 8 and (t3["df"] % 1 != 0).any()  # Welch df are fractional
+    # machine-readable tables keep full precision: the CSV's t is scipy's, to the last bit
+    # (read back with round-trip parsing; pandas' default parser may differ in the last bit)
+    t3 = pd.read_csv(io.BytesIO(rs.store.get_bytes(files["table3_ttests.csv"])), float_precision="round_trip")
+    from services.stats import inference, scores
+    sm = scores.validate_smiles(pd.read_csv(io.BytesIO(rs.store.get_bytes(simulated["smiles.csv"]))))
+    direct = inference.welch_table(sm).set_index("feature")
+    for _, row in t3.iterrows():
+        assert row["t"] == direct.loc[row["feature"], "t"] and row["df"] == direct.loc[row["feature"], "df"]
     t4 = pd.read_csv(io.BytesIO(rs.store.get_bytes(files["table4_anova.csv"])))
     assert {"feature", "visit_month", "score", "F", "df1", "df2", "p", "partial_eta2"} <= set(t4.columns)
     assert len(t4) == 2 * 3 * 8  # visits x categorical scores x features, all listed

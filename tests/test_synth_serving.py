@@ -401,17 +401,17 @@ def _settings(tmp_path, **env):
 
 
 def test_stack_skips_torchserve_with_a_note(tmp_path):
-    from dyadlab import stack
+    from services.synth import companion
     s = _settings(tmp_path, DYADLAB_SYNTH_MODEL=str(tmp_path / "absent.pt"))
-    ts, note = stack.start_torchserve(s, embedded=True)
+    ts, note = companion.start(s, embedded=True)
     assert ts is None and "no synth model at" in note and "NOT_SERVING" in note
-    ts, note = stack.start_torchserve(_settings(tmp_path, DYADLAB_TORCHSERVE="off"), embedded=True)
+    ts, note = companion.start(_settings(tmp_path, DYADLAB_TORCHSERVE="off"), embedded=True)
     assert ts is None and "DYADLAB_TORCHSERVE=off" in note
     # the stack's TorchServe listens on loopback only; a remote one is fine for clients
     remote = _settings(tmp_path, DYADLAB_TORCHSERVE_MANAGEMENT="0.0.0.0:7081",
                        DYADLAB_SYNTH_MODEL=str(tmp_path))
-    with pytest.raises(stack.StackError, match="loopback only"):
-        stack.torchserve_host(remote)
+    with pytest.raises(companion.CompanionError, match="loopback only"):
+        companion.host(remote)
     assert _settings(tmp_path, DYADLAB_TORCHSERVE_ADDR="torchserve:7070").torchserve_grpc == \
         "torchserve:7070"
     from dyadlab.config import ConfigError
@@ -422,11 +422,11 @@ def test_stack_skips_torchserve_with_a_note(tmp_path):
 def test_stack_torchserve_start_predict_stop(tmp_path, model_file):
     """What `dyadlab up` does for TorchServe (here on free ports): archive via the
     store, token auth, the key read from the key file; stop leaves no process."""
-    from dyadlab import stack
+    from services.synth import companion
     s = _settings(tmp_path, DYADLAB_SYNTH_MODEL=str(model_file))
-    if stack.torchserve_unavailable(s):
-        pytest.skip(stack.torchserve_unavailable(s))
-    ts, info = stack.start_torchserve(s, embedded=True)
+    if companion.unavailable(s):
+        pytest.skip(companion.unavailable(s))
+    ts, info = companion.start(s, embedded=True)
     try:
         ts.wait_ready()
         from dyadlab.storage import open_store
@@ -448,6 +448,6 @@ def test_stack_torchserve_start_predict_stop(tmp_path, model_file):
         procs = ts.processes()
         assert len(procs) >= 2                              # java + a Python worker
     finally:
-        stack.stop_torchserve(info)
+        companion.stop(info)
     assert not any(p.is_running() and p.status() != "zombie" for p in procs)
     assert not Path(info["workdir"]).exists()

@@ -231,7 +231,7 @@ def _status(fn, *a):
 
 
 def test_decode_image_rejects_non_images_precisely():
-    from services.synth import server as S
+    from services.synth import images as S
     e = _status(S.decode_image, b"%PDF-1.4 not an image", "image")
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "could not be read as an image" in str(e)
     e = _status(S.decode_image, b"", "parent_face")
@@ -242,7 +242,7 @@ def test_decode_image_rejects_non_images_precisely():
 
 def test_check_va_and_model_name():
     from dyadlab.v1 import synth_pb2
-    from services.synth import server as S
+    from services.synth import checks as S
     assert S.check_va(synth_pb2.VA(valence=1.0, arousal=-1.0), "target") == (1.0, -1.0)
     for v, a in ((1.01, 0), (0, -1.5), (math.nan, 0), (math.inf, 0)):
         e = _status(S.check_va, synth_pb2.VA(valence=v, arousal=a), "target")
@@ -252,7 +252,7 @@ def test_check_va_and_model_name():
 
 
 def test_find_and_align_on_real_faces_and_a_faceless_image():
-    from services.synth import server as S
+    from services.synth import images as S
     for path in (pyfeat_image("single_face.jpg"), expression_image("Aaron_Guiel_0001.jpg")):
         rgb = S.decode_image(path.read_bytes(), path.name)
         crop, lm, stage = S.find_and_align(rgb, 64, path.name)

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import contextlib
 import dataclasses
 import hashlib
 import io
 import logging
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from google.protobuf import json_format
 
 from dyadlab import frames as ft
 from dyadlab import log as jsonlog
-from dyadlab import openface, rpc, storage, video
+from dyadlab import openface, rpc, storage, tables, video
 from dyadlab.config import Settings
 from dyadlab.messages import ROLE_ENUM, object_ref
 from dyadlab.face import models
@@ -140,26 +138,8 @@ class ExtractorService:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
     # -- the work ---------------------------------------------------------------
-    @contextlib.contextmanager
-    def local_copy(self, key: str):
-        """A local file with the object's bytes (no copy for the local backend)."""
-        if isinstance(self.store, storage.LocalStore):
-            yield self.store.local_path(key)
-            return
-        with tempfile.TemporaryDirectory(prefix="dyadlab-") as d:
-            yield self.store.get_file(key, Path(d) / "input")
-
     def check_video(self, ref: common_pb2.ObjectRef) -> int:
-        if not ref.key:
-            raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "video.key is empty")
-        storage.validate_key(ref.key)
-        if ref.bucket and ref.bucket != self.store.bucket:
-            raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"bucket {ref.bucket!r} is not this service's bucket "
-                                f"{self.store.bucket!r}")
-        size = self.store.size(ref.key)
-        if size is None:
-            raise rpc.UserError(grpc.StatusCode.NOT_FOUND, f"no video at key {ref.key!r}")
+        size = rpc.object_size(self.store, ref, "video")
         if size == 0:
             raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "the video is empty (0 bytes)")
         if size > self.settings.max_video_bytes:
@@ -172,7 +152,7 @@ class ExtractorService:
     def run(self, key: str, opts: pipeline.Options, skip_speech: bool,
             report: rpc.Report) -> extractor_pb2.ExtractResult:
         t0 = time.perf_counter()
-        with self.local_copy(key) as path:
+        with self.store.local_file(key) as path:
             report("hash", 0, 1, "")
             sha = storage.sha256_file(path)
             keys = Keys(sha, opts.cache_tag())
@@ -213,7 +193,7 @@ class ExtractorService:
             if "error" in speech_out:
                 raise speech_out["error"]
             report("write", 0, 1, "")
-            frames_ref = self.store.put_bytes(keys.frames, ft.to_bytes(ex.table, "parquet"))
+            frames_ref = self.store.put_bytes(keys.frames, tables.to_bytes(ex.table, "parquet"))
             fe = frontends.get(opts.frontend)
             res = extractor_pb2.ExtractResult(
                 frames=object_ref(frames_ref), video=video_info(idx), faces=face_summaries(ex.faces),
@@ -248,23 +228,21 @@ class ExtractorService:
                 return
             r = speech.detect_speech(path)
             out["notes"] = list(r.notes)
-            out["ref"] = self.store.put_bytes(keys.speech, ft.to_bytes(speech.speech_table(r), "parquet"))
+            out["ref"] = self.store.put_bytes(keys.speech, tables.to_bytes(speech.speech_table(r), "parquet"))
         except Exception as e:  # noqa: BLE001 — re-raised in the job's thread
             out["error"] = e
 
-    def import_openface(self, key: str) -> extractor_pb2.ImportOpenFaceResponse:
-        storage.validate_key(key)
-        size = self.store.size(key)
-        if size is None:
-            raise rpc.UserError(grpc.StatusCode.NOT_FOUND, f"no CSV at key {key!r}")
+    def import_openface(self, ref: common_pb2.ObjectRef) -> extractor_pb2.ImportOpenFaceResponse:
+        size = rpc.object_size(self.store, ref, "csv", "CSV")
+        key = ref.key
         if size > openface.DEFAULT_MAX_BYTES:
             raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"the CSV is {size / 2**20:.0f} MiB, over the import limit of "
                                 f"{openface.DEFAULT_MAX_BYTES / 2**20:.0f} MiB")
         data = self.store.get_bytes(key)
         sha = hashlib.sha256(data).hexdigest()
-        df, notes = ft.read_table(data)
-        ref = self.store.put_bytes(f"frames/{sha}/imported.parquet", ft.to_bytes(df, "parquet"))
+        df, notes = tables.read_frames(data)
+        ref = self.store.put_bytes(f"frames/{sha}/imported.parquet", tables.to_bytes(df, "parquet"))
         return extractor_pb2.ImportOpenFaceResponse(
             frames=object_ref(ref), rows=len(df), faces=face_summaries(summarize_table(df)), notes=notes)
 
@@ -304,9 +282,7 @@ class _Servicer(extractor_pb2_grpc.ExtractorServicer):
                         lambda report: self.svc.run(request.video.key, opts,
                                                     request.options.skip_speech, report)):
                     if kind == "progress":
-                        stage, done, total, msg = value
-                        yield extractor_pb2.ExtractEvent(progress=common_pb2.Progress(
-                            stage=stage, done=done, total=total, message=msg))
+                        yield extractor_pb2.ExtractEvent(progress=rpc.progress(*value))
                     else:
                         JOBS.labels("cache_hit" if value.cache_hit else "done").inc()
                         yield extractor_pb2.ExtractEvent(result=value)
@@ -317,9 +293,7 @@ class _Servicer(extractor_pb2_grpc.ExtractorServicer):
 
     @rpc.status_errors
     async def ImportOpenFace(self, request, context):
-        if not request.csv.key:
-            raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "csv.key is empty")
-        return await asyncio.to_thread(self.svc.import_openface, request.csv.key)
+        return await asyncio.to_thread(self.svc.import_openface, request.csv)
 
 
 def main() -> None:

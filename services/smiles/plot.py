@@ -17,7 +17,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from .segment import Smile, SmileParams, high_confidence, median_interval
+from dyadlab.frames import median_interval
+
+from .segment import Smile, SmileParams, high_confidence
 
 PHASE_COLOURS = {"onset": "#2ca02c", "apex": "#ff7f0e", "offset": "#9467bd"}
 

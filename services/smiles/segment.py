@@ -88,7 +88,7 @@ from scipy.ndimage import median_filter
 from scipy.signal import savgol_filter
 
 from dyadlab.frames import (INNER_LEFT_NOSTRIL, LEFT_LIP_CORNER, MIN_CONFIDENCE,
-                            RIGHT_LIP_CORNER, TableError)
+                            RIGHT_LIP_CORNER, TableError, median_interval)
 
 #: Tolerance for time comparisons (s), so 1.0 s written as 30 frames at
 #: 30 fps counts as "within one second" despite float rounding.
@@ -249,13 +249,6 @@ def high_confidence(df: pd.DataFrame, params: SmileParams = SmileParams()) -> np
     """Boolean mask: ``confidence >= min_confidence`` and ``success == 1``."""
     return ((df["confidence"].to_numpy(float) >= params.min_confidence)
             & (df["success"].to_numpy(float) == 1))
-
-
-def median_interval(t: np.ndarray) -> float:
-    """Median of the positive time steps (s); NaN with fewer than two frames."""
-    d = np.diff(np.asarray(t, float))
-    d = d[d > 0]
-    return float(np.median(d)) if len(d) else float("nan")
 
 
 def segments(t: np.ndarray, ok: np.ndarray, max_gap_s: float) -> list[tuple[int, int]]:

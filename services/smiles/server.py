@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import io
 import logging
 import tempfile
 from pathlib import Path
@@ -14,7 +13,7 @@ import grpc
 import pandas as pd
 import prometheus_client as prom
 
-from dyadlab import client, rpc, storage
+from dyadlab import client, rpc, storage, tables
 from dyadlab import frames as ft
 from dyadlab import log as jsonlog
 from dyadlab.config import Settings
@@ -117,26 +116,15 @@ class SmilesService:
             await self.channel.close()
 
     def load_table(self, ref: common_pb2.ObjectRef, what: str) -> tuple[pd.DataFrame, bytes, list[str]]:
-        if not ref.key:
-            raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}.key is empty")
-        storage.validate_key(ref.key)
-        if not self.store.exists(ref.key):
-            raise rpc.UserError(grpc.StatusCode.NOT_FOUND, f"no {what} at key {ref.key!r}")
+        rpc.object_size(self.store, ref, what)
         data = self.store.get_bytes(ref.key)
-        df, notes = ft.read_table(data)
+        df, notes = tables.read_frames(data)
         return df, data, notes
 
     def load_speech(self, ref: common_pb2.ObjectRef) -> pd.DataFrame:
         """A speech table (start_s, end_s[, duration_s]) as Parquet or CSV."""
-        storage.validate_key(ref.key)
-        if not self.store.exists(ref.key):
-            raise rpc.UserError(grpc.StatusCode.NOT_FOUND, f"no speech table at key {ref.key!r}")
-        data = self.store.get_bytes(ref.key)
-        try:
-            df = (pd.read_parquet(io.BytesIO(data)) if data[:4] == b"PAR1"
-                  else pd.read_csv(io.BytesIO(data), skipinitialspace=True))
-        except Exception as e:  # noqa: BLE001 — pandas/pyarrow raise many kinds
-            raise ft.TableError(f"speech table is not readable Parquet or CSV ({type(e).__name__})") from None
+        rpc.object_size(self.store, ref, "speech", "speech table")
+        df = tables.read_any(self.store.get_bytes(ref.key), "speech table")
         missing = [c for c in ("start_s", "end_s") if c not in df.columns]
         if missing:
             raise ft.TableError("speech table is missing columns: " + ", ".join(missing))
@@ -220,7 +208,7 @@ class SmilesService:
         tag = hashlib.sha256(repr((frames_digest, fid, params, keep_speech,
                                    segs, VERSION)).encode()).hexdigest()[:24]
         res.smiles.CopyFrom(object_ref(self.store.put_bytes(
-            f"smiles/{tag}/smiles.csv", ft.to_bytes(table, "csv"), content_type="text/csv")))
+            f"smiles/{tag}/smiles.csv", tables.to_bytes(table, "csv"), content_type="text/csv")))
         if want_plot:
             report("plot", 0, 1, "")
             with tempfile.TemporaryDirectory(prefix="dyadlab-") as d:
@@ -237,35 +225,19 @@ class SmilesService:
         return res
 
 
-def _progress(stage: str, done: int, total: int, message: str) -> common_pb2.Progress:
-    return common_pb2.Progress(stage=stage, done=done, total=total, message=message)
-
 
 class _Servicer(smiles_pb2_grpc.SmilesServicer):
     def __init__(self, svc: SmilesService):
         self.svc = svc
 
-    async def _extract(self, context, video: common_pb2.ObjectRef, options,
-                       label: str = "extract"):
-        """Ask the extractor for a video's frames: yields Progress, then the
-        ExtractResult. The caller's deadline carries over."""
+    def _extract(self, context, video: common_pb2.ObjectRef, options, label: str = "extract"):
+        """Ask the extractor for a video's frames: an rpc.relay_progress stream
+        (its progress, stages prefixed "<label>/", then the ExtractResult). The
+        caller's deadline carries over."""
         stub = extractor_pb2_grpc.ExtractorStub(self.svc.channel)
         call = stub.Extract(extractor_pb2.ExtractRequest(video=video, options=options),
                             timeout=rpc.downstream_timeout(context, self.svc.settings.rpc_timeout_s))
-        result = None
-        try:
-            async for ev in call:
-                if ev.HasField("progress"):
-                    p = ev.progress
-                    yield _progress(f"{label}/{p.stage}", p.done, p.total, p.message)
-                else:
-                    result = ev.result
-        except grpc.aio.AioRpcError as e:
-            # Pass the extractor's verdict on through (bad video, missing key, ...).
-            raise rpc.UserError(e.code(), f"extractor: {e.details()}") from None
-        if result is None:
-            raise rpc.UserError(grpc.StatusCode.UNAVAILABLE, "extractor ended without a result")
-        yield result
+        return rpc.relay_progress(call, label, peer="extractor")
 
     @rpc.status_errors
     async def Analyze(self, request, context):
@@ -278,11 +250,11 @@ class _Servicer(smiles_pb2_grpc.SmilesServicer):
         if source is None:
             raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "give a video or a frames reference")
         if source == "video":
-            async for item in self._extract(context, request.video, request.extract):
-                if isinstance(item, common_pb2.Progress):
-                    yield smiles_pb2.AnalyzeEvent(progress=item)
+            async for kind, value in self._extract(context, request.video, request.extract):
+                if kind == "progress":
+                    yield smiles_pb2.AnalyzeEvent(progress=rpc.progress(*value))
                 else:
-                    result = item
+                    result = value
             notes.extend(result.notes)
             frames_ref = result.frames
             if result.HasField("speech"):
@@ -299,7 +271,7 @@ class _Servicer(smiles_pb2_grpc.SmilesServicer):
                 lambda report: svc.analyze(frames_df, digest, speech_df, face, request.keep_speech,
                                            params, request.plot, notes, report)):
             if kind == "progress":
-                yield smiles_pb2.AnalyzeEvent(progress=_progress(*value))
+                yield smiles_pb2.AnalyzeEvent(progress=rpc.progress(*value))
             else:
                 value.frames.CopyFrom(frames_ref)
                 yield smiles_pb2.AnalyzeEvent(result=value)
@@ -319,11 +291,12 @@ class _Servicer(smiles_pb2_grpc.SmilesServicer):
                 df, _, tnotes = await asyncio.to_thread(svc.load_table, ref, f"{label} frames")
                 notes += tnotes
             else:
-                async for item in self._extract(context, ref, request.extract, f"extract {label}"):
-                    if isinstance(item, common_pb2.Progress):
-                        yield smiles_pb2.DyadEvent(progress=item)
+                async for kind, value in self._extract(context, ref, request.extract,
+                                                       f"extract {label}"):
+                    if kind == "progress":
+                        yield smiles_pb2.DyadEvent(progress=rpc.progress(*value))
                     else:
-                        result = item
+                        result = value
                 notes += [f"{label} video: {n}" for n in result.notes]
                 rest.update({(label, f.face_id): (f.au12_rest_width, f.au_calibration)
                              for f in result.faces})
@@ -335,7 +308,7 @@ class _Servicer(smiles_pb2_grpc.SmilesServicer):
                 lambda report: svc.analyze_dyad(people, pid, iid, src.offset_s, pp, ip, measures,
                                                 rest, notes, report)):
             if kind == "progress":
-                yield smiles_pb2.DyadEvent(progress=_progress(*value))
+                yield smiles_pb2.DyadEvent(progress=rpc.progress(*value))
             else:
                 yield smiles_pb2.DyadEvent(result=value)
 

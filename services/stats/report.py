@@ -252,7 +252,7 @@ def write_all(out: Path, t2, t3, t4, corr, notes, meta, dyads=None) -> dict[str,
                      ("table6_dyads_correlations.csv", dc)):
         if df is not None:
             files[name] = out / name
-            df.to_csv(files[name], index=False, float_format="%.6g")
+            df.to_csv(files[name], index=False)   # full precision: floats round-trip
     for name, png in figures.items():
         files[f"{name}.png"] = out / f"{name}.png"
         files[f"{name}.png"].write_bytes(png)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import logging
 import tempfile
 import time
@@ -14,9 +13,8 @@ import grpc
 import pandas as pd
 import prometheus_client as prom
 
-from dyadlab import rpc, storage
+from dyadlab import rpc, storage, tables
 from dyadlab.config import Settings
-from dyadlab.frames import TableError
 from dyadlab.messages import object_ref
 from dyadlab.v1 import common_pb2, stats_pb2, stats_pb2_grpc
 from services.stats import inference, mlp, report, scores, simulate
@@ -28,16 +26,6 @@ CORRECTION = {stats_pb2.CORRECTION_NONE: "none", stats_pb2.CORRECTION_HOLM: "hol
               stats_pb2.CORRECTION_FDR_BH: "fdr_bh"}
 MAX_TABLE_BYTES = 256 << 20
 MAX_PARTICIPANTS = 100_000
-
-
-def read_any(data: bytes) -> pd.DataFrame:
-    """A CSV or Parquet table from bytes."""
-    try:
-        if data[:4] == b"PAR1":
-            return pd.read_parquet(io.BytesIO(data))
-        return pd.read_csv(io.BytesIO(data), skipinitialspace=True)
-    except Exception as e:  # noqa: BLE001 — pandas/pyarrow raise many kinds
-        raise TableError(f"not a readable CSV or Parquet table ({type(e).__name__})") from None
 
 
 class StatsService:
@@ -58,12 +46,7 @@ class StatsService:
         pass
 
     def _get(self, ref: common_pb2.ObjectRef, what: str) -> bytes:
-        if not ref.key:
-            raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}.key is empty")
-        storage.validate_key(ref.key)
-        size = self.store.size(ref.key)
-        if size is None:
-            raise rpc.UserError(grpc.StatusCode.NOT_FOUND, f"no {what} table at key {ref.key!r}")
+        size = rpc.object_size(self.store, ref, what, f"{what} table")
         if size > MAX_TABLE_BYTES:
             raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"the {what} table is {size >> 20} MiB, over {MAX_TABLE_BYTES >> 20} MiB")
@@ -76,7 +59,7 @@ class StatsService:
         if source == "smiles":
             data = self._get(request.smiles, "smiles")
             h.update(data)
-            raw = read_any(data)
+            raw = tables.read_any(data)
         elif source == "sessions":
             parts = []
             for i, s in enumerate(request.sessions.sessions):
@@ -86,7 +69,7 @@ class StatsService:
                                         f"one of {scores.VISITS}")
                 data = self._get(s.smiles, f"sessions[{i}].smiles")
                 h.update(s.participant_id.encode() + bytes([s.visit_month]) + data)
-                t = read_any(data)
+                t = tables.read_any(data)
                 t["participant_id"], t["visit_month"] = s.participant_id, s.visit_month
                 parts.append(t)
             if not parts:
@@ -96,7 +79,7 @@ class StatsService:
             raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "give smiles or sessions")
         sdata = self._get(request.scores, "scores")
         h.update(sdata)
-        sc, notes = scores.validate_scores(read_any(sdata))
+        sc, notes = scores.validate_scores(tables.read_any(sdata))
         sm = scores.validate_smiles(raw)
         return sm, sc, notes, h.hexdigest()
 
@@ -118,7 +101,7 @@ class StatsService:
         report_progress("tests", 3, 3, "")
         dyad_anova = dyad_corr = None
         if request.dyads.key:
-            dyads = scores.validate_dyads(read_any(self._get(request.dyads, "dyads")))
+            dyads = scores.validate_dyads(tables.read_any(self._get(request.dyads, "dyads")))
             dj, dnotes = scores.join(dyads, sc)
             notes += [f"dyads: {n}" for n in dnotes]
             dyad_anova, dyad_corr = inference.dyad_tables(dj)
@@ -188,9 +171,7 @@ class _Servicer(stats_pb2_grpc.StatsServicer):
     async def AnalyzeCohort(self, request, context):
         async for kind, value in rpc.progress_stream(lambda rep: self.svc.analyze(request, rep)):
             if kind == "progress":
-                stage, done, total, msg = value
-                yield stats_pb2.CohortEvent(progress=common_pb2.Progress(
-                    stage=stage, done=done, total=total, message=msg))
+                yield stats_pb2.CohortEvent(progress=rpc.progress(*value))
             else:
                 yield stats_pb2.CohortEvent(result=value)
 

@@ -16,12 +16,7 @@ import sys
 import urllib.error
 import urllib.request
 
-SERVICES = {  # name -> (address variable, default port, gRPC service name)
-    "extractor": ("DYADLAB_EXTRACTOR_ADDR", 50061, "dyadlab.v1.Extractor"),
-    "smiles": ("DYADLAB_SMILES_ADDR", 50062, "dyadlab.v1.Smiles"),
-    "stats": ("DYADLAB_STATS_ADDR", 50063, "dyadlab.v1.Stats"),
-    "synth": ("DYADLAB_SYNTH_ADDR", 50064, "dyadlab.v1.Synth"),
-}
+from dyadlab import services as registry  # the service registry: names, ports, health names
 
 
 def grpc_status(addr: str, service: str, timeout: float = 3.0) -> str:
@@ -75,10 +70,10 @@ def main(argv: list[str]) -> int:
     else:
         if argv[0] == "grpc":
             addr, service = argv[1], argv[2] if len(argv) > 2 else ""
-        elif argv[0] in SERVICES:
-            var, port, service = SERVICES[argv[0]]
-            raw = os.environ.get(var, "")
-            port = int(raw.rsplit(":", 1)[1]) if ":" in raw else port
+        elif argv[0] in registry.BY_NAME:
+            svc = registry.get(argv[0])
+            raw, service = os.environ.get(svc.addr_env, ""), svc.grpc_name
+            port = int(raw.rsplit(":", 1)[1]) if ":" in raw else svc.port
             # the plaintext health-only port (the service port speaks TLS)
             port = int(os.environ.get("DYADLAB_HEALTH_PORT") or 0) or port
             addr = f"127.0.0.1:{port}"

@@ -1,0 +1,3 @@
+from services.synth.server import main
+
+main()
