@@ -10,7 +10,7 @@ PROTOS  := $(wildcard proto/dyadlab/v1/*.proto)
 TS_PROTOS := $(wildcard proto/dyadlab/torchserve_grpc/*.proto)
 STAMP   := $(VENV)/.stamp-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup proto media demo test bench clean
+.PHONY: setup proto media demo lint test bench clean
 setup: $(STAMP) proto
 
 $(STAMP): requirements.lock pyproject.toml
@@ -54,7 +54,13 @@ $(SWIFT)/.stamp: tests/requirements-s3.txt
 	$(SWIFT)/bin/python -c "import swift.common.middleware.s3api, pyeclib_c, xattr" # fail loudly if the install broke
 	touch $@
 
-test: setup media $(SWIFT)/.stamp
+# Lint and types (pinned ruff and mypy; configuration in pyproject.toml): part of `make test`.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint media $(SWIFT)/.stamp
 	$(BIN)/python -m pytest -q
 
 # The parent-infant clip comes from the shared data (skipped, with a line, without it).

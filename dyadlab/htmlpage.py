@@ -1,5 +1,6 @@
 """Self-contained HTML pages (figures inline), readable offline and printable:
 the cohort report and the dyad page share these pieces."""
+
 from __future__ import annotations
 
 import base64
@@ -34,8 +35,10 @@ def table(df: pd.DataFrame, caption: str, table_id: str, bold: pd.Series | None 
     for i, (_, r) in enumerate(df.iterrows()):
         cls = ' class="sig"' if bold is not None and bool(bold.iloc[i]) else ""
         rows.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>")
-    return (f'<table id="{table_id}"><caption>{html.escape(caption)}</caption>'
-            f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    return (
+        f'<table id="{table_id}"><caption>{html.escape(caption)}</caption>'
+        f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def img(data: bytes, alt: str) -> str:
@@ -43,9 +46,11 @@ def img(data: bytes, alt: str) -> str:
 
 
 def page(title: str, body: list[str]) -> str:
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}"
-            f"</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>")
+    return (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}"
+        f"</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>"
+    )
 
 
 def para(text: str, cls: str = "") -> str:
-    return f'<p{f" class={cls!r}" if cls else ""}>{html.escape(text)}</p>'
+    return f"<p{f' class={cls!r}' if cls else ''}>{html.escape(text)}</p>"

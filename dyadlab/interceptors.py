@@ -7,11 +7,13 @@ handler runs them around the method. Used by dyadlab.rpc (metrics) and
 dyadlab.security (authentication, authorization, audit). Library code: it
 imports no service.
 """
+
 from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import grpc
 
@@ -33,10 +35,12 @@ class CallHooks(Protocol):
 BeginCall = Callable[[Any, Any], CallHooks]
 
 KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
-_MAKE = {"unary_unary": grpc.unary_unary_rpc_method_handler,
-         "unary_stream": grpc.unary_stream_rpc_method_handler,
-         "stream_unary": grpc.stream_unary_rpc_method_handler,
-         "stream_stream": grpc.stream_stream_rpc_method_handler}
+_MAKE = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
 
 
 def kind_of(handler: grpc.RpcMethodHandler) -> str:
@@ -49,15 +53,19 @@ def wrap_handler(handler: grpc.RpcMethodHandler, begin: BeginCall) -> grpc.RpcMe
     kind = kind_of(handler)
     inner = getattr(handler, kind)
     unary_request = kind.startswith("unary_")
+    behaviour: Callable[[Any, Any], Any]  # a coroutine function or an async generator function
     if kind.endswith("_unary"):
+
         async def behaviour(request, context):
             async with _hooked(begin(request if unary_request else None, context)):
                 return await inner(request, context)
     else:
+
         async def behaviour(request, context):
             async with _hooked(begin(request if unary_request else None, context)):
                 async for item in _iterate(inner(request, context)):
                     yield item
+
     return _MAKE[kind](behaviour, handler.request_deserializer, handler.response_serializer)
 
 

@@ -3,6 +3,7 @@
 Privacy rule: never log participant data — no file names, paths, object keys
 of uploads, or face images. Log content hashes (shortened) and counts instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,9 @@ class JsonFormatter(logging.Formatter):
         self.service = service
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        out: dict[str, int | float | str | bool | None] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                  + f".{int(record.msecs):03d}Z",
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "service": self.service,
             "logger": record.name,

@@ -1,4 +1,5 @@
 """Conversions between the shared library's values and the API's messages."""
+
 from __future__ import annotations
 
 from dyadlab import storage

@@ -54,6 +54,7 @@ Empty cells / NaN (``nan``, ``-nan``, MSVC's ``-nan(ind)``, ...) in the
 required columns are errors; in other columns they are kept as NaN and
 counted in a note.
 """
+
 from __future__ import annotations
 
 import csv
@@ -65,9 +66,20 @@ from typing import BinaryIO, TextIO, Union
 import numpy as np
 import pandas as pd
 
-from dyadlab.frames import (LANDMARK_COLS, MIN_CONFIDENCE, OPENFACE_AUS, POSE_COLS,
-                            REQUIRED_COLS, ROLE_COL, ROLES, TableError, X_COLS, Y_COLS,
-                            column_order, validate)
+from dyadlab.frames import (
+    LANDMARK_COLS,
+    MIN_CONFIDENCE,
+    OPENFACE_AUS,
+    POSE_COLS,
+    REQUIRED_COLS,
+    ROLE_COL,
+    ROLES,
+    X_COLS,
+    Y_COLS,
+    TableError,
+    column_order,
+    validate,
+)
 
 __all__ = ["read_openface_csv", "DEFAULT_MAX_BYTES", "FILE_REQUIRED_COLS"]
 
@@ -86,7 +98,8 @@ _KEEP_RE = re.compile(
     r"|[xyXYZ]_\d+"
     r"|AU\d\d_[rc]"
     r"|gaze_[01]_[xyz]|gaze_angle_[xy]"
-    r"|p_scale|p_r[xyz]|p_t[xy])$")
+    r"|p_scale|p_r[xyz]|p_t[xy])$"
+)
 # OpenFace columns we drop on purpose, by group name for the note.
 _DROP_GROUPS = (
     (re.compile(r"^eye_lmk_[xyXYZ]_\d+$"), "eye-region landmarks eye_lmk_*"),
@@ -121,11 +134,14 @@ def _list(items, n: int = _MAX_LISTED) -> str:
 
 # --------------------------------------------------------------------------- input
 
+
 def _read_bytes(source: Source, max_bytes: int) -> tuple[bytes, str]:
     """The raw bytes of source and a name for messages, enforcing max_bytes."""
-    too_big = (lambda size, name: TableError(
+    too_big = lambda size, name: TableError(
         f"{name} is {size / 2**20:.1f} MiB, over the import limit of "
-        f"{max_bytes / 2**20:.1f} MiB (max_bytes={max_bytes})"))
+        f"{max_bytes / 2**20:.1f} MiB (max_bytes={max_bytes})"
+    )
+    data: bytes | str | None  # a file object's read() (below) may give str or None
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if len(data) > max_bytes:
@@ -169,12 +185,13 @@ def _check_text(data: bytes, name: str) -> bytes:
     if data.startswith(b"\x1f\x8b"):
         raise TableError(f"{name} is gzip-compressed, not a CSV; decompress it first")
     if data.startswith(b"PK\x03\x04"):
-        raise TableError(f"{name} is a zip archive (or an .xlsx workbook), not a CSV; "
-                         "extract it or export the sheet as CSV first")
+        raise TableError(
+            f"{name} is a zip archive (or an .xlsx workbook), not a CSV; "
+            "extract it or export the sheet as CSV first"
+        )
     nul = data.find(b"\x00")
     if nul >= 0:
-        raise TableError(f"{name} is not a CSV text file: binary data "
-                         f"(NUL byte at byte offset {nul})")
+        raise TableError(f"{name} is not a CSV text file: binary data (NUL byte at byte offset {nul})")
     return data.rstrip(b" \t\r\n") + b"\n"
 
 
@@ -185,16 +202,17 @@ def _parse_header(data: bytes, name: str) -> tuple[list[str], int]:
     try:
         line = raw.decode("utf-8").rstrip("\r")
     except UnicodeDecodeError as e:
-        raise TableError(f"{name} is not a CSV text file: the first line is not UTF-8 "
-                         f"text (bad byte at offset {e.start})") from None
+        raise TableError(
+            f"{name} is not a CSV text file: the first line is not UTF-8 text (bad byte at offset {e.start})"
+        ) from None
     if any(ord(ch) < 32 and ch != "\t" for ch in line):
-        raise TableError(f"{name} is not a CSV text file: control characters in the "
-                         "first line")
+        raise TableError(f"{name} is not a CSV text file: control characters in the first line")
     names = [c.strip() for c in next(csv.reader([line], skipinitialspace=True))]
     unnamed = [i + 1 for i, c in enumerate(names) if not c]
     if unnamed:
-        raise TableError(f"{name}: header has empty column names at positions "
-                         f"{_list(map(str, unnamed))} (1-based)")
+        raise TableError(
+            f"{name}: header has empty column names at positions {_list(map(str, unnamed))} (1-based)"
+        )
     seen, dups = set(), []
     for c in names:
         if c in seen and c not in dups:
@@ -218,18 +236,21 @@ def _check_field_counts(body: bytes, n_fields: int, name: str) -> int:
     for i, ln in enumerate(lines):
         if ln.count(b",") != want:
             if not ln.strip():
-                raise TableError(f"{name}: {_where(i)} is blank; remove blank lines "
-                                 "(every line after the header must be one frame)")
+                raise TableError(
+                    f"{name}: {_where(i)} is blank; remove blank lines "
+                    "(every line after the header must be one frame)"
+                )
             got = ln.count(b",") + 1
             hint = " (truncated file?)" if got < n_fields and i == len(lines) - 1 else ""
-            raise TableError(f"{name}: {_where(i)} has {got} fields but the header has "
-                             f"{n_fields}{hint}")
+            raise TableError(f"{name}: {_where(i)} has {got} fields but the header has {n_fields}{hint}")
     return len(lines)
 
 
 # --------------------------------------------------------------------------- parsing
 
+
 def _classify(names: list[str]) -> tuple[list[str], dict[str, int], list[str]]:
+    dropped_groups: dict[str, int]
     keep, dropped_groups, unknown = [], {}, []
     for c in names:
         if c == ROLE_COL:
@@ -247,12 +268,13 @@ def _classify(names: list[str]) -> tuple[list[str], dict[str, int], list[str]]:
 
 
 def _missing_required_message(names: list[str], missing: list[str], name: str) -> str:
-    msg = (f"{name} is not a usable OpenFace CSV: missing required columns: "
-           + ", ".join(missing))
+    msg = f"{name} is not a usable OpenFace CSV: missing required columns: " + ", ".join(missing)
     have = set(names)
     if "face" in have and "frame" not in have:
-        msg += (" -- this looks like FaceLandmarkImg (single-image) output; run "
-                "FeatureExtraction or FaceLandmarkVidMulti on the video instead")
+        msg += (
+            " -- this looks like FaceLandmarkImg (single-image) output; run "
+            "FeatureExtraction or FaceLandmarkVidMulti on the video instead"
+        )
     elif "FaceRectX" in have or "FaceScore" in have:
         msg += " -- this looks like a py-feat result, not OpenFace output"
     elif len(names) == 1 and (";" in names[0] or "\t" in names[0]):
@@ -263,16 +285,24 @@ def _missing_required_message(names: list[str], missing: list[str], name: str) -
     return msg
 
 
-def _parse(data: bytes, body_start: int, names: list[str], keep: list[str],
-           name: str) -> pd.DataFrame:
-    opts = dict(header=0, names=names, usecols=keep, skipinitialspace=True,
-                skip_blank_lines=False, na_values=_EXTRA_NA, keep_default_na=True,
-                encoding="utf-8", engine="c")
+def _parse(data: bytes, body_start: int, names: list[str], keep: list[str], name: str) -> pd.DataFrame:
+    opts = dict(
+        header=0,
+        names=names,
+        usecols=keep,
+        skipinitialspace=True,
+        skip_blank_lines=False,
+        na_values=_EXTRA_NA,
+        keep_default_na=True,
+        encoding="utf-8",
+        engine="c",
+    )
     try:
         return pd.read_csv(io.BytesIO(data), dtype={c: "float64" for c in keep}, **opts)
     except UnicodeDecodeError as e:
-        raise TableError(f"{name} is not UTF-8 text (bad byte near offset "
-                         f"{body_start + e.start}); is it really a CSV?") from None
+        raise TableError(
+            f"{name} is not UTF-8 text (bad byte near offset {body_start + e.start}); is it really a CSV?"
+        ) from None
     except pd.errors.ParserError as e:
         raise TableError(f"{name} is not a well-formed CSV: {e}") from None
     except (ValueError, TypeError, OverflowError):
@@ -289,10 +319,12 @@ def _parse(data: bytes, body_start: int, names: list[str], keep: list[str],
             problems.append(f"column {c!r} at {_where(i)}: {_short(col.iloc[i])}")
     if not problems:  # should not happen; report pandas' own reason
         raise TableError(f"{name}: could not read numeric values")
-    raise TableError(f"{name}: non-numeric values in numeric columns ({total} cells); "
-                     "first per column: " + "; ".join(problems[:_MAX_LISTED])
-                     + (f"; ... ({len(problems) - _MAX_LISTED} more columns)"
-                        if len(problems) > _MAX_LISTED else ""))
+    raise TableError(
+        f"{name}: non-numeric values in numeric columns ({total} cells); "
+        "first per column: "
+        + "; ".join(problems[:_MAX_LISTED])
+        + (f"; ... ({len(problems) - _MAX_LISTED} more columns)" if len(problems) > _MAX_LISTED else "")
+    )
 
 
 def _check_required(df: pd.DataFrame, name: str) -> None:
@@ -303,18 +335,18 @@ def _check_required(df: pd.DataFrame, name: str) -> None:
         if bad.any():
             i = int(np.argmax(bad))
             what = "empty/NaN" if np.isnan(v[i]) else f"{v[i]}"
-            problems.append(f"column {c!r} is {what} at {_where(i)}"
-                            + (f" and {int(bad.sum()) - 1} more rows" if bad.sum() > 1 else ""))
+            problems.append(
+                f"column {c!r} is {what} at {_where(i)}"
+                + (f" and {int(bad.sum()) - 1} more rows" if bad.sum() > 1 else "")
+            )
     if problems:
-        raise TableError(f"{name}: required columns must have a number in every row: "
-                         + "; ".join(problems))
+        raise TableError(f"{name}: required columns must have a number in every row: " + "; ".join(problems))
     for c in _INT_COLS:
         v = df[c].to_numpy()
         bad = v != np.round(v)
         if bad.any():
             i = int(np.argmax(bad))
-            raise TableError(f"{name}: column {c!r} must hold whole numbers; "
-                             f"{_where(i)} has {v[i]!r}")
+            raise TableError(f"{name}: column {c!r} must hold whole numbers; {_where(i)} has {v[i]!r}")
     v = df["success"].to_numpy()
     bad = (v != 0) & (v != 1)
     if bad.any():
@@ -324,8 +356,10 @@ def _check_required(df: pd.DataFrame, name: str) -> None:
     bad = (v < 0) | (v > 1)
     if bad.any():
         i = int(np.argmax(bad))
-        raise TableError(f"{name}: column 'confidence' must lie in [0, 1]; "
-                         f"{_where(i)} has {v[i]:g} ({int(bad.sum())} rows out of range)")
+        raise TableError(
+            f"{name}: column 'confidence' must lie in [0, 1]; "
+            f"{_where(i)} has {v[i]:g} ({int(bad.sum())} rows out of range)"
+        )
 
 
 def _check_duplicates(df: pd.DataFrame, name: str) -> None:
@@ -339,44 +373,59 @@ def _check_duplicates(df: pd.DataFrame, name: str) -> None:
     raise TableError(
         f"{name}: duplicate row for frame {f}, face_id {fid} at {_where(i)}; "
         f"first seen at {_where(int(same[0]))} ({int(dup.sum())} duplicate rows in "
-        "total). Each (frame, face_id) may appear once -- was a file appended twice?")
+        "total). Each (frame, face_id) may appear once -- was a file appended twice?"
+    )
 
 
 # --------------------------------------------------------------------------- notes
 
-def _notes(df: pd.DataFrame, had_face_id: bool,
-           dropped: dict[str, int], unknown: list[str], name: str) -> list[str]:
+
+def _notes(
+    df: pd.DataFrame, had_face_id: bool, dropped: dict[str, int], unknown: list[str], name: str
+) -> list[str]:
     notes = []
     ids = sorted(int(i) for i in df["face_id"].unique())
     ts = df["timestamp"]
-    notes.append(f"read {len(df)} rows from {name}: {len(ids)} face(s) (face_id "
-                 f"{_list(map(str, ids), 10)}), frames {int(df['frame'].min())}-"
-                 f"{int(df['frame'].max())}, timestamps {ts.min():g}-{ts.max():g} s")
+    notes.append(
+        f"read {len(df)} rows from {name}: {len(ids)} face(s) (face_id "
+        f"{_list(map(str, ids), 10)}), frames {int(df['frame'].min())}-"
+        f"{int(df['frame'].max())}, timestamps {ts.min():g}-{ts.max():g} s"
+    )
     if had_face_id:
-        notes.append("face_id column present (OpenFace 2.1+/2.2 FeatureExtraction or "
-                     "FaceLandmarkVidMulti); face ids kept as in the file")
+        notes.append(
+            "face_id column present (OpenFace 2.1+/2.2 FeatureExtraction or "
+            "FaceLandmarkVidMulti); face ids kept as in the file"
+        )
     else:
-        notes.append("no face_id column (OpenFace 2.0 single-face FeatureExtraction "
-                     "file): all rows are face_id 0")
-    notes.append("face roles (adult/infant) are unknown for imported files: role is "
-                 "empty; choose faces by face_id")
+        notes.append(
+            "no face_id column (OpenFace 2.0 single-face FeatureExtraction file): all rows are face_id 0"
+        )
+    notes.append(
+        "face roles (adult/infant) are unknown for imported files: role is empty; choose faces by face_id"
+    )
 
     have = set(df.columns)
     lm_have = [c for c in LANDMARK_COLS if c in have]
     if not lm_have:
-        notes.append("no 2D landmark columns (x_0..x_67, y_0..y_67; OpenFace flag "
-                     "-2Dfp): landmark-based smile phases (lip-corner movement) "
-                     "cannot be computed from this file")
+        notes.append(
+            "no 2D landmark columns (x_0..x_67, y_0..y_67; OpenFace flag "
+            "-2Dfp): landmark-based smile phases (lip-corner movement) "
+            "cannot be computed from this file"
+        )
     elif len(lm_have) < len(LANDMARK_COLS):
         miss = [c for c in X_COLS + Y_COLS if c not in have]
-        notes.append(f"2D landmarks incomplete ({len(miss)} of {len(LANDMARK_COLS)} "
-                     f"columns missing: {_list(miss)}): landmark-based smile phases "
-                     "cannot be computed from this file")
+        notes.append(
+            f"2D landmarks incomplete ({len(miss)} of {len(LANDMARK_COLS)} "
+            f"columns missing: {_list(miss)}): landmark-based smile phases "
+            "cannot be computed from this file"
+        )
     aus_r = [c for c in df.columns if re.fullmatch(r"AU\d\d_r", c)]
     if "AU12_r" not in have:
-        notes.append("no AU12_r column (lip-corner puller intensity; OpenFace flag "
-                     "-aus): smile analysis needs it and will refuse this table"
-                     + ("" if aus_r else "; the file has no AU intensity columns at all"))
+        notes.append(
+            "no AU12_r column (lip-corner puller intensity; OpenFace flag "
+            "-aus): smile analysis needs it and will refuse this table"
+            + ("" if aus_r else "; the file has no AU intensity columns at all")
+        )
     missing_aus = [c for c in OPENFACE_AUS if c not in have]
     if aus_r and missing_aus and "AU12_r" in have:
         notes.append(f"AU intensity columns missing: {_list(missing_aus)}")
@@ -386,8 +435,7 @@ def _notes(df: pd.DataFrame, had_face_id: bool,
     for label, n in dropped.items():
         notes.append(f"dropped {n} {label} columns (not used by dyadlab)")
     if unknown:
-        notes.append(f"dropped {len(unknown)} column(s) OpenFace does not write: "
-                     f"{_list(unknown)}")
+        notes.append(f"dropped {len(unknown)} column(s) OpenFace does not write: {_list(unknown)}")
 
     opt = [c for c in df.columns if c not in REQUIRED_COLS and c != ROLE_COL]
     if opt:
@@ -396,44 +444,64 @@ def _notes(df: pd.DataFrame, had_face_id: bool,
         if bad.any():
             r, k = np.argwhere(bad)[0]
             ncols = int(bad.any(axis=0).sum())
-            notes.append(f"{int(bad.sum())} empty/NaN/infinite cells in {ncols} optional "
-                         f"column(s), kept as NaN; first: column {opt[k]!r} at "
-                         f"{_where(int(r))}")
+            notes.append(
+                f"{int(bad.sum())} empty/NaN/infinite cells in {ncols} optional "
+                f"column(s), kept as NaN; first: column {opt[k]!r} at "
+                f"{_where(int(r))}"
+            )
 
     n_fail = int((df["success"] == 0).sum())
     if n_fail:
-        notes.append(f"{n_fail} of {len(df)} rows have success=0 (face not tracked); "
-                     "their values are meaningless and are skipped by analyses")
+        notes.append(
+            f"{n_fail} of {len(df)} rows have success=0 (face not tracked); "
+            "their values are meaningless and are skipped by analyses"
+        )
     n_low = int(((df["success"] == 1) & (df["confidence"] < MIN_CONFIDENCE)).sum())
     if n_low:
-        notes.append(f"{n_low} tracked rows have confidence below {MIN_CONFIDENCE} "
-                     "and will be left out of smile analysis")
+        notes.append(
+            f"{n_low} tracked rows have confidence below {MIN_CONFIDENCE} "
+            "and will be left out of smile analysis"
+        )
     for fid in ids:
         fr = df.loc[df["face_id"] == fid, "frame"]
         back = fr.diff().to_numpy() < 0
         if back.any():
             i = int(fr.index[int(np.argmax(back))])
-            notes.append(f"face_id {fid}: frame numbers go backwards at {_where(i)}; "
-                         "rows are kept in file order")
+            notes.append(
+                f"face_id {fid}: frame numbers go backwards at {_where(i)}; rows are kept in file order"
+            )
     return notes
 
 
 def _roles(data: bytes, name: str, n: int) -> pd.Series:
     """The text `role` column of a dyadlab CSV export, validated."""
-    r = pd.read_csv(io.BytesIO(data), usecols=lambda c: c.strip() == ROLE_COL, dtype=str,
-                    skipinitialspace=True, keep_default_na=False).iloc[:, 0].str.strip()
+    r = (
+        pd.read_csv(
+            io.BytesIO(data),
+            usecols=lambda c: c.strip() == ROLE_COL,
+            dtype=str,
+            skipinitialspace=True,
+            keep_default_na=False,
+        )
+        .iloc[:, 0]
+        .str.strip()
+    )
     bad = ~r.isin(["", *ROLES])
     if bad.any():
         i = int(np.argmax(bad.to_numpy()))
-        raise TableError(f"{name}: column 'role' at {_where(i)}: {_short(r.iloc[i])} "
-                         "(use adult, infant or leave it empty)")
+        raise TableError(
+            f"{name}: column 'role' at {_where(i)}: {_short(r.iloc[i])} (use adult, infant or leave it empty)"
+        )
     return r.reset_index(drop=True).iloc[:n]
 
 
 # --------------------------------------------------------------------------- API
 
-def read_openface_csv(source: Source, max_bytes: int = DEFAULT_MAX_BYTES,
-                      ) -> tuple[pd.DataFrame, list[str]]:
+
+def read_openface_csv(
+    source: Source,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> tuple[pd.DataFrame, list[str]]:
     """Read an OpenFace 2.x CSV into a frame table; return (table, notes).
 
     source: a path (str / PathLike), the file's bytes, or a binary or text file

@@ -15,6 +15,7 @@ port that serves nothing but grpc.health.v1 (probes that cannot speak TLS).
 Servicer methods wrap themselves in `@status_errors` so that known failures
 become precise gRPC statuses with a message a person can act on.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,17 +26,18 @@ import logging
 import signal
 import threading
 import time
-from typing import Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import grpc
+import prometheus_client as prom
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-import prometheus_client as prom
 
 from dyadlab import frames, interceptors, security, storage
-from dyadlab.v1 import common_pb2
 from dyadlab.client import MAX_MESSAGE_BYTES
 from dyadlab.config import Settings
+from dyadlab.v1 import common_pb2
 
 log = logging.getLogger("dyadlab.rpc")
 
@@ -50,8 +52,12 @@ SERVER_OPTIONS = [
 ]
 
 RPCS = prom.Counter("dyadlab_rpc_total", "RPCs handled", ["method", "code"])
-RPC_SECONDS = prom.Histogram("dyadlab_rpc_seconds", "RPC wall time", ["method"],
-                             buckets=(.005, .02, .1, .5, 1, 2, 5, 10, 30, 60, 300, 1800))
+RPC_SECONDS = prom.Histogram(
+    "dyadlab_rpc_seconds",
+    "RPC wall time",
+    ["method"],
+    buckets=(0.005, 0.02, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
+)
 
 
 class Service(Protocol):
@@ -102,8 +108,10 @@ def object_size(store: storage.ObjectStore, ref, field: str, noun: str | None = 
         raise UserError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.key is empty")
     storage.validate_key(ref.key)
     if ref.bucket and ref.bucket != store.bucket:
-        raise UserError(grpc.StatusCode.INVALID_ARGUMENT,
-                        f"{field}: bucket {ref.bucket!r} is not this service's bucket {store.bucket!r}")
+        raise UserError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{field}: bucket {ref.bucket!r} is not this service's bucket {store.bucket!r}",
+        )
     size = store.size(ref.key)
     if size is None:
         raise UserError(grpc.StatusCode.NOT_FOUND, f"no {noun or field} at key {ref.key!r}")
@@ -112,6 +120,7 @@ def object_size(store: storage.ObjectStore, ref, field: str, noun: str | None = 
 
 def status_errors(fn):
     """Turn exceptions raised by a servicer method into precise gRPC statuses."""
+
     async def _abort(exc, context):
         code, msg = status_for(exc)
         if code == grpc.StatusCode.INTERNAL:
@@ -121,6 +130,7 @@ def status_errors(fn):
         await context.abort(code, msg)
 
     if inspect.isasyncgenfunction(fn):
+
         @functools.wraps(fn)
         async def gen(self, request, context):
             try:
@@ -130,6 +140,7 @@ def status_errors(fn):
                 raise
             except Exception as exc:  # noqa: BLE001 — mapped to a status
                 await _abort(exc, context)
+
         return gen
 
     @functools.wraps(fn)
@@ -140,6 +151,7 @@ def status_errors(fn):
             raise
         except Exception as exc:  # noqa: BLE001
             await _abort(exc, context)
+
     return unary
 
 
@@ -241,8 +253,7 @@ class _Timing:
 
     def done(self) -> None:
         code = self.context.code() if hasattr(self.context, "code") else None
-        name = code.name if isinstance(code, grpc.StatusCode) else (
-            "UNKNOWN" if self.raised else "OK")
+        name = code.name if isinstance(code, grpc.StatusCode) else ("UNKNOWN" if self.raised else "OK")
         RPCS.labels(self.method, name).inc()
         RPC_SECONDS.labels(self.method).observe(time.perf_counter() - self.t0)
 
@@ -252,6 +263,7 @@ async def _advertise_store(settings: Settings, health_servicer) -> None:
     dyadlab.services.store_health_name(id) answers SERVING. Retried until the
     store answers (a store that is down must not delay the start)."""
     from dyadlab.services import store_health_name
+
     while True:
         try:
             sid = await asyncio.to_thread(lambda: storage.store_id(storage.open_store(settings)))
@@ -263,18 +275,22 @@ async def _advertise_store(settings: Settings, health_servicer) -> None:
         return
 
 
-async def serve(service: Service, settings: Settings, addr: str,
-                grace_s: float = 10.0, started: Callable[[int], Awaitable[None] | None] | None = None,
-                stop_event: asyncio.Event | None = None) -> None:
+async def serve(
+    service: Service,
+    settings: Settings,
+    addr: str,
+    grace_s: float = 10.0,
+    started: Callable[[int], Awaitable[None] | None] | None = None,
+    stop_event: asyncio.Event | None = None,
+) -> None:
     """Run `service` on `addr` until SIGTERM/SIGINT (or `stop_event` is set)."""
-    sec = security.server_security(settings, security.host_of(addr),
-                                   service.name.rsplit(".", 1)[-1].lower())
-    server = grpc.aio.server(interceptors=[_MetricsInterceptor(), sec.interceptor()],
-                             options=SERVER_OPTIONS)
+    sec = security.server_security(settings, security.host_of(addr), service.name.rsplit(".", 1)[-1].lower())
+    server = grpc.aio.server(interceptors=[_MetricsInterceptor(), sec.interceptor()], options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", service.name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def set_serving(ok: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", service.name):
@@ -282,16 +298,18 @@ async def serve(service: Service, settings: Settings, addr: str,
 
     self_managed = hasattr(service, "bind_health")
     if self_managed:
-        service.bind_health(set_serving)
+        getattr(service, "bind_health")(set_serving)  # noqa: B009 - the optional method (see Service)
     service.register(server)
-    reflection.enable_server_reflection(
-        (service.name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = (server.add_secure_port(addr, sec.credentials) if sec.credentials is not None
-            else server.add_insecure_port(addr))
+    reflection.enable_server_reflection((service.name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = (
+        server.add_secure_port(addr, sec.credentials)
+        if sec.credentials is not None
+        else server.add_insecure_port(addr)
+    )
     if port == 0:
         raise OSError(f"cannot listen on {addr}")
     probe_server = None
-    if settings.health_port:      # plaintext, health only: for probes without TLS
+    if settings.health_port:  # plaintext, health only: for probes without TLS
         probe_server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe_server)
         if probe_server.add_insecure_port(f"{settings.bind}:{settings.health_port}") == 0:
@@ -300,10 +318,16 @@ async def serve(service: Service, settings: Settings, addr: str,
     await server.start()
     if settings.metrics_port:
         prom.start_http_server(settings.metrics_port, addr=settings.bind)
-    log.info("listening", extra={"port": port, "metrics_port": settings.metrics_port,
-                                 "transport": sec.transport,
-                                 "auth": "off" if sec.access is None else "on",
-                                 "health_port": settings.health_port})
+    log.info(
+        "listening",
+        extra={
+            "port": port,
+            "metrics_port": settings.metrics_port,
+            "transport": sec.transport,
+            "auth": "off" if sec.access is None else "on",
+            "health_port": settings.health_port,
+        },
+    )
 
     stop = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -316,7 +340,7 @@ async def serve(service: Service, settings: Settings, addr: str,
     advertise = asyncio.ensure_future(_advertise_store(settings, health_servicer))
     try:
         t0 = time.perf_counter()
-        with contextlib.suppress(asyncio.TimeoutError):   # known before SERVING, unless the store is down
+        with contextlib.suppress(asyncio.TimeoutError):  # known before SERVING, unless the store is down
             await asyncio.wait_for(asyncio.shield(advertise), 2.0)
         await service.start()
         if not self_managed:
@@ -345,9 +369,11 @@ def run(service_factory: Callable[[Settings], Service], addr_of: Callable[[Setti
     stack to stderr (the service's log) before the process dies."""
     import faulthandler
     import sys
+
     faulthandler.enable()
     from dyadlab import log as jsonlog
     from dyadlab.config import ConfigError
+
     try:
         settings = Settings.from_env()
         svc = service_factory(settings)
@@ -355,7 +381,7 @@ def run(service_factory: Callable[[Settings], Service], addr_of: Callable[[Setti
         addr = addr_of(settings)
         port = settings.port_of(addr)
         asyncio.run(serve(svc, settings, f"{settings.bind}:{port}"))
-    except ConfigError as e:      # a configuration the service refuses: say why, exit 2
+    except ConfigError as e:  # a configuration the service refuses: say why, exit 2
         log.error("configuration refused: %s", e)
         print(f"dyadlab: configuration refused: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -15,6 +15,7 @@ roles (its proto), the tests — reads it here. Adding a service is a row.
 This module imports nothing heavy (no grpc, no protobuf): the container health
 check and the CLI's start-up read it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,8 +71,17 @@ SERVICES: tuple[Service, ...] = (
     Service("extractor", "services.extractor", 50061, 9461, 50071, "extractor", "Extractor"),
     Service("smiles", "services.smiles", 50062, 9462, 50072, "smiles", "Smiles"),
     Service("stats", "services.stats", 50063, 9463, 50073, "stats", "Stats"),
-    Service("synth", "services.synth", 50064, 9464, 50074, "synth", "Synth",
-            optional=True, companion="services.synth.companion"),
+    Service(
+        "synth",
+        "services.synth",
+        50064,
+        9464,
+        50074,
+        "synth",
+        "Synth",
+        optional=True,
+        companion="services.synth.companion",
+    ),
 )
 
 BY_NAME: dict[str, Service] = {s.name: s for s in SERVICES}

@@ -38,6 +38,7 @@ appends its audit lines to DYADLAB_AUDIT_LOG ($DYADLAB_HOME/logs/audit.jsonl
 unless set). Readiness and status use the gRPC health service over the same
 TLS channels (health needs no token).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,9 +51,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Iterable
 
 from dyadlab import client, security, services, storage
 from dyadlab.config import Settings
@@ -131,10 +132,12 @@ def _alive(pid: int, started: float | None = None) -> bool:
     if p is not None:
         return p.poll() is None
     import psutil
+
     try:
         proc = psutil.Process(pid)
-        return (proc.status() != psutil.STATUS_ZOMBIE
-                and (started is None or abs(proc.create_time() - started) < 0.01))
+        return proc.status() != psutil.STATUS_ZOMBIE and (
+            started is None or abs(proc.create_time() - started) < 0.01
+        )
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:
@@ -143,6 +146,7 @@ def _alive(pid: int, started: float | None = None) -> bool:
 
 def _create_time(pid: int) -> float | None:
     import psutil
+
     try:
         return psutil.Process(pid).create_time()
     except psutil.Error:
@@ -154,18 +158,23 @@ def recorded(settings: Settings) -> Stack | None:
     try:
         data = json.loads(state_file(settings).read_text())
         comps = data.get("companions")
-        if comps is None and data.get("torchserve"):          # recorded before companions
+        if comps is None and data.get("torchserve"):  # recorded before companions
             comps = {"synth": data["torchserve"]}
-        st = Stack(data["addrs"], data["pids"], data.get("logs", {}), companions=comps or {},
-                   notes=data.get("notes", []), started=data.get("started", {}))
+        st = Stack(
+            data["addrs"],
+            data["pids"],
+            data.get("logs", {}),
+            companions=comps or {},
+            notes=data.get("notes", []),
+            started=data.get("started", {}),
+        )
     except (OSError, ValueError, KeyError):
         return None
     comp_alive = any(companion(n).alive(info) for n, info in st.companions.items())
     return st if comp_alive or any(st.running(n) for n in st.pids) else None
 
 
-def healthy(addrs: dict[str, str], settings: Settings | None = None,
-            serving: Iterable[str] = ()) -> bool:
+def healthy(addrs: dict[str, str], settings: Settings | None = None, serving: Iterable[str] = ()) -> bool:
     """Every required service SERVING; an optional one (synth) may be
     NOT_SERVING or absent (a stack deployed without it) unless it is in `serving`."""
     serving = set(serving)
@@ -174,8 +183,9 @@ def healthy(addrs: dict[str, str], settings: Settings | None = None,
             continue
         svc = services.get(n)
         state = client.health_status(a, svc.grpc_name, settings=settings)
-        if state != "SERVING" and not (svc.optional and n not in serving
-                                       and state in ("NOT_SERVING", "UNREACHABLE")):
+        if state != "SERVING" and not (
+            svc.optional and n not in serving and state in ("NOT_SERVING", "UNREACHABLE")
+        ):
             return False
     return True
 
@@ -205,7 +215,7 @@ def security_env(settings: Settings) -> dict[str, str]:
     TLS is configured, the local service token when the servers use the local
     access file, and the audit log's path."""
     env = {"DYADLAB_AUDIT_LOG": audit_log_path(settings)}
-    security.server_transport(settings, settings.bind)   # refused here, not in 4 logs
+    security.server_transport(settings, settings.bind)  # refused here, not in 4 logs
     security.server_access(settings, settings.bind)
     loopback = security.is_loopback(settings.bind)
     if loopback and (not settings.tls_cert or (settings.auth and not settings.auth_tokens)):
@@ -215,8 +225,9 @@ def security_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _start_companions(settings: Settings, names: Iterable[str], embedded: bool, say, notes: list[str],
-                      env: dict[str, str]) -> dict[str, tuple]:
+def _start_companions(
+    settings: Settings, names: Iterable[str], embedded: bool, say, notes: list[str], env: dict[str, str]
+) -> dict[str, tuple]:
     """Start the companions of `names` (without waiting); -> {service: (handle, info)}.
     One that cannot run here is skipped with a note; every service's env says so."""
     started: dict[str, tuple] = {}
@@ -240,9 +251,14 @@ def _start_companions(settings: Settings, names: Iterable[str], embedded: bool, 
     return started
 
 
-def start(settings: Settings, addrs: dict[str, str] | None = None, metrics: bool = True,
-          embedded: bool = False, companions: bool | Iterable[str] | None = None,
-          say=_say_stderr) -> Stack:
+def start(
+    settings: Settings,
+    addrs: dict[str, str] | None = None,
+    metrics: bool = True,
+    embedded: bool = False,
+    companions: bool | Iterable[str] | None = None,
+    say=_say_stderr,
+) -> Stack:
     """Start every service as a child process and wait until all are SERVING
     (optional ones: until they answer). `companions`: which services' companions
     to start (True: all; None: all for `dyadlab up`, none when embedded); one
@@ -271,8 +287,13 @@ def start(settings: Settings, addrs: dict[str, str] | None = None, metrics: bool
             senv = dict(env, DYADLAB_METRICS_PORT=str(svc.metrics_port if metrics else 0))
             with open(logs[svc.name], "ab") as out:
                 procs[svc.name] = subprocess.Popen(
-                    [sys.executable, "-m", svc.module], env=senv, stdout=out,
-                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                    [sys.executable, "-m", svc.module],
+                    env=senv,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
                 _children[procs[svc.name].pid] = procs[svc.name]
         for n, (handle, info) in comps.items():
             mod = companion(n)
@@ -285,8 +306,9 @@ def start(settings: Settings, addrs: dict[str, str] | None = None, metrics: bool
             if svc.optional and name not in comps:
                 _wait_answering(addrs[name], svc.grpc_name, p, settings)
             else:
-                client.wait_ready(addrs[name], READY_TIMEOUT_S, svc.grpc_name,
-                                  alive=_running(p), settings=settings)
+                client.wait_ready(
+                    addrs[name], READY_TIMEOUT_S, svc.grpc_name, alive=_running(p), settings=settings
+                )
     except BaseException:
         for p in procs.values():
             p.terminate()
@@ -298,9 +320,15 @@ def start(settings: Settings, addrs: dict[str, str] | None = None, metrics: bool
             with contextlib.suppress(Exception):
                 companion(n).stop(info)
         raise
-    st = Stack(addrs, {n: p.pid for n, p in procs.items()}, logs, embedded,
-               {n: info for n, (_h, info) in comps.items()}, notes,
-               {n: t for n, p in procs.items() if (t := _create_time(p.pid)) is not None})
+    st = Stack(
+        addrs,
+        {n: p.pid for n, p in procs.items()},
+        logs,
+        embedded,
+        {n: info for n, (_h, info) in comps.items()},
+        notes,
+        {n: t for n, p in procs.items() if (t := _create_time(p.pid)) is not None},
+    )
     if not embedded:
         state_file(settings).parent.mkdir(parents=True, exist_ok=True)
         state_file(settings).write_text(json.dumps(dataclasses.asdict(st), indent=2))
@@ -311,8 +339,7 @@ def _running(p: subprocess.Popen) -> Callable[[], bool]:
     return lambda: p.poll() is None
 
 
-def _wait_answering(addr: str, service: str, proc: subprocess.Popen,
-                    settings: Settings | None = None) -> str:
+def _wait_answering(addr: str, service: str, proc: subprocess.Popen, settings: Settings | None = None) -> str:
     """Until the service's health check answers at all (SERVING or NOT_SERVING)."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     state = "UNREACHABLE"
@@ -323,8 +350,7 @@ def _wait_answering(addr: str, service: str, proc: subprocess.Popen,
         if proc.poll() is not None:
             raise RuntimeError(f"service at {addr} exited before it was ready (last state {state})")
         time.sleep(0.1)
-    raise TimeoutError(f"service at {addr} not answering after {READY_TIMEOUT_S:.0f} s "
-                       f"(last state {state})")
+    raise TimeoutError(f"service at {addr} not answering after {READY_TIMEOUT_S:.0f} s (last state {state})")
 
 
 def stop(settings: Settings, st: Stack, timeout_s: float = 20.0) -> None:
@@ -339,7 +365,7 @@ def stop(settings: Settings, st: Stack, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     for name, pid in st.pids.items():
         p = _children.pop(pid, None)
-        if p is None:                      # recorded by another process (`dyadlab down`)
+        if p is None:  # recorded by another process (`dyadlab down`)
             while st.running(name) and time.monotonic() < deadline:
                 time.sleep(0.05)
             if st.running(name):
@@ -364,8 +390,7 @@ def wait_unreaped(p: subprocess.Popen, timeout_s: float) -> None:
     """Until `p` has exited, leaving it a zombie (its pid still taken). Returns
     at once when it was reaped already (its pid may then be anyone's)."""
     deadline = time.monotonic() + timeout_s
-    while p.returncode is None and os.waitid(
-            os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+    while p.returncode is None and os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
         if time.monotonic() > deadline:
             raise subprocess.TimeoutExpired(p.args, timeout_s)
         time.sleep(0.05)
@@ -387,17 +412,25 @@ def ensure(settings: Settings, say=lambda msg: None, serving: Iterable[str] = ()
             continue
         if not same_store(addrs, settings, sid):
             where = ", ".join(f"{n} {a}" for n, a in list(addrs.items())[:1])
-            say(f"{what} at {where} works on another store (another DYADLAB_HOME or "
+            say(
+                f"{what} at {where} works on another store (another DYADLAB_HOME or "
                 f"DYADLAB_STORE_DIR / S3 bucket than this command's {_store_words(settings)}); "
-                "leaving it alone")
+                "leaving it alone"
+            )
             continue
         yield rec if rec is not None and addrs is rec.addrs else Stack(addrs, {}, {})
         return
     need = f" with {' and '.join(serving)} serving" if serving else ""
     say(f"no running stack on this store{need} (dyadlab up); starting an embedded one for this command")
     t0 = time.monotonic()
-    st = start(settings, {n: f"127.0.0.1:{free_port()}" for n in services.NAMES}, metrics=False,
-               embedded=True, companions=serving, say=say)
+    st = start(
+        settings,
+        {n: f"127.0.0.1:{free_port()}" for n in services.NAMES},
+        metrics=False,
+        embedded=True,
+        companions=serving,
+        say=say,
+    )
     if st.companions:
         say(f"embedded stack ready in {time.monotonic() - t0:.1f} s")
     try:
@@ -407,5 +440,6 @@ def ensure(settings: Settings, say=lambda msg: None, serving: Iterable[str] = ()
 
 
 def _store_words(settings: Settings) -> str:
-    return (f"S3 {settings.s3_endpoint}/{settings.bucket}" if settings.uses_s3
-            else f"store {settings.store_dir}")
+    return (
+        f"S3 {settings.s3_endpoint}/{settings.bucket}" if settings.uses_s3 else f"store {settings.store_dir}"
+    )

@@ -15,6 +15,7 @@ without its encryption middleware, MinIO without a KMS); ``on`` refuses to
 store unencrypted; ``off`` never asks. Credentials come from the environment
 or from files (DYADLAB_S3_ACCESS_KEY_FILE / DYADLAB_S3_SECRET_KEY_FILE).
 """
+
 from __future__ import annotations
 
 import abc
@@ -28,9 +29,11 @@ import re
 import shutil
 import tempfile
 import unicodedata
-import urllib3
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
+
+import urllib3
 
 from dyadlab.config import Settings
 
@@ -96,8 +99,9 @@ class ObjectStore(abc.ABC):
     bucket: str
 
     @abc.abstractmethod
-    def put_stream(self, key: str, stream: BinaryIO, size: int,
-                   content_type: str = "application/octet-stream") -> Ref: ...
+    def put_stream(
+        self, key: str, stream: BinaryIO, size: int, content_type: str = "application/octet-stream"
+    ) -> Ref: ...
 
     @abc.abstractmethod
     def open(self, key: str) -> BinaryIO:
@@ -121,8 +125,13 @@ class ObjectStore(abc.ABC):
         ref = self.put_stream(key, io.BytesIO(data), len(data), content_type)
         return dataclasses.replace(ref, sha256=hashlib.sha256(data).hexdigest())
 
-    def put_file(self, key: str, path: str | os.PathLike,
-                 content_type: str = "application/octet-stream", sha256: str = "") -> Ref:
+    def put_file(
+        self,
+        key: str,
+        path: str | os.PathLike,
+        content_type: str = "application/octet-stream",
+        sha256: str = "",
+    ) -> Ref:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             ref = self.put_stream(key, f, size, content_type)
@@ -242,24 +251,41 @@ def _copy_exact(src: BinaryIO, dst: BinaryIO, size: int) -> int:
 class S3Store(ObjectStore):
     """An S3-compatible server through the `minio` client."""
 
-    def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
-                 secure: bool = True, region: str = "us-east-1", timeout_s: float = 30.0,
-                 sse: str = "auto"):
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        bucket: str,
+        secure: bool = True,
+        region: str = "us-east-1",
+        timeout_s: float = 30.0,
+        sse: str = "auto",
+    ):
         from minio import Minio
+
         if sse not in ("auto", "on", "off"):
             raise ValueError(f"sse={sse!r}: use auto, on or off")
         self.bucket = bucket
         self.endpoint = endpoint
         self.sse_mode = sse
         #: None: not known yet (auto); True: PUTs ask for SSE-S3; False: they do not
-        self.sse_active: bool | None = ({"on": True, "off": False}[sse] if sse != "auto"
-                                        else _SSE_SUPPORT.get(endpoint))
+        self.sse_active: bool | None = (
+            {"on": True, "off": False}[sse] if sse != "auto" else _SSE_SUPPORT.get(endpoint)
+        )
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=5.0, read=timeout_s), maxsize=16,
-            retries=urllib3.Retry(total=3, backoff_factor=0.3,
-                                  status_forcelist=(500, 502, 503, 504)))
-        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key,
-                            secure=secure, region=region, http_client=http)
+            timeout=urllib3.Timeout(connect=5.0, read=timeout_s),
+            maxsize=16,
+            retries=urllib3.Retry(total=3, backoff_factor=0.3, status_forcelist=(500, 502, 503, 504)),
+        )
+        self.client = Minio(
+            endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region,
+            http_client=http,
+        )
         self._bucket_ready = False
 
     def _call(self, fn, *args, **kw):
@@ -271,6 +297,7 @@ class S3Store(ObjectStore):
     def _ensure_bucket(self) -> None:
         """Create the bucket on first use; several processes may race to do it."""
         from minio.error import S3Error
+
         if not self.client.bucket_exists(self.bucket):
             try:
                 self.client.make_bucket(self.bucket)
@@ -284,6 +311,7 @@ class S3Store(ObjectStore):
         """Translate minio / urllib3 / socket errors into StoreError subclasses
         (`sse_refusal`: a "not implemented" answer becomes _SseRefused)."""
         from minio.error import MinioException, S3Error
+
         try:
             yield
         except S3Error as e:
@@ -295,8 +323,9 @@ class S3Store(ObjectStore):
                 raise StoreError(f"object store refused the credentials ({e.code})") from None
             raise StoreError(f"object store error {e.code}") from None
         except MinioException as e:  # non-S3 answers (HTML error page, bare 5xx, ...)
-            raise StoreError(f"object store gave an unexpected answer ({type(e).__name__}); "
-                             "is the endpoint an S3 server?") from None
+            raise StoreError(
+                f"object store gave an unexpected answer ({type(e).__name__}); is the endpoint an S3 server?"
+            ) from None
         except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as e:
             raise Unavailable(f"object store unreachable: {type(e).__name__}") from None
         except OSError as e:  # local I/O, e.g. minio's "stream having not enough data"
@@ -305,8 +334,9 @@ class S3Store(ObjectStore):
     #: S3 error codes meaning "this server does not do SSE-S3" (Swift s3api without
     #: its encryption middleware: NotImplemented; MinIO without a KMS: NotImplemented
     #: or KMS.NotConfigured)
-    SSE_UNSUPPORTED = frozenset({"NotImplemented", "KMS.NotConfigured",
-                                 "ServerSideEncryptionConfigurationNotFoundError"})
+    SSE_UNSUPPORTED = frozenset(
+        {"NotImplemented", "KMS.NotConfigured", "ServerSideEncryptionConfigurationNotFoundError"}
+    )
 
     def put_stream(self, key, stream, size, content_type="application/octet-stream"):
         validate_key(key)
@@ -315,36 +345,51 @@ class S3Store(ObjectStore):
             try:
                 self._put(key, stream, size, content_type, sse=True)
             except _SseRefused as e:
-                if self.sse_active:          # on: never store unencrypted
-                    raise StoreError(f"the object store does not support server-side encryption "
-                                     f"({e.code}); DYADLAB_S3_SSE=on refuses to store objects "
-                                     "unencrypted") from None
+                if self.sse_active:  # on: never store unencrypted
+                    raise StoreError(
+                        f"the object store does not support server-side encryption "
+                        f"({e.code}); DYADLAB_S3_SSE=on refuses to store objects "
+                        "unencrypted"
+                    ) from None
                 if start is None:
-                    raise StoreError("the object store refused server-side encryption and the "
-                                     "upload cannot be rewound; retry") from None
+                    raise StoreError(
+                        "the object store refused server-side encryption and the "
+                        "upload cannot be rewound; retry"
+                    ) from None
                 self.sse_active = _SSE_SUPPORT[self.endpoint] = False
-                if self.endpoint not in _SSE_LOGGED:        # once per process and endpoint
+                if self.endpoint not in _SSE_LOGGED:  # once per process and endpoint
                     _SSE_LOGGED.add(self.endpoint)
-                    log.warning("object store does not support server-side encryption (SSE-S3): "
-                                "storing objects unencrypted (DYADLAB_S3_SSE=on refuses instead)",
-                                extra={"s3_code": e.code})
+                    log.warning(
+                        "object store does not support server-side encryption (SSE-S3): "
+                        "storing objects unencrypted (DYADLAB_S3_SSE=on refuses instead)",
+                        extra={"s3_code": e.code},
+                    )
                 stream.seek(start)
             else:
                 if self.sse_active is None:
                     self.sse_active = _SSE_SUPPORT[self.endpoint] = True
-                    log.info("object store accepts server-side encryption (SSE-S3): objects "
-                             "are stored encrypted")
+                    log.info(
+                        "object store accepts server-side encryption (SSE-S3): objects are stored encrypted"
+                    )
                 return Ref(self.bucket, key, "", size)
         self._put(key, stream, size, content_type, sse=False)
         return Ref(self.bucket, key, "", size)
 
     def _put(self, key, stream, size, content_type, sse: bool) -> None:
         from minio.sse import SseS3
+
         with self._errors(key, sse_refusal=sse):
             if not self._bucket_ready:
                 self._ensure_bucket()
-            self.client.put_object(self.bucket, key, stream, size, content_type=content_type,
-                                   part_size=64 << 20, sse=SseS3() if sse else None)
+            self.client.put_object(
+                self.bucket,
+                key,
+                stream,
+                size,
+                content_type=content_type,
+                part_size=64 << 20,
+                sse=SseS3() if sse else None,
+            )
 
     def encryption(self, key: str) -> str | None:
         """The server-side encryption the store reports for an object (e.g. 'AES256')."""
@@ -397,7 +442,7 @@ class _Response(io.RawIOBase):
 
     def readinto(self, b):
         data = self._r.read(len(b))
-        b[:len(data)] = data
+        b[: len(data)] = data
         return len(data)
 
     def read(self, n=-1):
@@ -423,7 +468,7 @@ def content_key(sha256: str, name: str = "", prefix: str = INPUTS) -> str:
     return f"{prefix}/{sha256}{ext if _EXT.fullmatch(ext) else ''}"
 
 
-def put_content(store: "ObjectStore", path: str | os.PathLike, prefix: str = INPUTS) -> Ref:
+def put_content(store: ObjectStore, path: str | os.PathLike, prefix: str = INPUTS) -> Ref:
     """Put a local file under its content hash (skipped when it is there already)."""
     path = Path(path)
     sha = sha256_file(path)
@@ -433,10 +478,16 @@ def put_content(store: "ObjectStore", path: str | os.PathLike, prefix: str = INP
     return Ref(store.bucket, key, sha, size)
 
 
-def put_content_bytes(store: "ObjectStore", data: bytes, name: str, prefix: str = INPUTS,
-                      content_type: str = "application/octet-stream") -> Ref:
+def put_content_bytes(
+    store: ObjectStore,
+    data: bytes,
+    name: str,
+    prefix: str = INPUTS,
+    content_type: str = "application/octet-stream",
+) -> Ref:
     """Put bytes under their content hash (`name` gives the extension)."""
     import hashlib
+
     sha = hashlib.sha256(data).hexdigest()
     key = content_key(sha, name, prefix)
     if store.size(key) != len(data):
@@ -454,16 +505,23 @@ def store_id(store: ObjectStore) -> str:
     store. Services advertise it (dyadlab.rpc.serve) so that a command can tell
     a stack on its store from one on another store."""
     import uuid
+
     try:
         return store.get_bytes(STORE_ID_KEY).decode().strip()
     except NotFound:
         store.put_bytes(STORE_ID_KEY, uuid.uuid4().hex.encode(), "text/plain")
-        return store.get_bytes(STORE_ID_KEY).decode().strip()   # whoever wrote last: one id
+        return store.get_bytes(STORE_ID_KEY).decode().strip()  # whoever wrote last: one id
 
 
 def open_store(settings: Settings) -> ObjectStore:
     if settings.uses_s3:
-        return S3Store(settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key,
-                       settings.bucket, secure=settings.s3_secure, region=settings.s3_region,
-                       sse=settings.s3_sse)
+        return S3Store(
+            settings.s3_endpoint,
+            settings.s3_access_key,
+            settings.s3_secret_key,
+            settings.bucket,
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+            sse=settings.s3_sse,
+        )
     return LocalStore(settings.store_dir, settings.bucket)

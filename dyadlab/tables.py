@@ -6,6 +6,7 @@ file; they are read and written here. Machine-readable output keeps full
 precision: CSV floats are written so that they read back to the same value
 (pandas' shortest round-trip repr; read with float_precision="round_trip").
 """
+
 from __future__ import annotations
 
 import io
@@ -26,6 +27,7 @@ def is_parquet(data: bytes) -> bool:
 def read_any(data: bytes, what: str = "table") -> pd.DataFrame:
     """A CSV or Parquet table from bytes. Raises TableError."""
     import pandas as pd
+
     try:
         if is_parquet(data):
             return pd.read_parquet(io.BytesIO(data))
@@ -42,6 +44,7 @@ def read_frames(data: bytes) -> tuple[pd.DataFrame, list[str]]:
         validate(df)
         return df, []
     from dyadlab.openface import read_openface_csv
+
     return read_openface_csv(data)
 
 

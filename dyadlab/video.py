@@ -7,12 +7,14 @@ for variable-frame-rate video — and any range of frames can be decoded
 independently by seeking to the keyframe before it (`frames()`), which lets
 the extractor split a video into chunks that run on different cores.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
 
 import av
 import cv2
@@ -28,11 +30,11 @@ class VideoIndex:
     width: int
     height: int
     codec: str
-    pts: np.ndarray          # int64 presentation timestamps in stream time base, sorted
-    keyframe: np.ndarray     # bool per frame
+    pts: np.ndarray  # int64 presentation timestamps in stream time base, sorted
+    keyframe: np.ndarray  # bool per frame
     time_base: float
     has_audio: bool
-    rotation: int = 0        # degrees, counter-clockwise, to apply to decoded frames
+    rotation: int = 0  # degrees, counter-clockwise, to apply to decoded frames
 
     @property
     def n_frames(self) -> int:
@@ -72,8 +74,9 @@ def _open(path: str | os.PathLike):
     try:
         c = av.open(str(path), metadata_errors="ignore")
     except av.error.InvalidDataError:
-        raise VideoError("the file is not a video this program can read "
-                         "(no known container format)") from None
+        raise VideoError(
+            "the file is not a video this program can read (no known container format)"
+        ) from None
     except av.error.FFmpegError as e:
         raise VideoError(f"the file cannot be opened as a video ({type(e).__name__})") from None
     fmt = c.format.name
@@ -83,7 +86,7 @@ def _open(path: str | os.PathLike):
         c.close()
         raise VideoError(f"the file is a still image ({codec}), not a video")
     if not c.streams.video:
-        kinds = sorted({s.type for s in c.streams}) or ["nothing"]
+        kinds: list[str] = sorted({s.type for s in c.streams}) or ["nothing"]
         c.close()
         raise VideoError(f"the file has no video stream (it contains {', '.join(kinds)})")
     return c
@@ -128,8 +131,10 @@ def probe(path: str | os.PathLike) -> VideoIndex:
     if width <= 0 or height <= 0:
         raise VideoError("the video stream has no picture size")
     if min(width, height) < MIN_SIDE_PX:
-        raise VideoError(f"the video is {width}x{height} pixels, too small to hold a face "
-                         f"(at least {MIN_SIDE_PX}x{MIN_SIDE_PX} needed)")
+        raise VideoError(
+            f"the video is {width}x{height} pixels, too small to hold a face "
+            f"(at least {MIN_SIDE_PX}x{MIN_SIDE_PX} needed)"
+        )
     # Decode one frame: proves the stream is decodable and reads the rotation.
     first = next(frames(path, idx, 0, min(idx.n_frames, 8)), None)
     if first is None:
@@ -143,8 +148,8 @@ def _gray(frame: av.VideoFrame) -> np.ndarray:
     padded plane (line size > width) would be read as a sheared image."""
     if frame.format.name in ("yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "nv12"):
         plane = frame.planes[0]
-        buf = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
-        return np.ascontiguousarray(buf[:, :plane.width])
+        buf = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)  # type: ignore[call-overload]  # VideoPlane has the buffer protocol; PyAV's stubs omit it
+        return np.ascontiguousarray(buf[:, : plane.width])
     return np.ascontiguousarray(frame.to_ndarray(format="gray"))
 
 
@@ -153,18 +158,21 @@ def _rgb(frame: av.VideoFrame) -> np.ndarray:
     (SIMD; ~0.1 ms for 640x360 where FFmpeg's swscale takes ~0.6 ms)."""
     if frame.format.name in ("yuv420p", "yuvj420p") and frame.width % 2 == 0 and frame.height % 2 == 0:
         w, h = frame.width, frame.height
-        y, u, v = (np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width]
-                   for p in frame.planes[:3])
+        y, u, v = (
+            np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width]  # type: ignore[call-overload]  # VideoPlane has the buffer protocol; PyAV's stubs omit it
+            for p in frame.planes[:3]
+        )
         i420 = np.empty((h * 3 // 2, w), np.uint8)
         i420[:h] = y
         i420[h:].reshape(-1)[: u.size] = u.reshape(-1)
-        i420[h:].reshape(-1)[u.size:] = v.reshape(-1)
+        i420[h:].reshape(-1)[u.size :] = v.reshape(-1)
         return cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420)
     return np.ascontiguousarray(frame.to_ndarray(format="rgb24"))
 
 
-def frames(path: str | os.PathLike, index: VideoIndex, start: int, stop: int,
-           threads: int = 1, color: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+def frames(
+    path: str | os.PathLike, index: VideoIndex, start: int, stop: int, threads: int = 1, color: bool = False
+) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (frame number, image) for frames start..stop-1: grey (H, W)
     uint8, or RGB (H, W, 3) with `color`.
 
@@ -212,7 +220,7 @@ def loop(src: Path, dest: Path, min_seconds: float) -> Path:
     tmp = dest.with_name(dest.name + ".part.mp4")
     with av.open(str(src)) as inp:
         streams = [inp.streams.video[0]] + ([inp.streams.audio[0]] if inp.streams.audio else [])
-        packets = {s.index: [] for s in streams}
+        packets: dict[int, list[tuple[int, int, int | None, bool, bytes]]] = {s.index: [] for s in streams}
         for p in inp.demux(*streams):
             if p.size and p.pts is not None and p.dts is not None:
                 packets[p.stream.index].append((p.pts, p.dts, p.duration, p.is_keyframe, bytes(p)))
@@ -222,22 +230,26 @@ def loop(src: Path, dest: Path, min_seconds: float) -> Path:
         span = {}
         for s in streams:
             ps = packets[s.index]
-            span[s.index] = max(max(p[0] + (p[2] or 0) for p in ps) - min(p[0] for p in ps),
-                                max(p[1] + (p[2] or 0) for p in ps) - min(p[1] for p in ps))
+            span[s.index] = max(
+                max(p[0] + (p[2] or 0) for p in ps) - min(p[0] for p in ps),
+                max(p[1] + (p[2] or 0) for p in ps) - min(p[1] for p in ps),
+            )
+        tbs: dict[int, Fraction] = {}
+        for s in streams:
+            assert s.time_base is not None  # a demuxed stream has a time base
+            tbs[s.index] = s.time_base
         vs = streams[0]
-        one_pass = span[vs.index] * float(vs.time_base)
+        one_pass = span[vs.index] * float(tbs[vs.index])
         loops = max(1, int(-(-min_seconds // one_pass)))
         with av.open(str(tmp), "w", format="mp4") as out:
             omap = {s.index: out.add_stream_from_template(s) for s in streams}
-            tbs = {s.index: s.time_base for s in streams}
             # Interleave by time so the muxer does not buffer everything.
             events = []
             for k in range(loops):
                 for s in streams:
-                    tb = float(s.time_base)
+                    tb = float(tbs[s.index])
                     for pts, dts, dur, key, data in packets[s.index]:
-                        events.append(((dts + k * span[s.index]) * tb, s.index, k, pts, dts,
-                                       dur, key, data))
+                        events.append(((dts + k * span[s.index]) * tb, s.index, k, pts, dts, dur, key, data))
             events.sort(key=lambda e: (e[0], e[1]))
             for _, si, k, pts, dts, dur, key, data in events:
                 pk = av.Packet(data)
@@ -245,7 +257,7 @@ def loop(src: Path, dest: Path, min_seconds: float) -> Path:
                 pk.pts, pk.dts, pk.duration = pts + off, dts + off, dur
                 pk.is_keyframe = key
                 pk.stream = omap[si]
-                pk.time_base = tbs[si]       # the muxer rescales to its own time base
+                pk.time_base = tbs[si]  # the muxer rescales to its own time base
                 out.mux(pk)
     os.replace(tmp, dest)
     return dest

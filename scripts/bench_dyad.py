@@ -7,6 +7,7 @@ parent by 0.8 s) is aligned, then contingency, synchrony (global lagged r,
 windowed TLCC and the surrogates) and shared affect are each timed; the best
 of ``--repeat`` runs is printed per measure, and their total.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from services.smiles.dyad import (align, contingency, shared_affect,  # noqa: E402
-                                  simulate_dyad, synchrony)
+from services.smiles.dyad import align, contingency, shared_affect, simulate_dyad, synchrony  # noqa: E402
 
 
 def main() -> None:
@@ -32,12 +32,13 @@ def main() -> None:
         "align": lambda: align(d.parent_df, d.infant_df),
     }
     al = steps["align"]()
-    steps.update({
-        "contingency": lambda: contingency(al, d.parent_onsets_s, d.infant_onsets_s,
-                                           shifts=a.shifts),
-        "synchrony": lambda: synchrony(al, shifts=a.shifts),
-        "shared_affect": lambda: shared_affect(al),
-    })
+    steps.update(
+        {
+            "contingency": lambda: contingency(al, d.parent_onsets_s, d.infant_onsets_s, shifts=a.shifts),
+            "synchrony": lambda: synchrony(al, shifts=a.shifts),
+            "shared_affect": lambda: shared_affect(al),
+        }
+    )
     best, out = {}, {}
     for name, fn in steps.items():
         times = []
@@ -46,16 +47,19 @@ def main() -> None:
             out[name] = fn()
             times.append(time.perf_counter() - t0)
         best[name] = min(times)
-    print(f"dyad: {a.seconds:g} s at {a.fps:g} fps = {al.n} grid frames, "
-          f"{a.shifts} shifts, best of {a.repeat}")
+    print(
+        f"dyad: {a.seconds:g} s at {a.fps:g} fps = {al.n} grid frames, {a.shifts} shifts, best of {a.repeat}"
+    )
     for name, t in best.items():
         print(f"  {name:<14s} {t * 1000:8.1f} ms")
     print(f"  {'total':<14s} {sum(best.values()) * 1000:8.1f} ms")
     c, s, sh = out["contingency"], out["synchrony"], out["shared_affect"]
-    print(f"check: p2i p = {c['parent_to_infant']['p']:.4f}, peak lag = "
-          f"{s['peak_lag_frames']} frames ({s['peak_lag_s']:+.2f} s), r = {s['peak_r']:.3f} "
-          f"> threshold {s['threshold']:.3f}: {s['significant']}; shared ratio = "
-          f"{sh['ratio']:.2f}, episodes = {sh['n_episodes']}")
+    print(
+        f"check: p2i p = {c['parent_to_infant']['p']:.4f}, peak lag = "
+        f"{s['peak_lag_frames']} frames ({s['peak_lag_s']:+.2f} s), r = {s['peak_r']:.3f} "
+        f"> threshold {s['threshold']:.3f}: {s['significant']}; shared ratio = "
+        f"{sh['ratio']:.2f}, episodes = {sh['n_episodes']}"
+    )
 
 
 if __name__ == "__main__":

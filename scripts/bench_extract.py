@@ -27,6 +27,7 @@ ratios to decoding and to the other front-end, and the clip's REQUIRED and
 AIM fps for the whole command with the default front-end. No assertions on
 speed: this reports numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,16 +43,14 @@ import tempfile
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:   # the editable install (or PYTHONPATH) comes first
+if str(ROOT) not in sys.path:  # the editable install (or PYTHONPATH) comes first
     sys.path.append(str(ROOT))
 
 from dyadlab import video  # noqa: E402
 from dyadlab.services import SERVICES  # noqa: E402
 from dyadlab.stack import free_port  # noqa: E402
 from dyadlab.video import loop as loop_video  # noqa: E402
-
 
 
 # -- 1. the input ----------------------------------------------------------------------
@@ -68,6 +67,7 @@ def time_decode(path: str, idx: video.VideoIndex, color: bool) -> float:
 def pipeline_pool(workers: int) -> cf.ProcessPoolExecutor:
     """Warm workers, as the extractor service has them (spawned, models loaded)."""
     from services.extractor import chunks
+
     ex = chunks.worker_pool(workers)
     list(ex.map(chunks.warm_up, range(workers)))
     return ex
@@ -75,6 +75,7 @@ def pipeline_pool(workers: int) -> cf.ProcessPoolExecutor:
 
 def time_pipeline(path: str, idx: video.VideoIndex, ex: cf.Executor, workers: int, frontend: str):
     from services.extractor import pipeline
+
     t0 = time.perf_counter()
     res = pipeline.extract(path, pipeline.Options(frontend=frontend), ex, index=idx, workers=workers)
     return time.perf_counter() - t0, res
@@ -98,6 +99,7 @@ def pool_pids(ex: cf.ProcessPoolExecutor) -> list[int]:
 def stack_worker_pids(env: dict) -> list[int]:
     """The extractor service's worker processes (children of its process)."""
     import psutil
+
     port = env["DYADLAB_EXTRACTOR_ADDR"].rsplit(":", 1)[1]
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
@@ -122,15 +124,23 @@ def cli(env: dict, *args: str, check: bool = True) -> tuple[float, str]:
     for attempt in (1, 2):
         t0 = time.perf_counter()
         try:
-            p = subprocess.run([str(ROOT / ".venv/bin/dyadlab"), *args], env=env,
-                               cwd=env["DYADLAB_HOME"], capture_output=True, text=True,
-                               timeout=CLI_TIMEOUT_S)
+            p = subprocess.run(
+                [str(ROOT / ".venv/bin/dyadlab"), *args],
+                env=env,
+                cwd=env["DYADLAB_HOME"],
+                capture_output=True,
+                text=True,
+                timeout=CLI_TIMEOUT_S,
+            )
             break
         except subprocess.TimeoutExpired:
-            print(f"dyadlab {args[0]} hung for {CLI_TIMEOUT_S} s and was killed "
-                  f"(attempt {attempt}); timing the command again", flush=True)
+            print(
+                f"dyadlab {args[0]} hung for {CLI_TIMEOUT_S} s and was killed "
+                f"(attempt {attempt}); timing the command again",
+                flush=True,
+            )
             if attempt == 2:
-                raise SystemExit(f"dyadlab {' '.join(args)} hung twice")
+                raise SystemExit(f"dyadlab {' '.join(args)} hung twice") from None
     dt = time.perf_counter() - t0
     if check and p.returncode != 0:
         raise SystemExit(f"dyadlab {' '.join(args)} failed ({p.returncode}):\n{p.stderr}")
@@ -153,8 +163,11 @@ def drop_results(store_root: Path) -> None:
 def stack_env() -> dict:
     """A fresh DYADLAB_HOME (local store) and free ports: nothing shared with a user's stack."""
     home = Path(tempfile.mkdtemp(prefix="dyadlab-bench-"))
-    env = dict(os.environ, DYADLAB_HOME=str(home),
-               **{var: f"127.0.0.1:{free_port()}" for var in (s.addr_env for s in SERVICES)})
+    env = dict(
+        os.environ,
+        DYADLAB_HOME=str(home),
+        **{var: f"127.0.0.1:{free_port()}" for var in (s.addr_env for s in SERVICES)},
+    )
     for k in ("DYADLAB_STORE_DIR", "DYADLAB_S3_ENDPOINT"):
         env.pop(k, None)
     return env
@@ -194,19 +207,23 @@ def bench_clip(spec: str, frontends: list[str], repeat: int, workers: int, pool,
         print(f"\n== {src.name}: not found ({src}); skipped")
         return
     seconds = float(seconds or 60)
-    tag = hashlib.sha256(src.read_bytes()).hexdigest()[:12]   # a changed source is re-looped
+    tag = hashlib.sha256(src.read_bytes()).hexdigest()[:12]  # a changed source is re-looped
     long = loop_video(src, ROOT / ".cache/bench" / f"{src.stem}.{tag}.loop{int(seconds)}s.mp4", seconds)
     idx = video.probe(long)
     n, fps = idx.n_frames, idx.avg_fps
-    print(f"\n== {src.name} looped: {n} frames, {idx.width}x{idx.height}, {idx.duration_s:.1f} s "
-          f"at {fps:.2f} fps; {os.cpu_count()} CPUs, {workers} workers, load "
-          f"{os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"\n== {src.name} looped: {n} frames, {idx.width}x{idx.height}, {idx.duration_s:.1f} s "
+        f"at {fps:.2f} fps; {os.cpu_count()} CPUs, {workers} workers, load "
+        f"{os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     dec = {"colour": [], "grey": []}
     pipe = {f: [] for f in frontends}
-    cl = {f: {k: [] for k in ("no_speech", "svc_no_speech", "cached", "speech", "svc_speech")}
-          for f in frontends}
+    cl = {
+        f: {k: [] for k in ("no_speech", "svc_no_speech", "cached", "speech", "svc_speech")}
+        for f in frontends
+    }
     last = {}
-    said = ""
     for r in range(repeat):
         dec["colour"].append(time_decode(str(long), idx, True))
         dec["grey"].append(time_decode(str(long), idx, False))
@@ -216,24 +233,29 @@ def bench_clip(spec: str, frontends: list[str], repeat: int, workers: int, pool,
             pipe[fe].append(dt)
             line += f"; {fe}: pipeline {dt:.2f} s"
             if env is not None:
-                said = cli_round(env, str(long), cl[fe], fe)
-                line += (f", CLI {cl[fe]['no_speech'][-1]:.2f} s, with speech "
-                         f"{cl[fe]['speech'][-1]:.2f} s")
+                cli_round(env, str(long), cl[fe], fe)
+                line += f", CLI {cl[fe]['no_speech'][-1]:.2f} s, with speech {cl[fe]['speech'][-1]:.2f} s"
         print(line, flush=True)
     for fe in frontends:
         print(f"{fe}: faces {[(f['role'], f['frames_tracked']) for f in last[fe].faces]}")
     med = statistics.median
     dec_fps = n / med(dec["colour"])
-    rows = [("decode only, colour (1 process)", med(dec["colour"]), ""),
-            ("decode only, grey (1 process)", med(dec["grey"]), "")]
+    rows = [
+        ("decode only, colour (1 process)", med(dec["colour"]), ""),
+        ("decode only, grey (1 process)", med(dec["grey"]), ""),
+    ]
     for fe in frontends:
         rows.append((f"pipeline.extract {fe} ({workers} workers, warm)", med(pipe[fe]), fe))
         if env is not None:
-            rows += [(f"dyadlab extract --no-speech --frontend {fe}", med(cl[fe]["no_speech"]), fe),
-                     (f"dyadlab extract --frontend {fe} (with speech)", med(cl[fe]["speech"]), fe),
-                     ("  cached re-run", med(cl[fe]["cached"]), fe)]
-    print(f"{'measurement (median of %d)' % repeat:48s} {'seconds':>8s} {'fps':>8s} "
-          f"{'x real time':>11s} {'/ decode':>8s}")
+            rows += [
+                (f"dyadlab extract --no-speech --frontend {fe}", med(cl[fe]["no_speech"]), fe),
+                (f"dyadlab extract --frontend {fe} (with speech)", med(cl[fe]["speech"]), fe),
+                ("  cached re-run", med(cl[fe]["cached"]), fe),
+            ]
+    print(
+        f"{f'measurement (median of {repeat})':48s} {'seconds':>8s} {'fps':>8s} "
+        f"{'x real time':>11s} {'/ decode':>8s}"
+    )
     for name, t, _ in rows:
         f = n / t
         print(f"{name:48s} {t:8.2f} {f:8.0f} {f / fps:11.1f} {f / dec_fps:8.2f}")
@@ -241,32 +263,48 @@ def bench_clip(spec: str, frontends: list[str], repeat: int, workers: int, pool,
         fe = frontends[0]
         for what, key in (("--no-speech", "no_speech"), ("with speech", "speech")):
             f = n / med(cl[fe][key])
-            line = (f"whole command, {fe}, {what}: {f:.0f} fps: requirement >= {float(required):.0f} "
-                    f"{'PASS' if f >= float(required) else 'FAIL'}; aim {float(aim or 0):.0f} "
-                    f"{'reached' if aim and f >= float(aim) else 'not reached'}")
+            line = (
+                f"whole command, {fe}, {what}: {f:.0f} fps: requirement >= {float(required):.0f} "
+                f"{'PASS' if f >= float(required) else 'FAIL'}; aim {float(aim or 0):.0f} "
+                f"{'reached' if aim and f >= float(aim) else 'not reached'}"
+            )
             for other in frontends[1:]:
-                line += f"; {other}: {n / med(cl[other][key]):.0f} fps (ratio {fe}/{other} " \
-                        f"{med(cl[other][key]) / med(cl[fe][key]):.2f})"
+                line += (
+                    f"; {other}: {n / med(cl[other][key]):.0f} fps (ratio {fe}/{other} "
+                    f"{med(cl[other][key]) / med(cl[fe][key]):.2f})"
+                )
             print(line)
     mem = [peak_rss_mib(p) for p in pool_pids(pool)]
     print(f"peak memory per worker (in process, VmHWM): {', '.join(f'{m:.0f}' for m in mem)} MiB")
     if env is not None:
         sm = [peak_rss_mib(p) for p in stack_worker_pids(env)]
-        print(f"peak memory per extractor worker in the stack: "
-              f"{', '.join(f'{m:.0f}' for m in sm) or 'unknown'} MiB")
+        print(
+            f"peak memory per extractor worker in the stack: "
+            f"{', '.join(f'{m:.0f}' for m in sm) or 'unknown'} MiB"
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clip", action="append", required=True, metavar="VIDEO:SECONDS:REQUIRED:AIM",
-                    help="a real clip to loop to SECONDS; REQUIRED/AIM fps for the whole command")
+    ap.add_argument(
+        "--clip",
+        action="append",
+        required=True,
+        metavar="VIDEO:SECONDS:REQUIRED:AIM",
+        help="a real clip to loop to SECONDS; REQUIRED/AIM fps for the whole command",
+    )
     ap.add_argument("--frontends", default="mesh,dlib", help="face front-ends, the default first")
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement (median reported)")
-    ap.add_argument("--workers", type=int, default=0,
-                    help="in-process pool size (default DYADLAB_WORKERS or the CPU count)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="in-process pool size (default DYADLAB_WORKERS or the CPU count)",
+    )
     ap.add_argument("--skip-cli", action="store_true", help="no stack, no CLI runs")
     args = ap.parse_args()
     from dyadlab.config import Settings
+
     workers = args.workers or Settings.from_env().workers
     frontends = [f for f in args.frontends.split(",") if f]
     env = None if args.skip_cli else stack_env()

@@ -11,6 +11,7 @@ epochs {50,100,150,200} x 5 seeds x 5 grouped folds (2,500 fits, trained as
 one 200-epoch run per fit) plus the 5 hold-out fits per score. Prints the
 wall time, the ratio to the 60 s budget, and Table II. No assertions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ def own_cohort(participants: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame
     """(smiles, scores): a simple cohort, the scores weakly tied to a smiling style."""
     rng = np.random.default_rng(seed)
     mean, sd = 5.3, 4.7
-    r = mean ** 2 / (sd ** 2 - mean)          # negative binomial with that mean and SD
+    r = mean**2 / (sd**2 - mean)  # negative binomial with that mean and SD
     smiles, scores = [], []
     for i in range(participants):
         pid = f"P{i:04d}"
@@ -48,8 +49,9 @@ def own_cohort(participants: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame
             n = rng.negative_binomial(r, r / (r + mean))
             for k in range(1, n + 1):
                 f = np.exp(-1.0 + 0.3 * latent + 0.5 * rng.normal(size=len(FEATURES)))
-                smiles.append({"participant_id": pid, "visit_month": visit, "smile_id": k,
-                               **dict(zip(FEATURES, f))})
+                smiles.append(
+                    {"participant_id": pid, "visit_month": visit, "smile_id": k, **dict(zip(FEATURES, f))}
+                )
     return pd.DataFrame(smiles), pd.DataFrame(scores)
 
 
@@ -57,6 +59,7 @@ def cohort(participants: int, seed: int, own: bool) -> tuple[pd.DataFrame, str]:
     if not own:
         try:
             from services.stats.simulate import simulate
+
             c = simulate(participants, seed)
             joined, _ = join(c.smiles, c.scores)
             return joined, "services.stats.simulate"
@@ -84,11 +87,23 @@ def main() -> None:
         cv_fits = len(SCORE_COLUMNS) * 5 * 4 * 5 * 5
         print(f"\nN={p} participants ({n_sess} sessions, {len(joined)} smiles; data: {src})")
         ho = len(SCORE_COLUMNS) * 5
-        print(f"  grid: {cv_fits} CV fits ({res.config['cv_fits']} networks, each trained once "
-              f"for 200 epochs and scored at 50/100/150/200) + {ho} hold-out networks")
+        print(
+            f"  grid: {cv_fits} CV fits ({res.config['cv_fits']} networks, each trained once "
+            f"for 200 epochs and scored at 50/100/150/200) + {ho} hold-out networks"
+        )
         print(f"  wall {wall:.1f} s = {wall / BUDGET_S:.2f} x the {BUDGET_S:.0f} s budget")
-        cols = ["score", "best_window", "best_epochs", "mae", "rmse", "baseline_mae",
-                "baseline_rmse", "holdout_mae", "holdout_rmse", "n_samples"]
+        cols = [
+            "score",
+            "best_window",
+            "best_epochs",
+            "mae",
+            "rmse",
+            "baseline_mae",
+            "baseline_rmse",
+            "holdout_mae",
+            "holdout_rmse",
+            "n_samples",
+        ]
         with pd.option_context("display.width", 160, "display.precision", 2):
             print(res.table[cols].to_string(index=False))
 

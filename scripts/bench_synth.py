@@ -19,6 +19,7 @@ and prints images/s and p50/p95 latency per request for each. Every request
 is a 64x64 transform with judge=0 (and one row with judge=1). Numbers depend
 on what else runs on the machine; no assertions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,10 +50,16 @@ def random_model(path: Path, size: int = 64) -> Path:
     import torch
 
     from services.synth import solver as S
+
     cfg = S.Config(size=size)
     torch.manual_seed(0)
-    blob = {"format": 1, "config": cfg.to_dict(), "G_l": S.build("landmark", cfg)["G"].state_dict(),
-            "G_i": S.build("image", cfg)["G"].state_dict(), "judge": S.build("judge", cfg)["J"].state_dict()}
+    blob = {
+        "format": 1,
+        "config": cfg.to_dict(),
+        "G_l": S.build("landmark", cfg)["G"].state_dict(),
+        "G_i": S.build("image", cfg)["G"].state_dict(),
+        "judge": S.build("judge", cfg)["J"].state_dict(),
+    }
     bio = io.BytesIO()
     torch.save(blob, bio)
     path.write_bytes(bio.getvalue())
@@ -71,8 +78,12 @@ def face(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def fields(crop, pts, va, judge=False) -> dict[str, bytes]:
     ok, buf = cv2.imencode(".png", crop)
     assert ok
-    f = {"crop": buf.tobytes(), "landmarks": json.dumps([float(x) for x in L.to_vector(pts)]).encode(),
-         "valence": repr(float(va[0])).encode(), "arousal": repr(float(va[1])).encode()}
+    f = {
+        "crop": buf.tobytes(),
+        "landmarks": json.dumps([float(x) for x in L.to_vector(pts)]).encode(),
+        "valence": repr(float(va[0])).encode(),
+        "arousal": repr(float(va[1])).encode(),
+    }
     if judge:
         f["judge"] = b"1"
     return f
@@ -135,9 +146,17 @@ def main(argv=None) -> int:
         syn = Synthesizer.load(model)
         s = syn.size
         store = LocalStore(tmp / "store")
-        key = archive.publish(store, archive.build(model, tmp / "build", batch_size=a.batch,
-                                                  max_batch_delay_ms=a.delay_ms,
-                                                  workers=a.workers, threads=a.threads))
+        key = archive.publish(
+            store,
+            archive.build(
+                model,
+                tmp / "build",
+                batch_size=a.batch,
+                max_batch_delay_ms=a.delay_ms,
+                workers=a.workers,
+                threads=a.threads,
+            ),
+        )
         local = archive.fetch(store, key, tmp / "ms")
         ts = T.TorchServe(tmp / "w", tmp / "ms", {"synth": local.name}, workers_per_model=a.workers)
         t0 = time.perf_counter()
@@ -150,18 +169,31 @@ def main(argv=None) -> int:
             va = rng.uniform(-1, 1, (a.requests, 2))
             reqs = [fields(c, p, v) for (c, p), v in zip(faces, va)]
             with ts.client() as c:
-                run_clients(c, reqs[:a.concurrency * 2], a.concurrency)          # warm-up
-                for name, conc, rq in (("sequential (batch 1)", 1, reqs),
-                                       (f"batched ({a.concurrency} clients)", a.concurrency, reqs),
-                                       ("sequential, judge=1", 1,
-                                        [dict(r, judge=b"1") for r in reqs[:max(8, a.requests // 3)]])):
+                run_clients(c, reqs[: a.concurrency * 2], a.concurrency)  # warm-up
+                for name, conc, rq in (
+                    ("sequential (batch 1)", 1, reqs),
+                    (f"batched ({a.concurrency} clients)", a.concurrency, reqs),
+                    (
+                        "sequential, judge=1",
+                        1,
+                        [dict(r, judge=b"1") for r in reqs[: max(8, a.requests // 3)]],
+                    ),
+                ):
                     wall, lat, batches = run_clients(c, rq, conc)
-                    rows.append((name, len(rq) / wall, pct(lat, 50) * 1e3, pct(lat, 95) * 1e3,
-                                 statistics.mean(batches)))
+                    rows.append(
+                        (
+                            name,
+                            len(rq) / wall,
+                            pct(lat, 50) * 1e3,
+                            pct(lat, 95) * 1e3,
+                            statistics.mean(batches),
+                        )
+                    )
         finally:
             ts.stop()
 
         import torch
+
         torch.set_num_threads(a.threads)
         crops = np.stack([f[0] for f in faces])
         pts = np.stack([f[1] for f in faces])
@@ -171,14 +203,17 @@ def main(argv=None) -> int:
             for i in range(0, max(b, a.requests // 2), b):
                 j = i % (len(crops) - b + 1)
                 t0 = time.perf_counter()
-                syn.transform(crops[j:j + b], pts[j:j + b], va[j:j + b])
+                syn.transform(crops[j : j + b], pts[j : j + b], va[j : j + b])
                 lat.append(time.perf_counter() - t0)
-            rows.append((f"in-process batch {b}", b / statistics.mean(lat), pct(lat, 50) * 1e3,
-                         pct(lat, 95) * 1e3, b))
+            rows.append(
+                (f"in-process batch {b}", b / statistics.mean(lat), pct(lat, 50) * 1e3, pct(lat, 95) * 1e3, b)
+            )
 
-    print(f"synth Transform on CPU: model {label}, {s}x{s}, TorchServe batch_size {a.batch} "
-          f"max_batch_delay {a.delay_ms} ms, {a.workers} worker(s) x {a.threads} thread(s), "
-          f"{os.cpu_count()} CPUs; TorchServe ready in {startup:.1f} s")
+    print(
+        f"synth Transform on CPU: model {label}, {s}x{s}, TorchServe batch_size {a.batch} "
+        f"max_batch_delay {a.delay_ms} ms, {a.workers} worker(s) x {a.threads} thread(s), "
+        f"{os.cpu_count()} CPUs; TorchServe ready in {startup:.1f} s"
+    )
     print(f"{'mode':28s} {'images/s':>9s} {'p50 ms':>8s} {'p95 ms':>8s} {'mean batch':>10s}")
     for name, ips, p50, p95, mb in rows:
         print(f"{name:28s} {ips:9.1f} {p50:8.1f} {p95:8.1f} {mb:10.1f}")

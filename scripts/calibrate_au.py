@@ -11,6 +11,7 @@ AU12 >= 1.5 in each — for the shipped width estimate and for the width +
 corner-lift variant we tried — AU6 in both, and the ROC AUC of width alone
 against width + corner lift. The labels were made by looking at frame grids of each clip.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,12 +49,15 @@ def main() -> None:
     ap.add_argument("--shared", default=os.environ.get("DYADLAB_SHARED_DATA", here.parent / "shared/data"))
     args = ap.parse_args()
     print(f"K = {au.K_AU12:.2f} AU/IOD, adult rest width {au.ADULT_REST_WIDTH}")
-    print(f"{'clip':28s} {'w0':>5s} {'dw':>6s} {'dc':>6s} {'rho':>5s} | {'AU12 smile':>10s} {'rest':>5s} |"
-          f" {'>=1.5 smile':>11s} {'rest':>5s} | {'w+lift >=1.5':>12s} {'rest':>5s} |"
-          f" {'AU6 smile':>9s} {'rest':>5s} | AUC w / w+c")
+    print(
+        f"{'clip':28s} {'w0':>5s} {'dw':>6s} {'dc':>6s} {'rho':>5s} | {'AU12 smile':>10s} {'rest':>5s} |"
+        f" {'>=1.5 smile':>11s} {'rest':>5s} | {'w+lift >=1.5':>12s} {'rest':>5s} |"
+        f" {'AU6 smile':>9s} {'rest':>5s} | AUC w / w+c"
+    )
     for clip, segs in LABELS.items():
-        path = next((p for p in (Path(args.media) / clip, Path(args.shared) / "videos" / clip)
-                     if p.exists()), None)
+        path = next(
+            (p for p in (Path(args.media) / clip, Path(args.shared) / "videos" / clip) if p.exists()), None
+        )
         if path is None:
             print(f"{clip:28s} (not found)")
             continue
@@ -70,11 +74,13 @@ def main() -> None:
         s, n = (y == 1) & ok, (y == 0) & ok
         a12, a6 = t.AU12_r.values, t.AU06_r.values
         lift = au.K_AU12 * (dw + dc) / (1 + 0.45)  # the width + corner-lift variant we tried
-        print(f"{clip:28s} {w0:5.3f} {dw[s].mean():6.3f} {dc[s].mean():6.3f} {dc[s].mean() / dw[s].mean():5.2f} |"
-              f" {a12[s].mean():10.2f} {a12[n].mean():5.2f} | {(a12[s] >= 1.5).mean():11.0%}"
-              f" {(a12[n] >= 1.5).mean():5.0%} | {(lift[s] >= 1.5).mean():12.0%}"
-              f" {(lift[n] >= 1.5).mean():5.0%} | {a6[s].mean():9.2f} {a6[n].mean():5.2f} |"
-              f" {auc(dw[s], dw[n]):.3f} / {auc(dw[s] + dc[s], dw[n] + dc[n]):.3f}")
+        print(
+            f"{clip:28s} {w0:5.3f} {dw[s].mean():6.3f} {dc[s].mean():6.3f} {dc[s].mean() / dw[s].mean():5.2f} |"
+            f" {a12[s].mean():10.2f} {a12[n].mean():5.2f} | {(a12[s] >= 1.5).mean():11.0%}"
+            f" {(a12[n] >= 1.5).mean():5.0%} | {(lift[s] >= 1.5).mean():12.0%}"
+            f" {(lift[n] >= 1.5).mean():5.0%} | {a6[s].mean():9.2f} {a6[n].mean():5.2f} |"
+            f" {auc(dw[s], dw[n]):.3f} / {auc(dw[s] + dc[s], dw[n] + dc[n]):.3f}"
+        )
 
 
 if __name__ == "__main__":

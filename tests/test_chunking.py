@@ -2,6 +2,7 @@
 descriptors of tracks that start a chunk (speed levers that must not change
 results: scripts/bench_extract.py measures the speed, these check the results).
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,9 @@ import pytest
 
 from dyadlab import video
 from dyadlab.face import models, tracker
-from media import media_path, shared_video
 from services.extractor import chunks, identity
+
+from media import media_path, shared_video
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 4])
@@ -37,9 +39,9 @@ def test_plan_covers_every_frame_and_starts_chunks_on_keyframes():
         assert plan[0][0] == 0 and plan[-1][1] == idx.n_frames
         assert all(a < b for a, b in plan)
         assert all(plan[i][1] == plan[i + 1][0] for i in range(k - 1))
-        assert all(idx.keyframe[a] for a, _ in plan)   # keyframes every 72 frames
+        assert all(idx.keyframe[a] for a, _ in plan)  # keyframes every 72 frames
         sizes = [b - a for a, b in plan]
-        assert max(sizes) - min(sizes) <= idx.n_frames / k   # each bound moves <= 1/4 chunk
+        assert max(sizes) - min(sizes) <= idx.n_frames / k  # each bound moves <= 1/4 chunk
 
 
 def test_deferred_descriptors_give_the_same_identities():
@@ -70,7 +72,8 @@ def test_deferred_descriptors_give_the_same_identities():
     crop = np.ascontiguousarray(np.repeat(first[T:B, L:R, None], 3, axis=2))
     shape = dlib.full_object_detection(
         dlib.rectangle(0, 0, R - L - 1, B - T - 1),
-        [dlib.point(int(round(x - L)), int(round(y - T))) for x, y in lm])
+        [dlib.point(int(round(x - L)), int(round(y - T))) for x, y in lm],
+    )
     direct = np.asarray(models.face_encoder().compute_face_descriptor(crop, shape), np.float32)
     assert np.array_equal(tracker.describe(tr.tracks[0].chip), direct)
 

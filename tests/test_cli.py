@@ -1,4 +1,5 @@
 """The `dyadlab` command as a user runs it: real processes, real sockets."""
+
 from __future__ import annotations
 
 import os
@@ -12,32 +13,54 @@ import pytest
 from dyadlab import frames as ft
 from dyadlab.services import NAMES, SERVICES
 from dyadlab.stack import free_port
+
 from media import media_path
 
 DYADLAB = str(Path(sys.executable).with_name("dyadlab"))
-SMILE_COLUMNS = ["face_id", "smile_id", "start_s", "onset_end_s", "offset_start_s", "end_s",
-                 "onset_amplitude", "offset_amplitude", "onset_duration_s", "apex_duration_s",
-                 "offset_duration_s", "total_duration_s", "max_onset_speed", "max_offset_speed",
-                 "overlaps_speech"]
+SMILE_COLUMNS = [
+    "face_id",
+    "smile_id",
+    "start_s",
+    "onset_end_s",
+    "offset_start_s",
+    "end_s",
+    "onset_amplitude",
+    "offset_amplitude",
+    "onset_duration_s",
+    "apex_duration_s",
+    "offset_duration_s",
+    "total_duration_s",
+    "max_onset_speed",
+    "max_offset_speed",
+    "overlaps_speech",
+]
 
 
 _PORTS: dict[Path, dict[str, str]] = {}
 #: TorchServe's listeners (`up` starts it when java, torchserve and the model exist)
-TS_VARS = ["DYADLAB_TORCHSERVE_GRPC", "DYADLAB_TORCHSERVE_GRPC_MANAGEMENT", "DYADLAB_TORCHSERVE_HTTP",
-           "DYADLAB_TORCHSERVE_MANAGEMENT", "DYADLAB_TORCHSERVE_METRICS"]
+TS_VARS = [
+    "DYADLAB_TORCHSERVE_GRPC",
+    "DYADLAB_TORCHSERVE_GRPC_MANAGEMENT",
+    "DYADLAB_TORCHSERVE_HTTP",
+    "DYADLAB_TORCHSERVE_MANAGEMENT",
+    "DYADLAB_TORCHSERVE_METRICS",
+]
 
 
 def run(home: Path, *args, check=True, timeout=300) -> subprocess.CompletedProcess:
     """`dyadlab ARGS` with its own home and its own free ports per home."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYADLAB_")}
     env["DYADLAB_HOME"] = str(home)
-    env.update(_PORTS.setdefault(Path(home), {
-        var: f"127.0.0.1:{free_port()}" for var in [s.addr_env for s in SERVICES] + TS_VARS}))
-    p = subprocess.run([DYADLAB, *map(str, args)], env=env, capture_output=True, text=True,
-                       timeout=timeout)
+    env.update(
+        _PORTS.setdefault(
+            Path(home), {var: f"127.0.0.1:{free_port()}" for var in [s.addr_env for s in SERVICES] + TS_VARS}
+        )
+    )
+    p = subprocess.run([DYADLAB, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"dyadlab {' '.join(map(str, args))} exited {p.returncode}:\n"
-                             f"{p.stdout}\n{p.stderr}")
+        raise AssertionError(
+            f"dyadlab {' '.join(map(str, args))} exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
+        )
     return p
 
 
@@ -75,8 +98,22 @@ def test_extract_writes_openface_columns(stack_home, tmp_path):
     out = tmp_path / "frames.csv"
     p = run(stack_home, "extract", video, "--out", out)
     df = pd.read_csv(out)
-    need = (["frame", "face_id", "timestamp", "confidence", "success", "pose_Rx", "pose_Ry",
-             "pose_Rz", "AU06_r", "AU12_r"] + ft.X_COLS + ft.Y_COLS)
+    need = (
+        [
+            "frame",
+            "face_id",
+            "timestamp",
+            "confidence",
+            "success",
+            "pose_Rx",
+            "pose_Ry",
+            "pose_Rz",
+            "AU06_r",
+            "AU12_r",
+        ]
+        + ft.X_COLS
+        + ft.Y_COLS
+    )
     assert not [c for c in need if c not in df.columns]
     assert len(df) == 72 and df["frame"].tolist() == list(range(1, 73))
     assert df["success"].mean() > 0.9
@@ -84,8 +121,10 @@ def test_extract_writes_openface_columns(stack_home, tmp_path):
     parquet = tmp_path / "frames.parquet"
     run(stack_home, "extract", video, "--out", parquet)
     again = pd.read_parquet(parquet)
-    assert again["AU12_r"].round(4).equals(df["AU12_r"].round(4)) or \
-        (again["AU12_r"] - df["AU12_r"]).abs().max() < 1e-4
+    assert (
+        again["AU12_r"].round(4).equals(df["AU12_r"].round(4))
+        or (again["AU12_r"] - df["AU12_r"]).abs().max() < 1e-4
+    )
 
 
 def test_extract_imports_openface_csv(stack_home, tmp_path):
@@ -101,7 +140,7 @@ def test_a_stack_on_another_store_is_left_alone(stack_home, tmp_path):
     from the other stack. It now sees the stack advertise another store and runs
     an embedded stack on free ports; `status` says what is happening."""
     other = tmp_path / "other-home"
-    _PORTS[other] = dict(_PORTS[Path(stack_home)])          # the same ports as the running stack
+    _PORTS[other] = dict(_PORTS[Path(stack_home)])  # the same ports as the running stack
     out = tmp_path / "of.csv"
     p = run(other, "extract", media_path("OpenFace_Test.csv"), "--out", out)
     assert "works on another store" in p.stderr and "starting an embedded one" in p.stderr
@@ -118,7 +157,7 @@ def test_smiles_table_and_plot(stack_home, tmp_path):
     out, png = tmp_path / "smiles.csv", tmp_path / "smiles.png"
     p = run(stack_home, "smiles", media_path("single_face.mp4"), "--out", out, "--plot", png)
     table = pd.read_csv(out)
-    assert list(table.columns[:len(SMILE_COLUMNS)]) == SMILE_COLUMNS
+    assert list(table.columns[: len(SMILE_COLUMNS)]) == SMILE_COLUMNS
     assert len(table) >= 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "smiles found" in p.stdout
@@ -133,8 +172,16 @@ def test_bad_input_is_a_clear_error_not_a_traceback(stack_home, tmp_path):
     assert not (tmp_path / "s.csv").exists()
     p = run(stack_home, "smiles", tmp_path / "missing.mp4", "--out", tmp_path / "s.csv", check=False)
     assert p.returncode == 2 and "no such file" in p.stderr
-    p = run(stack_home, "smiles", media_path("single_face.mp4"), "--out", tmp_path / "s.csv",
-            "--face", "infant", check=False)
+    p = run(
+        stack_home,
+        "smiles",
+        media_path("single_face.mp4"),
+        "--out",
+        tmp_path / "s.csv",
+        "--face",
+        "infant",
+        check=False,
+    )
     assert p.returncode == 2 and "infant" in p.stderr
 
 
@@ -150,8 +197,9 @@ def test_embedded_stack_runs_and_leaves_nothing_behind(tmp_path):
 
 
 def _service_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "-- -m services\\.(extractor|smiles|stats)"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["pgrep", "-f", "-- -m services\\.(extractor|smiles|stats)"], capture_output=True, text=True
+    ).stdout
     return {int(x) for x in out.split()}
 
 
@@ -159,10 +207,11 @@ def test_down_stops_every_process(tmp_path):
     home = tmp_path / "home"
     run(home, "up", "--no-metrics")
     import json
+
     rec = json.loads((home / "run" / "stack.json").read_text())
     pids = list(rec["pids"].values())
     assert len(_pids_alive(pids)) == len(SERVICES)
-    if rec.get("torchserve"):                 # java (TorchServe's frontend) goes too
+    if rec.get("torchserve"):  # java (TorchServe's frontend) goes too
         pids.append(rec["torchserve"]["pid"])
     run(home, "down")
     assert _pids_alive(pids) == []
@@ -174,18 +223,36 @@ def test_cohort_simulate_then_stats_writes_the_report(stack_home, tmp_path):
     run(stack_home, "cohort", "simulate", "--participants", 40, "--seed", 7, "--out", sim)
     assert {p.name for p in sim.iterdir()} == {"scores.csv", "smiles.csv", "truth.json"}
     out = tmp_path / "report"
-    p = run(stack_home, "stats", sim / "smiles.csv", "--scores", sim / "scores.csv", "--out", out,
-            "--correction", "fdr_bh", "--seeds", 1, "--folds", 2)
+    p = run(
+        stack_home,
+        "stats",
+        sim / "smiles.csv",
+        "--scores",
+        sim / "scores.csv",
+        "--out",
+        out,
+        "--correction",
+        "fdr_bh",
+        "--seeds",
+        1,
+        "--folds",
+        2,
+    )
     names = {f.name for f in out.iterdir()}
-    assert {"table2_mlp.csv", "table3_ttests.csv", "table4_anova.csv", "fig2_correlations.csv",
-            "report.html", "table3.png"} <= names
+    assert {
+        "table2_mlp.csv",
+        "table3_ttests.csv",
+        "table4_anova.csv",
+        "fig2_correlations.csv",
+        "report.html",
+        "table3.png",
+    } <= names
     t3 = pd.read_csv(out / "table3_ttests.csv")
     assert t3["adjust"].eq("fdr_bh").all() and (t3["p_adj"] >= t3["p"] - 1e-12).all()
     assert "40 participants, 80 sessions" in p.stderr
     bad = tmp_path / "bad.csv"
     pd.read_csv(sim / "scores.csv").assign(pss=99).to_csv(bad, index=False)
-    p = run(stack_home, "stats", sim / "smiles.csv", "--scores", bad, "--out", out, "--no-mlp",
-            check=False)
+    p = run(stack_home, "stats", sim / "smiles.csv", "--scores", bad, "--out", out, "--no-mlp", check=False)
     assert p.returncode == 2 and "column 'pss': 99 is outside PSS's range [0, 40]" in p.stderr
 
 
@@ -195,8 +262,14 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYADLAB_")}
     env["DYADLAB_HOME"] = str(tmp_path)
     env.update({var: f"127.0.0.1:{free_port()}" for var in (s.addr_env for s in SERVICES)})
-    p = subprocess.run(f"'{DYADLAB}' status | head -c 1 >/dev/null", shell=True, env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        f"'{DYADLAB}' status | head -c 1 >/dev/null",
+        shell=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr
 
 
@@ -206,11 +279,27 @@ def test_extract_names_its_front_end_and_each_face_scale(stack_home, tmp_path):
     assert "face front-end mesh" in p.stderr and "AU12 scale: adult:" in p.stderr, p.stderr
     df = pd.read_csv(out)
     assert {"X_0", "Y_67", "Z_33"} <= set(df.columns)
-    p = run(stack_home, "extract", media_path("single_face.mp4"), "--out", out, "--no-speech",
-            "--frontend", "dlib")
+    p = run(
+        stack_home,
+        "extract",
+        media_path("single_face.mp4"),
+        "--out",
+        out,
+        "--no-speech",
+        "--frontend",
+        "dlib",
+    )
     assert "face front-end dlib" in p.stderr
-    bad = run(stack_home, "extract", media_path("single_face.mp4"), "--out", out,
-              "--frontend", "openface", check=False)
+    bad = run(
+        stack_home,
+        "extract",
+        media_path("single_face.mp4"),
+        "--out",
+        out,
+        "--frontend",
+        "openface",
+        check=False,
+    )
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
@@ -218,4 +307,5 @@ def test_cli_front_end_choices_are_the_extractors():
     """The CLI imports no service, so it names the front-ends itself."""
     from dyadlab.cli import FRONTEND_CHOICES
     from services.extractor.frontends import FRONTENDS
+
     assert sorted(FRONTEND_CHOICES) == sorted(FRONTENDS)

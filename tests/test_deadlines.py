@@ -3,6 +3,7 @@ code names one; dynamically, a channel from dyadlab.client fills in
 DYADLAB_RPC_TIMEOUT_S for a call that names none, so a hung server cannot hang
 a caller. (The hung-extractor fault in tests/test_faults.py shows the same
 end to end, smiles -> extractor.)"""
+
 from __future__ import annotations
 
 import ast
@@ -60,9 +61,13 @@ def test_the_audit_sees_the_calls_it_must():
     synth -> TorchServe, the health probe), so an empty scan cannot pass."""
     assert {"Extract", "Analyze", "Predictions", "Check", "Transfer"} <= rpc_method_names()
     found = {(str(f), m) for f, _, m, _ in stub_calls()}
-    for want in [("services/smiles/server.py", "Extract"), ("services/synth/server.py", "Extract"),
-                 ("dyadlab/torchserve/client.py", "Predictions"), ("dyadlab/client.py", "Check"),
-                 ("dyadlab/cohort.py", "Analyze")]:
+    for want in [
+        ("services/smiles/server.py", "Extract"),
+        ("services/synth/server.py", "Extract"),
+        ("dyadlab/torchserve/client.py", "Predictions"),
+        ("dyadlab/client.py", "Check"),
+        ("dyadlab/cohort.py", "Analyze"),
+    ]:
         assert want in found, want
     assert len(found) >= 15
 
@@ -87,9 +92,18 @@ def hung_server():
         return b""
 
     server = grpc.server(futures.ThreadPoolExecutor(4))
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        "dyadlab.test.Slow", {"Hang": grpc.unary_unary_rpc_method_handler(
-            hang, request_deserializer=None, response_serializer=None)})])
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "dyadlab.test.Slow",
+                {
+                    "Hang": grpc.unary_unary_rpc_method_handler(
+                        hang, request_deserializer=None, response_serializer=None
+                    )
+                },
+            )
+        ]
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield f"127.0.0.1:{port}"
@@ -105,7 +119,7 @@ def test_call_without_deadline_gets_the_default(hung_server):
     with client.channel(hung_server, _settings(1)) as ch:
         t0 = time.monotonic()
         with pytest.raises(grpc.RpcError) as ei:
-            ch.unary_unary(SLOW)(b"")                    # no timeout= on purpose
+            ch.unary_unary(SLOW)(b"")  # no timeout= on purpose
         took = time.monotonic() - t0
     assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 0.9 < took < 5, took
@@ -127,6 +141,7 @@ def test_aio_channel_without_deadline_gets_the_default(hung_server):
             with pytest.raises(grpc.aio.AioRpcError) as ei:
                 await ch.unary_unary(SLOW)(b"")
             return ei.value.code(), time.monotonic() - t0
+
     code, took = asyncio.run(call())
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED and 0.9 < took < 5, took
 
@@ -153,26 +168,45 @@ def test_smiles_passes_its_callers_deadline_on_to_the_extractor(tmp_path):
         return iter(())
 
     fake = grpc.server(futures.ThreadPoolExecutor(4))
-    fake.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        "dyadlab.v1.Extractor", {"Extract": grpc.unary_stream_rpc_method_handler(extract)})])
+    fake.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "dyadlab.v1.Extractor", {"Extract": grpc.unary_stream_rpc_method_handler(extract)}
+            )
+        ]
+    )
     ex_port = fake.add_insecure_port("127.0.0.1:0")
     fake.start()
     addr = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, DYADLAB_HOME=str(tmp_path), DYADLAB_INSECURE="1",
-               DYADLAB_SMILES_ADDR=addr, DYADLAB_EXTRACTOR_ADDR=f"127.0.0.1:{ex_port}",
-               DYADLAB_RPC_TIMEOUT_S="3600", DYADLAB_METRICS_PORT="0")
+    env = dict(
+        os.environ,
+        DYADLAB_HOME=str(tmp_path),
+        DYADLAB_INSECURE="1",
+        DYADLAB_SMILES_ADDR=addr,
+        DYADLAB_EXTRACTOR_ADDR=f"127.0.0.1:{ex_port}",
+        DYADLAB_RPC_TIMEOUT_S="3600",
+        DYADLAB_METRICS_PORT="0",
+    )
     log = open(tmp_path / "smiles.log", "wb")
-    p = subprocess.Popen([sys.executable, "-m", "services.smiles"], env=env, stdout=log,
-                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "services.smiles"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
     try:
         settings = Settings.from_env(env)
-        client.wait_ready(addr, 60, "dyadlab.v1.Smiles", alive=lambda: p.poll() is None,
-                          settings=settings)
+        client.wait_ready(addr, 60, "dyadlab.v1.Smiles", alive=lambda: p.poll() is None, settings=settings)
         with client.channel(addr, settings) as ch:
             t0 = time.monotonic()
             with pytest.raises(grpc.RpcError) as ei:
-                list(smiles_pb2_grpc.SmilesStub(ch).Analyze(smiles_pb2.AnalyzeRequest(
-                    video=common_pb2.ObjectRef(key="inputs/x.mp4")), timeout=3))
+                list(
+                    smiles_pb2_grpc.SmilesStub(ch).Analyze(
+                        smiles_pb2.AnalyzeRequest(video=common_pb2.ObjectRef(key="inputs/x.mp4")), timeout=3
+                    )
+                )
             took = time.monotonic() - t0
         assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and took < 5, took
         assert len(seen) == 1 and 2.0 < seen[0] <= 3.0, seen

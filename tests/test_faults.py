@@ -16,6 +16,7 @@
 Each fault is recorded (fault, what the caller saw, recovery time, data lost)
 and a table is printed at module teardown (`pytest -s` shows it).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,6 +41,7 @@ from dyadlab import stack as stack_mod
 from dyadlab.config import Settings
 from dyadlab.storage import open_store
 from dyadlab.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2, smiles_pb2_grpc
+
 from media import media_path
 
 # In its own pytest process (`make test-slow`, run by .ci/run): these tests
@@ -47,24 +49,30 @@ from media import media_path
 # suite lost the session fixture's extractor (cause not found yet).
 pytestmark = pytest.mark.skipif(
     os.environ.get("DYADLAB_SLOW") != "1",
-    reason="fault injection kills real processes: DYADLAB_SLOW=1 or `make test-slow`")
+    reason="fault injection kills real processes: DYADLAB_SLOW=1 or `make test-slow`",
+)
 
 try:
     from tests.s3server import SwiftS3Server, SwiftUnavailable
 except ImportError:
     from s3server import SwiftS3Server, SwiftUnavailable
 
-CLIP = "WolfgangLanger_Pexels.mp4"     # 20 s, 472 frames, 640x360
-LOOPS = 3                              # -> ~60 s, 1416 frames: 4 chunks with 2 workers
+CLIP = "WolfgangLanger_Pexels.mp4"  # 20 s, 472 frames, 640x360
+LOOPS = 3  # -> ~60 s, 1416 frames: 4 chunks with 2 workers
 DEADLINE_S = 300.0
 
 RECORDS: list[dict] = []
 
 
 def record(fault: str, saw: str, recovery_s: float | None, lost: str) -> None:
-    RECORDS.append({"fault": fault, "caller saw": saw,
-                    "recovery": "n/a" if recovery_s is None else f"{recovery_s:.1f} s",
-                    "data lost": lost})
+    RECORDS.append(
+        {
+            "fault": fault,
+            "caller saw": saw,
+            "recovery": "n/a" if recovery_s is None else f"{recovery_s:.1f} s",
+            "data lost": lost,
+        }
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,6 +91,7 @@ def fault_table():
 def looped_video(src: Path, dst: Path, loops: int) -> Path:
     """Concatenate `loops` copies of src's video stream (remux, no re-encode)."""
     import av
+
     with av.open(str(src)) as inp:
         s_in = inp.streams.video[0]
         pkts = [p for p in inp.demux(s_in) if p.dts is not None]
@@ -118,8 +127,9 @@ def start_services(settings: Settings, addrs: dict[str, str]) -> stack_mod.Stack
 
 
 def extract_req(key: str) -> extractor_pb2.ExtractRequest:
-    return extractor_pb2.ExtractRequest(video=common_pb2.ObjectRef(key=key),
-                                        options=extractor_pb2.ExtractOptions(skip_speech=True))
+    return extractor_pb2.ExtractRequest(
+        video=common_pb2.ObjectRef(key=key), options=extractor_pb2.ExtractOptions(skip_speech=True)
+    )
 
 
 def run_to_end(stub, key: str):
@@ -138,6 +148,7 @@ def kill_group(pid: int) -> None:
 def group_alive(pgid: int) -> bool:
     """Some live (not zombie) process is in process group `pgid`."""
     import psutil
+
     for p in psutil.process_iter(["status"]):
         try:
             if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
@@ -196,8 +207,7 @@ def test_extractor_sigkill_resumes(tmp_path):
         assert down_call_s < 15
         # What survived: the finished chunks (and nothing under the final keys).
         # The killed service's worker processes notice (parent-watch) and exit.
-        assert wait_group_gone(old_pid, 10.0) is not None, \
-            "the killed extractor's workers live on as orphans"
+        assert wait_group_gone(old_pid, 10.0) is not None, "the killed extractor's workers live on as orphans"
         orphans_gone_s = time.monotonic() - killed_at
         work = [k for k in store.list("work/extract/") if k.endswith(".npz")]
         assert 1 <= len(work) < n_chunks, work
@@ -221,8 +231,8 @@ def test_extractor_sigkill_resumes(tmp_path):
         keys = sorted(store.list())
         finals = [k for k in keys if k.startswith("frames/")]
         assert len(finals) == 2 and {Path(k).suffix for k in finals} == {".parquet", ".json"}, finals
-        assert [k for k in keys if k.startswith("work/")] == []      # chunk cache cleared
-        assert sorted(os.listdir(store.tmp)) == []                     # no temporaries left
+        assert [k for k in keys if k.startswith("work/")] == []  # chunk cache cleared
+        assert sorted(os.listdir(store.tmp)) == []  # no temporaries left
         summary = json.loads(store.get_bytes(finals[0 if finals[0].endswith(".json") else 1]))
         assert summary["frames"]["key"] == res.frames.key
         data = store.get_bytes(res.frames.key)
@@ -230,10 +240,13 @@ def test_extractor_sigkill_resumes(tmp_path):
             assert hashlib.sha256(data).hexdigest() == res.frames.sha256
         df = pd.read_parquet(io.BytesIO(data))
         assert df["frame"].max() == res.video.frames and (df["success"] > 0).sum() > 0.5 * res.video.frames
-        record("SIGKILL extractor mid-extraction", saw + "; retry while down: UNAVAILABLE "
-               f"in {down_call_s:.1f} s", recovery_s,
-               f"none; {recomputed} of {total} chunks recomputed; the killed service's "
-               f"workers had exited {orphans_gone_s:.1f} s after it")
+        record(
+            "SIGKILL extractor mid-extraction",
+            saw + f"; retry while down: UNAVAILABLE in {down_call_s:.1f} s",
+            recovery_s,
+            f"none; {recomputed} of {total} chunks recomputed; the killed service's "
+            f"workers had exited {orphans_gone_s:.1f} s after it",
+        )
         ch.close()
     finally:
         stack_mod.stop(settings, st)
@@ -254,8 +267,13 @@ class _Swift(SwiftS3Server):
         old = self.procs["proxy"]
         with open(self.dir / "logs" / "proxy.log", "ab") as log:
             self.procs["proxy"] = subprocess.Popen(
-                old.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd=self.dir)
+                old.args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.dir,
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             self._check_alive()
@@ -277,10 +295,16 @@ def test_object_store_outage(tmp_path):
     st = None
     addr = f"127.0.0.1:{stack_mod.free_port()}"
     settings = make_settings(
-        tmp_path / "home", DYADLAB_EXTRACTOR_ADDR=addr, DYADLAB_WORKERS="2",
-        DYADLAB_S3_ENDPOINT=s3.endpoint, DYADLAB_S3_ACCESS_KEY=s3.access_key,
-        DYADLAB_S3_SECRET_KEY=s3.secret_key, DYADLAB_S3_SECURE="false",
-        DYADLAB_S3_REGION=s3.region, DYADLAB_BUCKET="faults")
+        tmp_path / "home",
+        DYADLAB_EXTRACTOR_ADDR=addr,
+        DYADLAB_WORKERS="2",
+        DYADLAB_S3_ENDPOINT=s3.endpoint,
+        DYADLAB_S3_ACCESS_KEY=s3.access_key,
+        DYADLAB_S3_SECRET_KEY=s3.secret_key,
+        DYADLAB_S3_SECURE="false",
+        DYADLAB_S3_REGION=s3.region,
+        DYADLAB_BUCKET="faults",
+    )
     try:
         store = open_store(settings)
         key = upload(store, media_path(CLIP))
@@ -291,7 +315,7 @@ def test_object_store_outage(tmp_path):
             try:
                 for ev in stub.Extract(extract_req(key), timeout=DEADLINE_S):
                     if ev.HasField("progress") and ev.progress.stage == "landmarks" and stopped_at is None:
-                        s3.stop_proxy()             # chunks are being computed: the store goes away
+                        s3.stop_proxy()  # chunks are being computed: the store goes away
                         stopped_at = time.monotonic()
             except grpc.RpcError as e:
                 err = e
@@ -314,8 +338,12 @@ def test_object_store_outage(tmp_path):
         assert len(summary_keys) == 1
         assert json.loads(store.get_bytes(summary_keys[0]))["frames"]["key"] == res.frames.key
         assert list(store.list("work/")) == []
-        record("S3 store (Swift proxy) killed mid-job, restarted",
-               f"{saw[:60]} after {fail_s:.1f} s", recovery_s, "none; result hash matches")
+        record(
+            "S3 store (Swift proxy) killed mid-job, restarted",
+            f"{saw[:60]} after {fail_s:.1f} s",
+            recovery_s,
+            "none; result hash matches",
+        )
     finally:
         if st is not None:
             stack_mod.stop(settings, st)
@@ -357,8 +385,12 @@ def test_hung_extractor_cannot_hang_smiles(tmp_path):
     hole = BlackHole()
     timeout_s = 3
     addr = f"127.0.0.1:{stack_mod.free_port()}"
-    settings = make_settings(tmp_path / "home", DYADLAB_SMILES_ADDR=addr,
-                             DYADLAB_EXTRACTOR_ADDR=hole.addr, DYADLAB_RPC_TIMEOUT_S=str(timeout_s))
+    settings = make_settings(
+        tmp_path / "home",
+        DYADLAB_SMILES_ADDR=addr,
+        DYADLAB_EXTRACTOR_ADDR=hole.addr,
+        DYADLAB_RPC_TIMEOUT_S=str(timeout_s),
+    )
     st = None
     try:
         key = upload(open_store(settings), media_path(CLIP))
@@ -367,16 +399,19 @@ def test_hung_extractor_cannot_hang_smiles(tmp_path):
             stub = smiles_pb2_grpc.SmilesStub(ch)
             t = time.monotonic()
             with pytest.raises(grpc.RpcError) as ei:
-                list(stub.Analyze(smiles_pb2.AnalyzeRequest(video=common_pb2.ObjectRef(key=key)),
-                                  timeout=60))
+                list(stub.Analyze(smiles_pb2.AnalyzeRequest(video=common_pb2.ObjectRef(key=key)), timeout=60))
             took = time.monotonic() - t
         e = ei.value
         assert e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE), e
-        assert e.details().startswith("extractor:"), e.details()   # smiles' deadline, not ours
+        assert e.details().startswith("extractor:"), e.details()  # smiles' deadline, not ours
         assert took < timeout_s + 3, took
         assert hole.conns, "smiles never connected to the fake extractor"
-        record(f"extractor hangs (black-hole socket), smiles timeout {timeout_s} s",
-               f"{e.code().name} after {took:.1f} s", None, "none (nothing written)")
+        record(
+            f"extractor hangs (black-hole socket), smiles timeout {timeout_s} s",
+            f"{e.code().name} after {took:.1f} s",
+            None,
+            "none (nothing written)",
+        )
     finally:
         if st is not None:
             stack_mod.stop(settings, st)
@@ -386,6 +421,7 @@ def test_hung_extractor_cannot_hang_smiles(tmp_path):
 # -- 4. a TorchServe worker killed during Transfer -------------------------------------
 def _ts_workers(ts_pid: int) -> list[int]:
     import psutil
+
     out = []
     for p in psutil.Process(ts_pid).children(recursive=True):
         try:
@@ -399,12 +435,15 @@ def _ts_workers(ts_pid: int) -> list[int]:
 def test_torchserve_worker_killed_during_transfer(tmp_path):
     pytest.importorskip("ts", reason="torchserve is not installed (requirements.lock)")
     from dyadlab import torchserve as T
+
     if not T.java_available():
         pytest.skip("java not found: TorchServe needs a JDK 11+")
     from dyadlab.v1 import synth_pb2, synth_pb2_grpc
-    from media import shared_video
     from services.synth import archive
+
+    from media import shared_video
     from synthmodel import make_model_file
+
     clip = shared_video("2UWdXP.joke1.rep3.take1.Peekaboo_h265.mp4")
     shared = clip.parents[1]
     parent_img = shared / "expressions" / "images" / "Aaron_Guiel_0001.jpg"
@@ -415,34 +454,54 @@ def test_torchserve_worker_killed_during_transfer(tmp_path):
     ts = T.TorchServe(tmp_path / "ts", tmp_path / "model-store", {"synth": mar.name})
     ts.start()
     procs: list[subprocess.Popen] = []
-    addrs = {"extractor": f"127.0.0.1:{stack_mod.free_port()}",
-             "synth": f"127.0.0.1:{stack_mod.free_port()}"}
+    addrs = {"extractor": f"127.0.0.1:{stack_mod.free_port()}", "synth": f"127.0.0.1:{stack_mod.free_port()}"}
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYADLAB_")}
-    env.update({"DYADLAB_HOME": str(home), "DYADLAB_EXTRACTOR_ADDR": addrs["extractor"],
-                "DYADLAB_SYNTH_ADDR": addrs["synth"], "DYADLAB_WORKERS": "1",
-                "DYADLAB_TORCHSERVE_ADDR": ts.grpc_inference_addr,
-                "DYADLAB_TORCHSERVE_KEY_FILE": str(ts.key_file),
-                "DYADLAB_SYNTH_PROBE_S": "1", "PYTHONUNBUFFERED": "1",
-                "DYADLAB_SYNTH_PREDICT_TIMEOUT_S": "10"})
+    env.update(
+        {
+            "DYADLAB_HOME": str(home),
+            "DYADLAB_EXTRACTOR_ADDR": addrs["extractor"],
+            "DYADLAB_SYNTH_ADDR": addrs["synth"],
+            "DYADLAB_WORKERS": "1",
+            "DYADLAB_TORCHSERVE_ADDR": ts.grpc_inference_addr,
+            "DYADLAB_TORCHSERVE_KEY_FILE": str(ts.key_file),
+            "DYADLAB_SYNTH_PROBE_S": "1",
+            "PYTHONUNBUFFERED": "1",
+            "DYADLAB_SYNTH_PREDICT_TIMEOUT_S": "10",
+        }
+    )
     settings = Settings.from_env(env)
     try:
         for name, module in (("extractor", "services.extractor"), ("synth", "services.synth.server")):
             with open(home / f"{name}.log", "ab") as out:
-                procs.append(subprocess.Popen([sys.executable, "-m", module], env=env, stdout=out,
-                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                              start_new_session=True))
-        for (name, svc_name), p in zip((("extractor", "dyadlab.v1.Extractor"),
-                                        ("synth", "dyadlab.v1.Synth")), procs):
-            client.wait_ready(addrs[name], 180, svc_name, alive=lambda p=p: p.poll() is None,
-                              settings=settings)
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", module],
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
+                )
+        for (name, svc_name), p in zip(
+            (("extractor", "dyadlab.v1.Extractor"), ("synth", "dyadlab.v1.Synth")), procs
+        ):
+            client.wait_ready(
+                addrs[name], 180, svc_name, alive=lambda p=p: p.poll() is None, settings=settings
+            )
         store = open_store(settings)
-        refs = {n: common_pb2.ObjectRef(key=upload(store, p))
-                for n, p in (("video", clip), ("face", parent_img), ("infant", infant_img))}
-        req = synth_pb2.TransferRequest(video=refs["video"],
-                                        parent_face=synth_pb2.FaceImage(ref=refs["face"]),
-                                        infant_face=synth_pb2.FaceImage(ref=refs["infant"]), seed=5)
+        refs = {
+            n: common_pb2.ObjectRef(key=upload(store, p))
+            for n, p in (("video", clip), ("face", parent_img), ("infant", infant_img))
+        }
+        req = synth_pb2.TransferRequest(
+            video=refs["video"],
+            parent_face=synth_pb2.FaceImage(ref=refs["face"]),
+            infant_face=synth_pb2.FaceImage(ref=refs["infant"]),
+            seed=5,
+        )
         before = _ts_workers(ts.pid)
         assert before, "no TorchServe worker process found"
         with client.channel(addrs["synth"], settings) as ch:
@@ -459,11 +518,16 @@ def test_torchserve_worker_killed_during_transfer(tmp_path):
                 err = e
             assert killed_at is not None, "Transfer never reached generate"
             if err is not None:
-                assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
-                                      grpc.StatusCode.DEADLINE_EXCEEDED), err
+                assert err.code() in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.INTERNAL,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ), err
                 assert err.details() and "see the service log" not in err.details(), err.details()
-                saw = (f"{err.code().name} after {time.monotonic() - killed_at:.1f} s: "
-                       f"{err.details()[:50]}".replace("\n", " ").strip())
+                saw = (
+                    f"{err.code().name} after {time.monotonic() - killed_at:.1f} s: "
+                    f"{err.details()[:50]}".replace("\n", " ").strip()
+                )
             else:
                 saw = "job completed"
             # TorchServe restarts the worker.
@@ -474,7 +538,7 @@ def test_torchserve_worker_killed_during_transfer(tmp_path):
                     break
                 time.sleep(0.5)
             assert now, "TorchServe did not restart the killed worker"
-            if res is None:      # failed cleanly: the same request succeeds once it is back
+            if res is None:  # failed cleanly: the same request succeeds once it is back
                 deadline = time.monotonic() + 120
                 while True:
                     try:
@@ -482,7 +546,9 @@ def test_torchserve_worker_killed_during_transfer(tmp_path):
                         break
                     except grpc.RpcError as e:
                         if time.monotonic() > deadline or e.code() not in (
-                                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL):
+                            grpc.StatusCode.UNAVAILABLE,
+                            grpc.StatusCode.INTERNAL,
+                        ):
                             raise
                         time.sleep(2)
             recovery_s = time.monotonic() - killed_at
@@ -490,8 +556,12 @@ def test_torchserve_worker_killed_during_transfer(tmp_path):
         path = store.local_path(res.video.key)
         assert storage_sha(path) == res.video.sha256
         assert sorted(os.listdir(store.tmp)) == []
-        record("TorchServe worker SIGKILLed during Transfer", saw, recovery_s,
-               "none; worker restarted by TorchServe, result hash matches")
+        record(
+            "TorchServe worker SIGKILLed during Transfer",
+            saw,
+            recovery_s,
+            "none; worker restarted by TorchServe, result hash matches",
+        )
     finally:
         for p in procs:
             if p.poll() is None:
@@ -507,4 +577,5 @@ def test_torchserve_worker_killed_during_transfer(tmp_path):
 
 def storage_sha(path) -> str:
     from dyadlab.storage import sha256_file
+
     return sha256_file(path)

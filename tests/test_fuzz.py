@@ -6,6 +6,7 @@ questionnaire/smile-table validation (services/stats/scores.py) and the smile
 segmenter (services/smiles/segment.py) — never anything else. Kept fast:
 ~150 examples per property, no deadline (another job may hold the CPU).
 """
+
 from __future__ import annotations
 
 import math
@@ -17,21 +18,45 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dyadlab import frames as ft
+from dyadlab import tables
 from dyadlab.frames import TableError
 from dyadlab.openface import read_openface_csv
+from dyadlab.tables import read_any
 from services.smiles import segment
 from services.stats import scores
-from dyadlab import tables
-from dyadlab.tables import read_any
 
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # -- cells and tables ------------------------------------------------------------------
-NUMS = st.one_of(st.integers(-10, 100), st.floats(allow_nan=True, allow_infinity=True),
-                 st.floats(-5, 5))
-TEXT = st.sampled_from(["", " ", "NaN", "nan", "inf", "-inf", "abc", "1e400", "0x10", "1,5",
-                        '"', '""', "é", "\t", "null", "True", "-", "1.0.0", "1e-400"])
+NUMS = st.one_of(st.integers(-10, 100), st.floats(allow_nan=True, allow_infinity=True), st.floats(-5, 5))
+TEXT = st.sampled_from(
+    [
+        "",
+        " ",
+        "NaN",
+        "nan",
+        "inf",
+        "-inf",
+        "abc",
+        "1e400",
+        "0x10",
+        "1,5",
+        '"',
+        '""',
+        "é",
+        "\t",
+        "null",
+        "True",
+        "-",
+        "1.0.0",
+        "1e-400",
+    ]
+)
 CELL = st.one_of(NUMS, TEXT)
 
 
@@ -41,8 +66,24 @@ def _fmt(v) -> str:
     return str(v)
 
 
-OPENFACE_BASE = ["frame", "face_id", "timestamp", "confidence", "success", "AU12_r", "AU06_r",
-                 "x_48", "y_48", "x_54", "y_54", "x_33", "y_33", "pose_Rx", "gaze_0_x", "role"]
+OPENFACE_BASE = [
+    "frame",
+    "face_id",
+    "timestamp",
+    "confidence",
+    "success",
+    "AU12_r",
+    "AU06_r",
+    "x_48",
+    "y_48",
+    "x_54",
+    "y_54",
+    "x_33",
+    "y_33",
+    "pose_Rx",
+    "gaze_0_x",
+    "role",
+]
 
 
 @st.composite
@@ -50,8 +91,9 @@ def openface_csv(draw) -> bytes:
     """A plausible OpenFace CSV, then mutated: columns dropped/renamed/duplicated,
     cells replaced with hostile values, rows ragged, the file truncated, odd
     separators, BOM, CRLF."""
-    cols = draw(st.lists(st.sampled_from(OPENFACE_BASE + ["FaceRectX", "junk", "frame"]),
-                         min_size=0, max_size=14))
+    cols = draw(
+        st.lists(st.sampled_from(OPENFACE_BASE + ["FaceRectX", "junk", "frame"]), min_size=0, max_size=14)
+    )
     if draw(st.booleans()):
         cols = [c for c in OPENFACE_BASE if c != "role"] + cols[:2]
     n = draw(st.integers(0, 12))
@@ -75,7 +117,7 @@ def openface_csv(draw) -> bytes:
                 row.append(draw(st.sampled_from(["", "adult", "infant", "dog"])))
             else:
                 row.append(f"{draw(st.floats(-500, 500)):.3f}")
-        if draw(st.integers(0, 14)) == 0:               # ragged row
+        if draw(st.integers(0, 14)) == 0:  # ragged row
             row = row[:-1] if row and draw(st.booleans()) else row + ["1"]
         rows.append(row)
     sep = draw(st.sampled_from([",", ", ", ", ", ", ", ";", "\t"]))
@@ -114,7 +156,7 @@ def test_openface_import_succeeds_or_raises_table_error(data):
 @given(st.binary(max_size=600))
 def test_openface_import_of_random_bytes(data):
     try:
-        df, notes = tables.read_frames(data)       # Parquet sniffing, then the CSV importer
+        df, notes = tables.read_frames(data)  # Parquet sniffing, then the CSV importer
     except TableError as e:
         assert str(e)
         return
@@ -128,7 +170,8 @@ SCORE_COLS = scores.KEYS + scores.SCORE_COLUMNS
 @st.composite
 def table(draw, columns: list[str]) -> pd.DataFrame:
     cols = [c for c in columns if draw(st.integers(0, 19))] + draw(
-        st.lists(st.sampled_from(["extra", "visit_month"]), max_size=1))
+        st.lists(st.sampled_from(["extra", "visit_month"]), max_size=1)
+    )
     n = draw(st.integers(0, 10))
     data = {}
     for c in dict.fromkeys(cols):
@@ -194,36 +237,59 @@ def trace(draw) -> pd.DataFrame:
     dt = draw(st.sampled_from([1 / 30, 1 / 25, 0.07, 0.001]))
     t = np.cumsum(rng.choice([dt, dt, dt, 2 * dt, 0.0, 5 * dt], size=n))
     if draw(st.booleans()):
-        rng.shuffle(t)                                     # out of order
+        rng.shuffle(t)  # out of order
     # AU12: rest, ramps and plateaus, spikes
-    au = np.clip(np.convolve(rng.normal(0, 1.5, n), np.ones(5) / 5, "full")[2:2 + n] + rng.choice(
-        [0.0, 2.5], size=n, p=[0.6, 0.4]), 0, 5) if n else np.zeros(0)
-    df = pd.DataFrame({
-        "frame": np.arange(1, n + 1) if draw(st.booleans()) else rng.integers(0, 5, n),
-        "face_id": 0, "timestamp": t,
-        "confidence": rng.choice([0.95, 0.9, 0.5, 0.0, 1.0], size=n),
-        "success": rng.choice([1, 1, 1, 0], size=n), "AU12_r": au})
+    au = (
+        np.clip(
+            np.convolve(rng.normal(0, 1.5, n), np.ones(5) / 5, "full")[2 : 2 + n]
+            + rng.choice([0.0, 2.5], size=n, p=[0.6, 0.4]),
+            0,
+            5,
+        )
+        if n
+        else np.zeros(0)
+    )
+    df = pd.DataFrame(
+        {
+            "frame": np.arange(1, n + 1) if draw(st.booleans()) else rng.integers(0, 5, n),
+            "face_id": 0,
+            "timestamp": t,
+            "confidence": rng.choice([0.95, 0.9, 0.5, 0.0, 1.0], size=n),
+            "success": rng.choice([1, 1, 1, 0], size=n),
+            "AU12_r": au,
+        }
+    )
     base = {48: (40, 80), 54: (80, 80), segment.INNER_LEFT_NOSTRIL: (62, 55)}
     for i in LM:
         x0, y0 = base.get(i, (60, 60))
         spread = au * draw(st.sampled_from([0.0, 2.0]))
         df[f"x_{i}"] = x0 + (-spread if i == 48 else spread if i == 54 else 0) + rng.normal(0, 0.5, n)
         df[f"y_{i}"] = y0 + rng.normal(0, 0.5, n)
-    for _ in range(draw(st.integers(0, 4))):               # hostile cells
+    for _ in range(draw(st.integers(0, 4))):  # hostile cells
         if n:
-            col = draw(st.sampled_from(["AU12_r", "timestamp", "confidence"]
-                                       + [f"{a}_{i}" for a in "xy" for i in LM]))
+            col = draw(
+                st.sampled_from(
+                    ["AU12_r", "timestamp", "confidence"] + [f"{a}_{i}" for a in "xy" for i in LM]
+                )
+            )
             df.loc[draw(st.integers(0, n - 1)), col] = draw(ODD)
-    if draw(st.integers(0, 9)) == 0:                       # degenerate: nostril on a lip corner
+    if draw(st.integers(0, 9)) == 0:  # degenerate: nostril on a lip corner
         df[f"x_{LM[0]}"], df[f"y_{LM[0]}"] = df[f"x_{LM[1]}"], df[f"y_{LM[1]}"]
     return df
 
 
 @FUZZ
-@given(trace(), st.sampled_from([segment.SmileParams(),
-                                 segment.SmileParams(smooth_window_s=0.0),
-                                 segment.SmileParams(au12_threshold=0.5, min_activations=1),
-                                 segment.SmileParams(activation_window_s=0.05, smooth_window_s=5.0)]))
+@given(
+    trace(),
+    st.sampled_from(
+        [
+            segment.SmileParams(),
+            segment.SmileParams(smooth_window_s=0.0),
+            segment.SmileParams(au12_threshold=0.5, min_activations=1),
+            segment.SmileParams(activation_window_s=0.05, smooth_window_s=5.0),
+        ]
+    ),
+)
 def test_segmenter_succeeds_or_raises_table_error(df, params):
     try:
         smiles = segment.segment_smiles(df, params)
@@ -238,8 +304,12 @@ def test_segmenter_succeeds_or_raises_table_error(df, params):
 
 
 @FUZZ
-@given(st.lists(st.sampled_from(["frame", "timestamp", "confidence", "success", "AU12_r",
-                                 "face_id", "x_48", "y_48"]), unique=True))
+@given(
+    st.lists(
+        st.sampled_from(["frame", "timestamp", "confidence", "success", "AU12_r", "face_id", "x_48", "y_48"]),
+        unique=True,
+    )
+)
 def test_segmenter_missing_columns_raise_table_error(cols):
     df = pd.DataFrame({c: [0.0, 1.0] for c in cols})
     with pytest.raises(TableError):

@@ -5,18 +5,22 @@ pipeline: who is found, who is measured, who is who.
 
 These clips skip (with the reason) where ../shared/data is absent.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from dyadlab import video
-from media import shared_video
 from services.extractor import chunks, pipeline
 
-CLIPS = {"peekaboo": "2UWdXP.joke1.rep3.take1.Peekaboo_h265.mp4",
-         "nomnomnom": "2UWdXP.joke2.rep3.take1.NomNomNom_h265.mp4",
-         "tearingpaper": "2UWdXP.joke4.rep3.take1.TearingPaper_h265.mp4"}
+from media import shared_video
+
+CLIPS = {
+    "peekaboo": "2UWdXP.joke1.rep3.take1.Peekaboo_h265.mp4",
+    "nomnomnom": "2UWdXP.joke2.rep3.take1.NomNomNom_h265.mp4",
+    "tearingpaper": "2UWdXP.joke4.rep3.take1.TearingPaper_h265.mp4",
+}
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +97,8 @@ def test_mesh_front_end_measures_more_than_dlib_on_every_clip(pool):
         m_seen = sum(f["frames_seen"] for f in mesh.faces if f["role"])
         d_seen = sum(f["frames_tracked"] for f in dlib.faces if f["role"])
         assert m_seen >= 1.5 * d_seen, (name, m_seen, d_seen)
-        assert mesh.table.shape[1] == dlib.table.shape[1]            # one table shape
-        assert dlib.table[["X_0", "Z_67"]].isna().all().all()          # dlib has no depth
+        assert mesh.table.shape[1] == dlib.table.shape[1]  # one table shape
+        assert dlib.table[["X_0", "Z_67"]].isna().all().all()  # dlib has no depth
 
 
 def test_two_people_stay_two_through_a_looped_clip(pool, tmp_path):
@@ -106,9 +110,9 @@ def test_two_people_stay_two_through_a_looped_clip(pool, tmp_path):
     assert ex.index.n_frames == 600
     assert len(ex.faces) == 2, ex.faces
     assert sorted(f["role"] for f in ex.faces) == ["adult", "infant"]
-    (pf, pdf), (inf, idf) = face(ex, "adult"), face(ex, "infant")
-    for k in range(4):                      # each pass: the same people, the same sides
-        in_pass = lambda df: df[(df.frame > 150 * k) & (df.frame <= 150 * (k + 1))]  # noqa: E731
+    (pf, pdf), (_inf, idf) = face(ex, "adult"), face(ex, "infant")
+    for k in range(4):  # each pass: the same people, the same sides
+        in_pass = lambda df, k=k: df[(df.frame > 150 * k) & (df.frame <= 150 * (k + 1))]
         assert mean_x(in_pass(pdf)) > 400 and mean_x(in_pass(idf)) < 320
         assert (in_pass(idf).success == 1).sum() >= 90
     assert pf["frames_seen"] >= 0.95 * 600

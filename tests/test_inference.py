@@ -6,6 +6,7 @@ formula, numpy, statsmodels OLS + anova_lm, scipy.stats.f_oneway, numpy.polyfit
 and statsmodels.multipletests. Synthetic cohorts are generated here with planted
 effects (no dependence on simulate.py).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,9 +38,13 @@ def cohort(seed: int = 7, n_part: int = 60) -> pd.DataFrame:
             phq = int(rng.integers(0, 20))
             pss = int(rng.choice([rng.integers(0, 14), rng.integers(14, 27), rng.integers(27, 41)]))
             aces = int(rng.integers(0, 8))
-            scores = {"phq9": phq, "aces": aces, "pss": pss,
-                      "pearls": int(rng.integers(0, 4)),
-                      "social_support": float(rng.uniform(40, 100))}
+            scores = {
+                "phq9": phq,
+                "aces": aces,
+                "pss": pss,
+                "pearls": int(rng.integers(0, 4)),
+                "social_support": float(rng.uniform(40, 100)),
+            }
             pss_level = 0 if pss <= 13 else (1 if pss <= 26 else 2)
             for k in range(1, int(rng.integers(1, 9)) + 1):
                 up = 1.0 if visit == 12 else 0.0
@@ -53,8 +58,7 @@ def cohort(seed: int = 7, n_part: int = 60) -> pd.DataFrame:
                     "apex_duration_s": rng.gamma(1.5, 0.5),
                     "total_duration_s": 1.0 + 0.08 * phq + rng.normal(0, 0.3),
                 }
-                rows.append({"participant_id": pid, "visit_month": visit, "smile_id": k,
-                             **feats, **scores})
+                rows.append({"participant_id": pid, "visit_month": visit, "smile_id": k, **feats, **scores})
     return pd.DataFrame(rows)
 
 
@@ -66,23 +70,24 @@ def test_welch_matches_scipy_and_satterthwaite():
     for _, row in tab.iterrows():
         x6 = df.loc[df.visit_month == 6, row.feature].to_numpy(float)
         x12 = df.loc[df.visit_month == 12, row.feature].to_numpy(float)
-        ref = sps.ttest_ind(x12, x6, equal_var=False)         # 12 minus 6
+        ref = sps.ttest_ind(x12, x6, equal_var=False)  # 12 minus 6
         v6, v12 = x6.var(ddof=1) / len(x6), x12.var(ddof=1) / len(x12)
-        ws = (v6 + v12) ** 2 / (v6 ** 2 / (len(x6) - 1) + v12 ** 2 / (len(x12) - 1))
+        ws = (v6 + v12) ** 2 / (v6**2 / (len(x6) - 1) + v12**2 / (len(x12) - 1))
         assert row.t == pytest.approx(ref.statistic, abs=TOL, rel=TOL)
         assert row.p == pytest.approx(ref.pvalue, abs=TOL, rel=TOL)
         assert row.df == pytest.approx(ws, abs=TOL, rel=TOL)
-        assert row.df != round(row.df)                        # fractional Welch df
+        assert row.df != round(row.df)  # fractional Welch df
         assert (row.n_6, row.n_12) == (len(x6), len(x12))
         assert row.mean_12 == pytest.approx(x12.mean(), rel=TOL)
         assert row.sd_6 == pytest.approx(x6.std(ddof=1), rel=TOL)
         # pooled-SD Cohen's d, numpy
-        sp = np.sqrt(((len(x6) - 1) * x6.var(ddof=1) + (len(x12) - 1) * x12.var(ddof=1))
-                     / (len(x6) + len(x12) - 2))
+        sp = np.sqrt(
+            ((len(x6) - 1) * x6.var(ddof=1) + (len(x12) - 1) * x12.var(ddof=1)) / (len(x6) + len(x12) - 2)
+        )
         d = (x12.mean() - x6.mean()) / sp
         assert row.cohens_d == pytest.approx(d, abs=TOL, rel=TOL)
         n1, n2 = len(x12), len(x6)
-        se = np.sqrt((n1 + n2) / (n1 * n2) + d ** 2 / (2 * (n1 + n2)))
+        se = np.sqrt((n1 + n2) / (n1 * n2) + d**2 / (2 * (n1 + n2)))
         crit = sps.t.ppf(0.975, n1 + n2 - 2)
         assert row.ci95_low == pytest.approx(d - crit * se, abs=1e-9)
         assert row.ci95_high == pytest.approx(d + crit * se, abs=1e-9)
@@ -95,7 +100,7 @@ def test_welch_matches_scipy_and_satterthwaite():
 
 def test_welch_sign_follows_12_minus_6():
     df = cohort()
-    df.loc[df.visit_month == 12, "max_onset_speed"] -= 3.0     # now 12 < 6
+    df.loc[df.visit_month == 12, "max_onset_speed"] -= 3.0  # now 12 < 6
     row = inf.welch_table(df, features=["max_onset_speed"]).iloc[0]
     assert row.t < 0 and row.cohens_d < 0
 
@@ -131,8 +136,13 @@ def _statsmodels_anova(y, g):
     fit = smf.ols("y ~ C(g)", data=d).fit()
     a = sm.stats.anova_lm(fit, typ=2)
     ss_b, ss_w = a.loc["C(g)", "sum_sq"], a.loc["Residual", "sum_sq"]
-    return a.loc["C(g)", "F"], a.loc["C(g)", "PR(>F)"], ss_b / (ss_b + ss_w), \
-        a.loc["C(g)", "df"], a.loc["Residual", "df"]
+    return (
+        a.loc["C(g)", "F"],
+        a.loc["C(g)", "PR(>F)"],
+        ss_b / (ss_b + ss_w),
+        a.loc["C(g)", "df"],
+        a.loc["Residual", "df"],
+    )
 
 
 def test_anova_matches_statsmodels_and_f_oneway():
@@ -142,7 +152,7 @@ def test_anova_matches_statsmodels_and_f_oneway():
     assert set(tab["visit_month"]) == {6, 12}
     assert len(tab) == 2 * len(sc.CATEGORICAL) * len(FEATS)
     ran = tab[tab.reason == ""]
-    assert len(ran) == len(tab)                                 # all cohorts have >= 2 groups
+    assert len(ran) == len(tab)  # all cohorts have >= 2 groups
     for _, row in ran.iterrows():
         sub = df[df.visit_month == row.visit_month]
         cat = sc.SCALES[row.score].category(sub[row.score])
@@ -187,17 +197,25 @@ def test_anova_missing_scores_and_features_counted():
     assert r.loc[(6, "max_onset_speed"), "excluded"] == 8
     assert r.loc[(6, "onset_amplitude"), "excluded"] == 5
     assert r.loc[(12, "max_onset_speed"), "excluded"] == 0
-    assert r.loc[(6, "max_onset_speed"), "n"] + 8 + r.loc[(6, "max_onset_speed"), "dropped_small"] \
-        == int(m6.sum())
+    assert r.loc[(6, "max_onset_speed"), "n"] + 8 + r.loc[(6, "max_onset_speed"), "dropped_small"] == int(
+        m6.sum()
+    )
 
 
 def test_anova_singleton_category_is_dropped_with_note():
     """A category with one smile is left out of the test (and named), not used."""
     rng = np.random.default_rng(3)
     y = rng.normal(size=41)
-    pss = np.r_[np.full(20, 5), np.full(20, 20), 35]           # low, moderate, one 'high'
-    df = pd.DataFrame({"participant_id": [f"p{i}" for i in range(41)], "visit_month": 6,
-                       "smile_id": 1, "onset_amplitude": y, "pss": pss})
+    pss = np.r_[np.full(20, 5), np.full(20, 20), 35]  # low, moderate, one 'high'
+    df = pd.DataFrame(
+        {
+            "participant_id": [f"p{i}" for i in range(41)],
+            "visit_month": 6,
+            "smile_id": 1,
+            "onset_amplitude": y,
+            "pss": pss,
+        }
+    )
     row = inf.anova_table(df, features=["onset_amplitude"], scores=["pss"]).iloc[0]
     assert row.reason == "" and row.k_groups == 2 and row.n == 40
     assert row.dropped_groups == "high:1" and row.dropped_small == 1
@@ -222,13 +240,13 @@ def test_correlation_matches_pearsonr_and_polyfit():
     tab = inf.correlation_table(df, max_k=3)
     assert sorted(set(tab.smile_index)) == [1, 2, 3]
     assert len(tab) == 3 * len(FEATS) * len(sc.SCORE_COLUMNS)
-    assert tab.visit_month.isna().all()                          # visits pooled
+    assert tab.visit_month.isna().all()  # visits pooled
     for _, row in tab.iterrows():
         kth = df[df.smile_id == row.smile_index]
         ok = kth[row.feature].notna() & kth[row.score].notna()
         x, y = kth.loc[ok, row.feature].to_numpy(float), kth.loc[ok, row.score].to_numpy(float)
         r, p = sps.pearsonr(x, y)
-        slope, icpt = np.polyfit(x, y, 1)                        # score ~ feature
+        slope, icpt = np.polyfit(x, y, 1)  # score ~ feature
         assert row.r == pytest.approx(r, abs=TOL)
         assert row.p == pytest.approx(p, abs=TOL, rel=TOL)
         assert row.slope == pytest.approx(slope, abs=TOL, rel=1e-8)
@@ -264,8 +282,15 @@ def _sessions(counts: list[int]) -> pd.DataFrame:
     for i, n in enumerate(counts):
         s = {c: float(rng.uniform(0, 20)) for c in sc.SCORE_COLUMNS}
         for k in range(1, n + 1):
-            rows.append({"participant_id": f"p{i}", "visit_month": 6, "smile_id": k,
-                         **{f: float(rng.normal()) for f in FEATS}, **s})
+            rows.append(
+                {
+                    "participant_id": f"p{i}",
+                    "visit_month": 6,
+                    "smile_id": k,
+                    **{f: float(rng.normal()) for f in FEATS},
+                    **s,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -286,8 +311,11 @@ def test_correlation_too_few_pairs_has_reason():
     df = _sessions([2, 2, 2, 2, 2, 2])
     df.loc[df.smile_id == 2, "phq9"] = np.nan
     df.loc[df.index[df.smile_id == 2][:2], "phq9"] = 5.0
-    row = inf.correlation_table(df).set_index(["smile_index", "feature", "score"]) \
+    row = (
+        inf.correlation_table(df)
+        .set_index(["smile_index", "feature", "score"])
         .loc[(2, "onset_amplitude", "phq9")]
+    )
     assert np.isnan(row.r) and "fewer than 3" in row.reason and row.excluded == 4
 
 
@@ -297,7 +325,7 @@ def test_adjust_known_example_and_statsmodels():
     holm = inf.adjust(t, "holm")
     assert holm.p_adj.tolist() == pytest.approx([0.03, 0.06, 0.06], abs=1e-12)
     assert holm.significant_adj.tolist() == [True, False, False]
-    assert "p_adj" not in t.columns                               # input untouched
+    assert "p_adj" not in t.columns  # input untouched
     bh = inf.adjust(t, "fdr_bh")
     assert bh.p_adj.tolist() == pytest.approx([0.03, 0.04, 0.04], abs=1e-12)
     none = inf.adjust(t, "none")
@@ -319,7 +347,7 @@ def test_adjust_skips_nan_rows_and_rejects_unknown():
     t = pd.DataFrame({"p": [0.01, np.nan, 0.04, 0.03]})
     out = inf.adjust(t, "holm")
     assert np.isnan(out.p_adj.iloc[1]) and not out.significant_adj.iloc[1]
-    assert out.p_adj.dropna().tolist() == pytest.approx([0.03, 0.06, 0.06])   # family of 3
+    assert out.p_adj.dropna().tolist() == pytest.approx([0.03, 0.06, 0.06])  # family of 3
     with pytest.raises(ValueError, match="unknown adjustment"):
         inf.adjust(t, "bonferroni-ish")
 

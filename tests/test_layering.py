@@ -2,6 +2,7 @@
 library (dyadlab/) imports no service, services do not import each other,
 and no two modules import each other (directly or through others) at
 import time. Read from the source with `ast`; nothing is executed."""
+
 from __future__ import annotations
 
 import ast
@@ -59,8 +60,11 @@ def test_the_library_imports_no_service():
     offenders = []
     for name, path in _modules().items():
         if name.startswith("dyadlab"):
-            bad = sorted(i for i in _imports(path, name, top_level_only=False)
-                         if i == "services" or i.startswith("services."))
+            bad = sorted(
+                i
+                for i in _imports(path, name, top_level_only=False)
+                if i == "services" or i.startswith("services.")
+            )
             if bad:
                 offenders.append(f"{path.relative_to(ROOT)}: {', '.join(bad)}")
     assert not offenders, "the shared library must not import services:\n" + "\n".join(offenders)
@@ -71,8 +75,13 @@ def test_services_do_not_import_each_other():
     for name, path in _modules().items():
         if name.startswith("services."):
             own = name.split(".")[1]
-            others = sorted({i.split(".")[1] for i in _imports(path, name, top_level_only=False)
-                             if i.startswith("services.") and i.split(".")[1] != own})
+            others = sorted(
+                {
+                    i.split(".")[1]
+                    for i in _imports(path, name, top_level_only=False)
+                    if i.startswith("services.") and i.split(".")[1] != own
+                }
+            )
             if others:
                 offenders.append(f"{path.relative_to(ROOT)} imports services {others}")
     assert not offenders, "\n".join(offenders)
@@ -87,7 +96,7 @@ def test_no_import_cycles():
             # `from dyadlab import frames` names the module dyadlab.frames; keep known modules
             while i and i not in mods:
                 i = i.rpartition(".")[0]
-            if i and i != name and not name.startswith(i + "."):   # a package's own __init__ is not a cycle
+            if i and i != name and not name.startswith(i + "."):  # a package's own __init__ is not a cycle
                 deps.add(i)
         graph[name] = deps
     cycles, state, stack = [], {}, []
@@ -97,7 +106,7 @@ def test_no_import_cycles():
         stack.append(n)
         for d in sorted(graph[n]):
             if state.get(d) == "open":
-                cycles.append(stack[stack.index(d):] + [d])
+                cycles.append(stack[stack.index(d) :] + [d])
             elif d not in state:
                 dfs(d)
         stack.pop()

@@ -2,6 +2,7 @@
 
 Logic tests use small grids; one test runs the full default grid at N=94.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,7 +26,7 @@ def make_cohort(participants: int, seed: int, kind: str = "noise") -> pd.DataFra
     ``linear`` = an affine function of z (~ the window means) + noise of 10% of its SD;
     ``noise`` = independent of everything."""
     rng = np.random.default_rng(seed)
-    r = 5.3 ** 2 / (4.7 ** 2 - 5.3)
+    r = 5.3**2 / (4.7**2 - 5.3)
     load = {c: rng.normal(size=len(FEATS)) for c in SCALES}
     smiles, scores = [], []
     for i in range(participants):
@@ -44,8 +45,9 @@ def make_cohort(participants: int, seed: int, kind: str = "noise") -> pd.DataFra
             scores.append(row)
             for k in range(1, rng.negative_binomial(r, r / (r + 5.3)) + 1):
                 f = z + 0.3 * rng.normal(size=len(FEATS))
-                smiles.append({"participant_id": pid, "visit_month": visit, "smile_id": k,
-                               **dict(zip(FEATS, f))})
+                smiles.append(
+                    {"participant_id": pid, "visit_month": visit, "smile_id": k, **dict(zip(FEATS, f))}
+                )
     joined, _ = join(pd.DataFrame(smiles), pd.DataFrame(scores))
     return joined
 
@@ -56,8 +58,11 @@ def random_fits(sizes, seed=1, n_test=9) -> list[mlp.Fit]:
     for i, n in enumerate(sizes):
         X = rng.normal(size=(n, len(FEATS))) * 3 + 1
         y = 2 * X[:, 0] - X[:, 3] + rng.normal(size=n) + 10
-        fits.append(mlp.Fit((i, 7, 2, 3), X, y, rng.normal(size=(n_test, len(FEATS))) * 3 + 1,
-                            rng.normal(size=n_test)))
+        fits.append(
+            mlp.Fit(
+                (i, 7, 2, 3), X, y, rng.normal(size=(n_test, len(FEATS))) * 3 + 1, rng.normal(size=n_test)
+            )
+        )
     return fits
 
 
@@ -74,10 +79,10 @@ def reference(fit: mlp.Fit, epochs, batch_size=32, lr=1e-3, dtype=torch.float32)
         (a, b), o = where[f"W{i + 1}"]
         (_, c), ob = where[f"b{i + 1}"]
         with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(init[o:o + a * b].reshape(a, b).T))
-            lin.bias.copy_(torch.from_numpy(init[ob:ob + c]))
+            lin.weight.copy_(torch.from_numpy(init[o : o + a * b].reshape(a, b).T))
+            lin.bias.copy_(torch.from_numpy(init[ob : ob + c]))
         layers += [lin, torch.nn.ReLU()]
-    net = torch.nn.Sequential(*layers[:-1])            # no ReLU on the output
+    net = torch.nn.Sequential(*layers[:-1])  # no ReLU on the output
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     X = torch.from_numpy(xtr).to(dtype)
     Y = torch.from_numpy(ytr).to(dtype)[:, None]
@@ -85,7 +90,7 @@ def reference(fit: mlp.Fit, epochs, batch_size=32, lr=1e-3, dtype=torch.float32)
     out = {}
     for e in range(max(epochs)):
         for k in range(0, len(ytr), batch_size):
-            idx = torch.from_numpy(orders[e][k:k + batch_size])
+            idx = torch.from_numpy(orders[e][k : k + batch_size])
             opt.zero_grad()
             torch.nn.functional.mse_loss(net(X[idx]), Y[idx]).backward()
             opt.step()
@@ -112,17 +117,27 @@ def noise() -> pd.DataFrame:
 def test_windows_hand_made_two_sessions():
     rows = []
     # session A (p1, month 6): smiles 1..3, given out of order; session B (p2, 12): one smile
-    for pid, visit, k, base in [("p1", 6, 3, 30.0), ("p1", 6, 1, 10.0), ("p2", 12, 1, 100.0),
-                                ("p1", 6, 2, 20.0)]:
-        rows.append({"participant_id": pid, "visit_month": visit, "smile_id": k,
-                     **{f: base + j for j, f in enumerate(FEATS)},
-                     "phq9": 7.0 if pid == "p1" else 2.0})
+    for pid, visit, k, base in [
+        ("p1", 6, 3, 30.0),
+        ("p1", 6, 1, 10.0),
+        ("p2", 12, 1, 100.0),
+        ("p1", 6, 2, 20.0),
+    ]:
+        rows.append(
+            {
+                "participant_id": pid,
+                "visit_month": visit,
+                "smile_id": k,
+                **{f: base + j for j, f in enumerate(FEATS)},
+                "phq9": 7.0 if pid == "p1" else 2.0,
+            }
+        )
     joined = pd.DataFrame(rows)
 
     w1, dropped = mlp.window_samples(joined, 1, ["phq9"])
     assert dropped == 0 and len(w1) == 4
     w2, _ = mlp.window_samples(joined, 2, ["phq9"])
-    assert len(w2) == 2                                  # (1,2) and (2,3) of A; B too short
+    assert len(w2) == 2  # (1,2) and (2,3) of A; B too short
     assert list(w2["first_smile"]) == [1, 2] and list(w2["last_smile"]) == [2, 3]
     assert (w2["participant_id"] == "p1").all() and (w2["phq9"] == 7.0).all()
     for j, f in enumerate(FEATS):
@@ -134,8 +149,7 @@ def test_windows_hand_made_two_sessions():
     assert len(w4) == 0
 
     # a missing feature value drops exactly the windows that contain it
-    joined.loc[(joined["smile_id"] == 2) & (joined["participant_id"] == "p1"),
-               "onset_amplitude"] = np.nan
+    joined.loc[(joined["smile_id"] == 2) & (joined["participant_id"] == "p1"), "onset_amplitude"] = np.nan
     w2, dropped = mlp.window_samples(joined, 2, ["phq9"])
     assert dropped == 2 and len(w2) == 0
     w1, dropped = mlp.window_samples(joined, 1, ["phq9"])
@@ -152,7 +166,7 @@ def test_window_counts_match_sessions(noise):
 # -- folds -----------------------------------------------------------------------------------
 def test_participant_folds_balanced_and_seeded():
     ids = [f"M{i:02d}" for i in range(23)]
-    f0 = mlp.participant_folds(ids + ids, 5, seed=0)   # duplicates (two visits) collapse
+    f0 = mlp.participant_folds(ids + ids, 5, seed=0)  # duplicates (two visits) collapse
     assert set(f0) == set(ids)
     sizes = np.bincount(list(f0.values()), minlength=5)
     assert sizes.max() - sizes.min() <= 1 and sizes.sum() == 23
@@ -161,7 +175,7 @@ def test_participant_folds_balanced_and_seeded():
     with pytest.raises(ValueError):
         mlp.participant_folds(ids[:3], 5, seed=0)
     ho = mlp.holdout_participants([f"M{i:02d}" for i in range(94)], seed=0)
-    assert len(ho) == 19                               # the paper's 19 of 94 mothers
+    assert len(ho) == 19  # the paper's 19 of 94 mothers
 
 
 def test_grouped_folds_never_split_a_participant(noise, monkeypatch):
@@ -185,11 +199,11 @@ def test_grouped_folds_never_split_a_participant(noise, monkeypatch):
         if f.key[3] != mlp.HOLDOUT % (1 << 32):
             by_model.setdefault(f.key[:3], []).append(te)
         else:
-            assert len(te) <= 12                       # ~19/94 of 60 participants
-    for key, tests in by_model.items():
+            assert len(te) <= 12  # ~19/94 of 60 participants
+    for tests in by_model.values():
         assert len(tests) == 5
         union = set().union(*tests)
-        assert sum(len(t) for t in tests) == len(union)    # test folds are disjoint
+        assert sum(len(t) for t in tests) == len(union)  # test folds are disjoint
         assert union <= participants and len(union) >= len(participants) - 8
 
 
@@ -201,11 +215,11 @@ def test_batched_training_equals_unbatched_reference(dtype, tol):
     fits = random_fits([100, 80, 75, 70, 64, 40, 33])
     epochs = (5, 20, 40)
     preds = mlp.train_fits(fits, epochs, dtype=dtype, group_size=3)
-    for i in range(len(fits)):     # groups [100 80 75] [70 | 64 40] [33]: every position
+    for i in range(len(fits)):  # groups [100 80 75] [70 | 64 40] [33]: every position
         ref = reference(fits[i], epochs, dtype=dtype)
         for j, e in enumerate(epochs):
             np.testing.assert_allclose(preds[i][j], ref[e], rtol=tol, atol=tol)
-        assert np.abs(ref[40] - ref[5]).max() > 1e-2     # it trained: the check has teeth
+        assert np.abs(ref[40] - ref[5]).max() > 1e-2  # it trained: the check has teeth
 
 
 def test_python_fallback_equals_compiled_and_group_size_is_irrelevant():
@@ -262,12 +276,17 @@ def test_no_skill_on_pure_noise(noise):
 def test_missing_scores_excluded_and_counted(noise):
     df = noise.copy()
     sessions = df[["participant_id", "visit_month"]].drop_duplicates().iloc[:7]
-    hit = df.set_index(["participant_id", "visit_month"]).index.isin(
-        pd.MultiIndex.from_frame(sessions))
+    hit = df.set_index(["participant_id", "visit_month"]).index.isin(pd.MultiIndex.from_frame(sessions))
     df.loc[hit, "pss"] = np.nan
     calls = []
-    res = mlp.run_grid(df, scores=["pss", "phq9"], windows=(1,), epochs=(3,), seeds=range(1),
-                       progress=lambda d, t: calls.append((d, t)))
+    res = mlp.run_grid(
+        df,
+        scores=["pss", "phq9"],
+        windows=(1,),
+        epochs=(3,),
+        seeds=range(1),
+        progress=lambda d, t: calls.append((d, t)),
+    )
     t = res.table.set_index("score")
     assert t.loc["pss", "excluded"] == 7 and t.loc["phq9", "excluded"] == 0
     n_sess = len(df[["participant_id", "visit_month"]].drop_duplicates())
@@ -283,8 +302,13 @@ def test_bad_input_is_rejected(noise):
     with pytest.raises(ValueError, match="unknown score"):
         mlp.run_grid(noise, scores=["mood"])
     with pytest.raises(ValueError, match="participant"):
-        mlp.run_grid(noise[noise["participant_id"].isin(["M000", "M001"])], scores=["phq9"],
-                     windows=(1,), epochs=(1,), seeds=range(1))
+        mlp.run_grid(
+            noise[noise["participant_id"].isin(["M000", "M001"])],
+            scores=["phq9"],
+            windows=(1,),
+            epochs=(1,),
+            seeds=range(1),
+        )
     with pytest.raises(ValueError, match="missing columns"):
         mlp.run_grid(noise.drop(columns=["apex_duration_s"]), scores=["phq9"])
 
@@ -295,24 +319,37 @@ def test_full_default_grid_at_n94():
     t0 = time.perf_counter()
     res = mlp.run_grid(joined)
     wall = time.perf_counter() - t0
-    print(f"\nfull default grid, N=94 participants ({len(joined)} smiles): {wall:.1f} s "
-          f"({res.config['cv_fits']} networks = 2500 CV fits + hold-out)")
-    print(res.table[["score", "best_window", "best_epochs", "mae", "rmse", "baseline_mae",
-                     "holdout_mae"]].to_string(index=False))
+    print(
+        f"\nfull default grid, N=94 participants ({len(joined)} smiles): {wall:.1f} s "
+        f"({res.config['cv_fits']} networks = 2500 CV fits + hold-out)"
+    )
+    print(
+        res.table[
+            ["score", "best_window", "best_epochs", "mae", "rmse", "baseline_mae", "holdout_mae"]
+        ].to_string(index=False)
+    )
     t, g = res.table, res.grid
-    assert list(t.columns[:len(mlp.TABLE_COLUMNS)]) == mlp.TABLE_COLUMNS
+    assert list(t.columns[: len(mlp.TABLE_COLUMNS)]) == mlp.TABLE_COLUMNS
     assert list(t["score"]) == SCORE_COLUMNS
     assert len(g) == 5 * 5 * 4 and set(g["epochs"]) == {50, 100, 150, 200}
     assert res.config["cv_fits"] == 625
     assert len(res.runs) == (625 + 25) * 4
     assert t["best_window"].isin(range(1, 6)).all()
     assert t["best_epochs"].isin([50, 100, 150, 200]).all()
-    for c in ["mae", "mae_sd", "rmse", "rmse_sd", "baseline_mae", "baseline_rmse",
-              "holdout_mae", "holdout_rmse"]:
+    for c in [
+        "mae",
+        "mae_sd",
+        "rmse",
+        "rmse_sd",
+        "baseline_mae",
+        "baseline_rmse",
+        "holdout_mae",
+        "holdout_rmse",
+    ]:
         assert np.isfinite(t[c].astype(float)).all() and (t[c] >= 0).all(), c
     assert (t["rmse"] >= t["mae"]).all()
-    for _, row in t.iterrows():                        # the selection is the grid's minimum
+    for _, row in t.iterrows():  # the selection is the grid's minimum
         gs = g[g["score"] == row["score"]]
         assert row["mse"] == pytest.approx(gs["mse"].min())
         assert row["n_samples"] == gs[gs["window"] == row["best_window"]]["n_samples"].iloc[0]
-        assert row["mae"] < row["baseline_mae"]        # every score is planted here
+        assert row["mae"] < row["baseline_mae"]  # every score is planted here

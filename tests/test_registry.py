@@ -2,6 +2,7 @@
 name, module, ports and health name are decided: everything else that spells
 them out — settings, images, compose, Kubernetes, the configuration docs —
 must agree with it, and a service whose proto or module is missing fails here."""
+
 from __future__ import annotations
 
 import importlib
@@ -21,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("svc", services.SERVICES, ids=services.NAMES)
 def test_registry_names_a_real_module_and_proto_service(svc):
     assert importlib.util.find_spec(svc.module) is not None, svc.module
-    assert importlib.util.find_spec(svc.module + ".__main__") is not None, \
+    assert importlib.util.find_spec(svc.module + ".__main__") is not None, (
         f"`python -m {svc.module}` needs a __main__"
+    )
     pb2 = importlib.import_module(svc.pb2)
     assert pb2.DESCRIPTOR.services_by_name[svc.proto_service].full_name == svc.grpc_name
     if svc.companion:
@@ -57,23 +59,34 @@ def test_settings_table_covers_every_field_once():
 def test_settings_round_trip_through_a_child_environment(tmp_path):
     key = tmp_path / "secret"
     key.write_text("s3cr3t\n")
-    s = Settings.from_env({"DYADLAB_HOME": str(tmp_path), "DYADLAB_S3_ENDPOINT": "s3:9000",
-                           "DYADLAB_S3_ACCESS_KEY": "AK", "DYADLAB_S3_SECRET_KEY_FILE": str(key),
-                           "DYADLAB_INSECURE": "1", "DYADLAB_AUTH": "off", "DYADLAB_WORKERS": "3",
-                           "DYADLAB_SYNTH_PREDICT_TIMEOUT_S": "2.5"})
+    s = Settings.from_env(
+        {
+            "DYADLAB_HOME": str(tmp_path),
+            "DYADLAB_S3_ENDPOINT": "s3:9000",
+            "DYADLAB_S3_ACCESS_KEY": "AK",
+            "DYADLAB_S3_SECRET_KEY_FILE": str(key),
+            "DYADLAB_INSECURE": "1",
+            "DYADLAB_AUTH": "off",
+            "DYADLAB_WORKERS": "3",
+            "DYADLAB_SYNTH_PREDICT_TIMEOUT_S": "2.5",
+        }
+    )
     env = s.to_env()
     assert "s3cr3t" not in env.values() and env["DYADLAB_S3_SECRET_KEY_FILE"] == str(key)
     assert Settings.from_env(env) == s
     assert s.synth_predict_timeout_s == 2.5 and s.workers == 3 and s.insecure == "loopback"
 
 
-@pytest.mark.parametrize("env,message", [
-    ({"DYADLAB_WORKERS": "0"}, "DYADLAB_WORKERS=0 must be >= 1"),
-    ({"DYADLAB_SYNTH_PROBE_S": "-1"}, "DYADLAB_SYNTH_PROBE_S='-1' must be > 0"),
-    ({"DYADLAB_TORCHSERVE": "maybe"}, "use auto or off"),
-    ({"DYADLAB_STATS_ADDR": "stats"}, "DYADLAB_STATS_ADDR='stats' is not host:port"),
-    ({"DYADLAB_AUTH": "perhaps"}, "not a boolean"),
-])
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"DYADLAB_WORKERS": "0"}, "DYADLAB_WORKERS=0 must be >= 1"),
+        ({"DYADLAB_SYNTH_PROBE_S": "-1"}, "DYADLAB_SYNTH_PROBE_S='-1' must be > 0"),
+        ({"DYADLAB_TORCHSERVE": "maybe"}, "use auto or off"),
+        ({"DYADLAB_STATS_ADDR": "stats"}, "DYADLAB_STATS_ADDR='stats' is not host:port"),
+        ({"DYADLAB_AUTH": "perhaps"}, "not a boolean"),
+    ],
+)
 def test_bad_settings_say_which_variable(env, message):
     with pytest.raises(config.ConfigError, match=re.escape(message)):
         Settings.from_env({"DYADLAB_HOME": "/x", **env})
@@ -81,8 +94,9 @@ def test_bad_settings_say_which_variable(env, message):
 
 def test_configuration_docs_are_generated_from_the_table():
     doc = (ROOT / "docs" / "configuration.md").read_text()
-    assert doc == config.markdown(), \
+    assert doc == config.markdown(), (
         "docs/configuration.md is stale: python -m dyadlab.config --markdown > docs/configuration.md"
+    )
 
 
 @pytest.mark.parametrize("svc", services.SERVICES, ids=services.NAMES)
@@ -102,8 +116,7 @@ def test_kubernetes_manifest_agrees_with_the_registry(svc):
     dep = next(d for d in docs if d and d["kind"] == "Deployment" and d["metadata"]["name"] == svc.name)
     ctr = next(c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == svc.name)
     ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
-    assert (ports["grpc"], ports["metrics"], ports["health"]) == \
-        (svc.port, svc.metrics_port, svc.health_port)
+    assert (ports["grpc"], ports["metrics"], ports["health"]) == (svc.port, svc.metrics_port, svc.health_port)
     env = {e["name"]: e.get("value") for e in ctr.get("env", [])}
     assert env.get("DYADLAB_METRICS_PORT") == str(svc.metrics_port)
     assert env.get("DYADLAB_HEALTH_PORT") == str(svc.health_port)

@@ -1,4 +1,5 @@
 """Questionnaire and smile-table validation: every problem named, nothing dropped."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -9,18 +10,31 @@ from services.stats import scores as sc
 
 
 def good_scores() -> pd.DataFrame:
-    return pd.DataFrame({
-        "participant_id": ["p1", "p1", "p2", "p2"], "visit_month": [6, 12, 6, 12],
-        "phq9": [3, 5, 0, 27], "aces": [0, 0, 4, 4], "pss": [12, 14, 40, 0],
-        "pearls": [0, 1, 10, 0], "social_support": [80, 90.5, 100, 0]})
+    return pd.DataFrame(
+        {
+            "participant_id": ["p1", "p1", "p2", "p2"],
+            "visit_month": [6, 12, 6, 12],
+            "phq9": [3, 5, 0, 27],
+            "aces": [0, 0, 4, 4],
+            "pss": [12, 14, 40, 0],
+            "pearls": [0, 1, 10, 0],
+            "social_support": [80, 90.5, 100, 0],
+        }
+    )
 
 
 def good_smiles() -> pd.DataFrame:
     rows = []
     for pid, visit, n in [("p1", 6, 3), ("p1", 12, 1), ("p2", 6, 2)]:
         for k in range(1, n + 1):
-            rows.append({"participant_id": pid, "visit_month": visit, "smile_id": k,
-                         **{f: 0.1 * k for f in sc.FEATURES}})
+            rows.append(
+                {
+                    "participant_id": pid,
+                    "visit_month": visit,
+                    "smile_id": k,
+                    **{f: 0.1 * k for f in sc.FEATURES},
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -74,19 +88,41 @@ def test_missing_values_are_allowed_and_counted():
 def test_categories_follow_table_one():
     s = pd.Series([0, 4, 5, 9, 10, 14, 15, 19, 20, 27, None])
     cats = sc.SCALES["phq9"].category(s).tolist()
-    assert cats[:10] == ["minimal", "minimal", "mild", "mild", "moderate", "moderate",
-                         "moderately severe", "moderately severe", "severe", "severe"]
+    assert cats[:10] == [
+        "minimal",
+        "minimal",
+        "mild",
+        "mild",
+        "moderate",
+        "moderate",
+        "moderately severe",
+        "moderately severe",
+        "severe",
+        "severe",
+    ]
     assert pd.isna(cats[10])
-    assert sc.SCALES["aces"].category(pd.Series([0, 1, 3, 4, 10])).tolist() == \
-        ["low", "intermediate", "intermediate", "high", "high"]
-    assert sc.SCALES["pss"].category(pd.Series([13, 14, 26, 27])).tolist() == \
-        ["low", "moderate", "moderate", "high"]
+    assert sc.SCALES["aces"].category(pd.Series([0, 1, 3, 4, 10])).tolist() == [
+        "low",
+        "intermediate",
+        "intermediate",
+        "high",
+        "high",
+    ]
+    assert sc.SCALES["pss"].category(pd.Series([13, 14, 26, 27])).tolist() == [
+        "low",
+        "moderate",
+        "moderate",
+        "high",
+    ]
 
 
 def test_smiles_validation_and_join_report_unmatched_sessions():
     sm = sc.validate_smiles(good_smiles().sample(frac=1, random_state=1))
-    assert sm[["participant_id", "visit_month", "smile_id"]].values.tolist()[:3] == \
-        [["p1", 6, 1], ["p1", 6, 2], ["p1", 6, 3]]
+    assert sm[["participant_id", "visit_month", "smile_id"]].values.tolist()[:3] == [
+        ["p1", 6, 1],
+        ["p1", 6, 2],
+        ["p1", 6, 3],
+    ]
     scores, _ = sc.validate_scores(good_scores().iloc[[0, 1, 3]])
     joined, notes = sc.join(sm, scores)
     assert len(joined) == len(sm)

@@ -27,6 +27,7 @@ Known truths, measured with the library and checked by eye:
   2.40-3.61, 9.38-10.56 s.
 - OpenFace_Test.csv: 100 rows, one face, AU12_r = 0 throughout.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,6 +46,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from dyadlab import client
 from dyadlab.services import SERVICES
 from dyadlab.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2, smiles_pb2_grpc
+
 from media import media_path, shared_video, without_audio
 from speechmux import mux_speech
 
@@ -115,8 +117,11 @@ def overlaps(a0, a1, b0, b1) -> bool:
 
 def health(addr: str, service: str) -> int:
     with client.channel(addr) as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=SHORT_S).status
+        return (
+            health_pb2_grpc.HealthStub(ch)
+            .Check(health_pb2.HealthCheckRequest(service=service), timeout=SHORT_S)
+            .status
+        )
 
 
 class Stack:
@@ -179,15 +184,24 @@ def test_health_serving_for_every_name(stack):
 def test_reflection_lists_services(stack, name):
     with client.channel(stack.rs.addr(name)) as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        resps = list(stub.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=SHORT_S))
+        resps = list(
+            stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=SHORT_S
+            )
+        )
         listed = {s.name for s in resps[0].list_services_response.service}
-        assert listed == {SERVICE_NAMES[name], "grpc.health.v1.Health",
-                          "grpc.reflection.v1alpha.ServerReflection"}
+        assert listed == {
+            SERVICE_NAMES[name],
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        }
         # The service's own descriptors are served too (so grpcurl can call it).
-        resps = list(stub.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAMES[name])]),
-            timeout=SHORT_S))
+        resps = list(
+            stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAMES[name])]),
+                timeout=SHORT_S,
+            )
+        )
         assert resps[0].HasField("file_descriptor_response"), resps[0]
 
 
@@ -318,7 +332,7 @@ def test_peekaboo_vfr_two_faces_roles_and_speech(stack):
     v = res.video
     assert v.codec == "hevc" and v.variable_frame_rate and v.frames == 150
     assert 13.5 < v.avg_fps < 15.0 and v.has_audio
-    for fid, one in df.groupby("face_id"):
+    for _fid, one in df.groupby("face_id"):
         t = one.sort_values("frame").timestamp.to_numpy()
         assert len(t) == 150 and (np.diff(t) > 0).all()
         assert np.ptp(np.diff(t)) > 0.01  # not uniform
@@ -330,7 +344,9 @@ def test_peekaboo_vfr_two_faces_roles_and_speech(stack):
     assert adult.median_iod_px > infant.median_iod_px
     roles = df.groupby("face_id")["role"].unique()
     assert {fid: list(r) for fid, r in roles.items()} == {
-        adult.face_id: ["adult"], infant.face_id: ["infant"]}
+        adult.face_id: ["adult"],
+        infant.face_id: ["infant"],
+    }
     # Summaries agree with the table; the mother is hardly ever frontal.
     for f in res.faces:
         assert f.frames_tracked == int(df.loc[df.face_id == f.face_id, "success"].sum())
@@ -355,9 +371,10 @@ def test_peekaboo_speech_removal_default_vs_keep(stack):
     sp = parquet(stack.store, res.speech.key)
     segs = list(zip(sp.start_s, sp.end_s))
     flags, removed = [], 0
-    for role, params in ((common_pb2.ROLE_ADULT, smiles_pb2.SmileParams()),
-                         (common_pb2.ROLE_INFANT, smiles_pb2.SmileParams(
-                             min_confidence=0.05, au12_threshold=0.4))):
+    for role, params in (
+        (common_pb2.ROLE_ADULT, smiles_pb2.SmileParams()),
+        (common_pb2.ROLE_INFANT, smiles_pb2.SmileParams(min_confidence=0.05, au12_threshold=0.4)),
+    ):
         sel = dict(face=common_pb2.FaceSelector(role=role), params=params)
         drop_res, dropped = stack.analyze("peekaboo", **sel)
         keep_res, kept = stack.analyze("peekaboo", keep_speech=True, **sel)
@@ -366,8 +383,10 @@ def test_peekaboo_speech_removal_default_vs_keep(stack):
         assert drop_res.speech_checked and keep_res.speech_checked
         assert keep_res.smiles_found == drop_res.smiles_found == len(kept) >= 1
         assert keep_res.smiles_dropped_speech == 0
-        want_flags = [any(overlaps(s, e, a, b) and b - a > 0.010 for a, b in segs)
-                      for s, e in zip(kept.start_s, kept.end_s)]
+        want_flags = [
+            any(overlaps(s, e, a, b) and b - a > 0.010 for a, b in segs)
+            for s, e in zip(kept.start_s, kept.end_s)
+        ]
         assert kept.overlaps_speech.tolist() == want_flags
         assert drop_res.smiles_dropped_speech == drop_res.smiles_found - len(dropped) == sum(want_flags)
         assert dropped is None or not dropped.overlaps_speech.any()
@@ -375,7 +394,7 @@ def test_peekaboo_speech_removal_default_vs_keep(stack):
             assert dropped.smile_id.tolist() == kept.loc[~kept.overlaps_speech, "smile_id"].tolist()
         flags += want_flags
         removed += drop_res.smiles_dropped_speech
-    assert any(flags) and not all(flags) and removed >= 1   # the test means something
+    assert any(flags) and not all(flags) and removed >= 1  # the test means something
 
 
 # -- speech removal on synthesised speech ----------------------------------------------------
@@ -406,7 +425,7 @@ def test_speech_over_a_smile_drops_it(muxed, stack):
     assert keep.smiles_dropped_speech == 0 and len(k_tab) == len(base)
     # Smiles well before the speech are untouched.
     early = base[base.end_s < 16.5]
-    assert d_tab.start_s.round(3).tolist()[:len(early)] == early.start_s.round(3).tolist()
+    assert d_tab.start_s.round(3).tolist()[: len(early)] == early.start_s.round(3).tolist()
 
 
 def test_speech_away_from_the_smile_keeps_it(muxed, stack):
@@ -426,8 +445,7 @@ def test_speech_away_from_the_smile_keeps_it(muxed, stack):
 @pytest.fixture(scope="module")
 def openface(stack):
     key = upload(stack.store, media_path("OpenFace_Test.csv"))
-    return key, stack.ex.ImportOpenFace(
-        extractor_pb2.ImportOpenFaceRequest(csv=ref(key)), timeout=SHORT_S)
+    return key, stack.ex.ImportOpenFace(extractor_pb2.ImportOpenFaceRequest(csv=ref(key)), timeout=SHORT_S)
 
 
 def test_import_openface(openface, stack):
@@ -445,8 +463,7 @@ def test_import_openface_missing_columns_named(stack, tmp_path):
     raw.drop(columns=[" confidence", " timestamp"]).to_csv(p, index=False)
     key = upload(stack.store, p)
     before = set(stack.store.list())
-    e = rpc_error(stack.ex.ImportOpenFace, extractor_pb2.ImportOpenFaceRequest(csv=ref(key)),
-                  timeout=SHORT_S)
+    e = rpc_error(stack.ex.ImportOpenFace, extractor_pb2.ImportOpenFaceRequest(csv=ref(key)), timeout=SHORT_S)
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "confidence" in e.details() and "timestamp" in e.details(), e.details()
     assert set(stack.store.list()) == before
@@ -477,7 +494,7 @@ def _bad_video(stack, tmp_path, kind: str) -> str:
         p.write_text("this is not a video, just some text\n" * 20)
     elif kind == "truncated":  # d5 keeps its index (moov) at the end: cut it off
         data = MEDIA["d5"]().read_bytes()
-        p.write_bytes(data[:int(len(data) * 0.3)])
+        p.write_bytes(data[: int(len(data) * 0.3)])
     return upload(stack.store, p)
 
 
@@ -497,8 +514,7 @@ def test_bad_video_is_refused_and_nothing_is_written(stack, tmp_path, kind, via)
     key = _bad_video(stack, tmp_path, kind)
     before = set(stack.store.list())
     if via == "extract":
-        e = rpc_error(stack.ex.Extract, extractor_pb2.ExtractRequest(video=ref(key)),
-                      timeout=SHORT_S)
+        e = rpc_error(stack.ex.Extract, extractor_pb2.ExtractRequest(video=ref(key)), timeout=SHORT_S)
     else:
         e = rpc_error(stack.sm.Analyze, smiles_pb2.AnalyzeRequest(video=ref(key)), timeout=SHORT_S)
     code, pattern = BAD_VIDEOS[kind]
@@ -518,7 +534,7 @@ def test_truncated_faststart_mp4_gives_a_partial_result_with_a_note(stack, tmp_p
     data = MEDIA["wl"]().read_bytes()
     assert data.find(b"moov") < data.find(b"mdat")
     p = tmp_path / "wl_cut.mp4"
-    p.write_bytes(data[:int(len(data) * 0.3)])
+    p.write_bytes(data[: int(len(data) * 0.3)])
     key = upload(stack.store, p)
     _, res = run_extract(stack.ex, key)
     assert 0 < res.video.frames < 472 and res.speech.key
@@ -538,8 +554,9 @@ def test_analyze_without_source(stack):
 
 def test_analyze_missing_frames_key(stack):
     before = set(stack.store.list())
-    e = rpc_error(stack.sm.Analyze, smiles_pb2.AnalyzeRequest(frames=ref("frames/nope.parquet")),
-                  timeout=SHORT_S)
+    e = rpc_error(
+        stack.sm.Analyze, smiles_pb2.AnalyzeRequest(frames=ref("frames/nope.parquet")), timeout=SHORT_S
+    )
     assert e.code() == grpc.StatusCode.NOT_FOUND and "frames/nope.parquet" in e.details()
     assert set(stack.store.list()) == before
 
@@ -548,9 +565,13 @@ def test_infant_on_a_one_face_video_names_the_faces(stack):
     stack.extract("single")
     stack.analyze("single")  # everything a good call writes exists already
     before = set(stack.store.list())
-    e = rpc_error(stack.sm.Analyze, smiles_pb2.AnalyzeRequest(
-        video=ref(stack.key("single")), face=common_pb2.FaceSelector(role=common_pb2.ROLE_INFANT)),
-        timeout=SHORT_S)
+    e = rpc_error(
+        stack.sm.Analyze,
+        smiles_pb2.AnalyzeRequest(
+            video=ref(stack.key("single")), face=common_pb2.FaceSelector(role=common_pb2.ROLE_INFANT)
+        ),
+        timeout=SHORT_S,
+    )
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "infant" in e.details() and re.search(r"0 \(adult\): 72 frames", e.details()), e.details()
     assert set(stack.store.list()) == before
@@ -558,17 +579,25 @@ def test_infant_on_a_one_face_video_names_the_faces(stack):
 
 
 def test_bad_params_refused(stack):
-    e = rpc_error(stack.sm.Analyze, smiles_pb2.AnalyzeRequest(
-        video=ref(stack.key("single")), params=smiles_pb2.SmileParams(min_confidence=2.0)),
-        timeout=SHORT_S)
+    e = rpc_error(
+        stack.sm.Analyze,
+        smiles_pb2.AnalyzeRequest(
+            video=ref(stack.key("single")), params=smiles_pb2.SmileParams(min_confidence=2.0)
+        ),
+        timeout=SHORT_S,
+    )
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "min_confidence" in e.details()
 
 
 def test_unknown_front_end_is_refused(stack):
     before = set(stack.store.list())
-    e = rpc_error(stack.ex.Extract, extractor_pb2.ExtractRequest(
-        video=ref(stack.key("single")), options=extractor_pb2.ExtractOptions(frontend="openface")),
-        timeout=SHORT_S)
+    e = rpc_error(
+        stack.ex.Extract,
+        extractor_pb2.ExtractRequest(
+            video=ref(stack.key("single")), options=extractor_pb2.ExtractOptions(frontend="openface")
+        ),
+        timeout=SHORT_S,
+    )
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "openface" in e.details() and "mesh" in e.details() and "dlib" in e.details()
     assert set(stack.store.list()) == before
@@ -594,8 +623,7 @@ def test_front_ends_are_cached_apart_and_name_themselves(stack):
 
 
 def test_deadline_is_honoured(stack):
-    e = rpc_error(stack.ex.Extract, extractor_pb2.ExtractRequest(video=ref(stack.key("wl"))),
-                  timeout=0.001)
+    e = rpc_error(stack.ex.Extract, extractor_pb2.ExtractRequest(video=ref(stack.key("wl"))), timeout=0.001)
     assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
@@ -604,6 +632,7 @@ def test_speech_notes_survive_a_job_stopped_before_its_summary(stack, tmp_path):
     written but before the summary: the next Extract reuses that table and
     still reports its notes (they travel inside it)."""
     from services.extractor.server import Keys
+
     src = without_audio(MEDIA["single"](), tmp_path / "na.mp4")
     key = upload(stack.store, src)
     _, first = run_extract(stack.ex, key)
@@ -611,7 +640,7 @@ def test_speech_notes_survive_a_job_stopped_before_its_summary(stack, tmp_path):
     sha = first.frames.key.split("/")[1]
     summary = next(k for k in stack.store.list(f"frames/{sha}/") if k.endswith(".json"))
     speech_key = first.speech.key
-    for k in (summary, first.frames.key):     # as if the job had stopped right there
+    for k in (summary, first.frames.key):  # as if the job had stopped right there
         stack.store.delete(k)
     assert stack.store.exists(speech_key)
     _, again = run_extract(stack.ex, key)
@@ -629,7 +658,8 @@ def test_clients_that_give_up_cannot_crash_or_pile_up_work(stack, tmp_path):
     import random
 
     from dyadlab.log import short
-    data = MEDIA["single"]().read_bytes() + b"\0" * 64        # new bytes: not cached
+
+    data = MEDIA["single"]().read_bytes() + b"\0" * 64  # new bytes: not cached
     p = tmp_path / "fresh.mp4"
     p.write_bytes(data)
     key = upload(stack.store, p)
@@ -637,13 +667,17 @@ def test_clients_that_give_up_cannot_crash_or_pile_up_work(stack, tmp_path):
     codes: dict[str, int] = {}
     for _ in range(150):
         try:
-            list(stack.ex.Extract(extractor_pb2.ExtractRequest(video=ref(key)),
-                                  timeout=rng.choice([0.0005, 0.002, 0.01, 0.05, 0.2])))
+            list(
+                stack.ex.Extract(
+                    extractor_pb2.ExtractRequest(video=ref(key)),
+                    timeout=rng.choice([0.0005, 0.002, 0.01, 0.05, 0.2]),
+                )
+            )
             codes["OK"] = codes.get("OK", 0) + 1
         except grpc.RpcError as e:
             codes[e.code().name] = codes.get(e.code().name, 0) + 1
     assert set(codes) <= {"OK", "DEADLINE_EXCEEDED"}, codes
-    assert codes.get("DEADLINE_EXCEEDED", 0) >= 15, codes   # most later ones are cache hits
+    assert codes.get("DEADLINE_EXCEEDED", 0) >= 15, codes  # most later ones are cache hits
     _, res = run_extract(stack.ex, key)
     assert res.video.frames == 72
     assert_serving(stack)
@@ -673,8 +707,9 @@ def test_s3_end_to_end_analyze(s3_stack):
     assert type(store).__name__ == "S3Store" and store.bucket == "dyadlab-services"
     key = s3_stack.key("d5")
     # Options no other test uses: a real extraction, not a cache hit from another test.
-    progress, res = run_analyze(s3_stack.sm, video=ref(key), plot=True,
-                                extract=extractor_pb2.ExtractOptions(detect_every=13))
+    progress, res = run_analyze(
+        s3_stack.sm, video=ref(key), plot=True, extract=extractor_pb2.ExtractOptions(detect_every=13)
+    )
     assert any(p.stage.startswith("extract/landmarks") for p in progress)
     assert res.smiles_found == 1
     keys = set(store.list())
@@ -689,8 +724,7 @@ def test_s3_end_to_end_analyze(s3_stack):
 
 def test_s3_import_openface(s3_stack):
     key = upload(s3_stack.store, media_path("OpenFace_Test.csv"))
-    resp = s3_stack.ex.ImportOpenFace(extractor_pb2.ImportOpenFaceRequest(csv=ref(key)),
-                                      timeout=SHORT_S)
+    resp = s3_stack.ex.ImportOpenFace(extractor_pb2.ImportOpenFaceRequest(csv=ref(key)), timeout=SHORT_S)
     assert resp.rows == 100 and len(resp.faces) == 1
     assert resp.frames.key in set(s3_stack.store.list("frames/"))
     assert len(parquet(s3_stack.store, resp.frames.key)) == 100

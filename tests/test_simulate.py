@@ -1,5 +1,6 @@
 """The cohort simulator (services/stats/simulate.py): valid tables, realistic
 scores and counts, and planted effects that come back out at the planted size."""
+
 from __future__ import annotations
 
 import json
@@ -11,11 +12,10 @@ import pytest
 from scipy import stats
 
 from services.stats import simulate as S
-from services.stats.scores import (FEATURES, KEYS, SCALES, SCORE_COLUMNS, validate_scores,
-                                   validate_smiles)
-
+from services.stats.scores import FEATURES, KEYS, SCALES, SCORE_COLUMNS, validate_scores, validate_smiles
 
 # -- helpers ----------------------------------------------------------------------
+
 
 def pooled_d(smiles: pd.DataFrame, f: str) -> tuple[float, int, int]:
     """Cohen's d, 12-month minus 6-month, plain pooled SD; (d, n6, n12)."""
@@ -51,6 +51,7 @@ def mid() -> S.Cohort:
 
 # -- determinism, tables, files -------------------------------------------------------
 
+
 def test_same_seed_same_cohort_other_seed_other_cohort():
     a, b, c = S.simulate(94, 7), S.simulate(94, 7), S.simulate(94, 8)
     pd.testing.assert_frame_equal(a.scores, b.scores)
@@ -65,8 +66,9 @@ def test_missingness_does_not_change_the_rest():
     full, holes = S.simulate(300, 3), S.simulate(300, 3, missing_rate=0.2)
     pd.testing.assert_frame_equal(full.smiles, holes.smiles)
     kept = holes.scores[SCORE_COLUMNS].notna().to_numpy()
-    assert np.array_equal(full.scores[SCORE_COLUMNS].to_numpy()[kept],
-                          holes.scores[SCORE_COLUMNS].to_numpy()[kept])
+    assert np.array_equal(
+        full.scores[SCORE_COLUMNS].to_numpy()[kept], holes.scores[SCORE_COLUMNS].to_numpy()[kept]
+    )
     share = 1 - kept.mean()
     assert abs(share - 0.2) < 0.03
     assert sum(holes.truth["counts"]["missing_scores"].values()) == (~kept).sum()
@@ -81,8 +83,7 @@ def test_tables_pass_the_validators_with_the_right_columns_and_types(tmp_path):
     smiles = validate_smiles(c.smiles)
     assert len(smiles) == len(c.smiles) == c.truth["counts"]["smiles_total"]
     # every participant has exactly the two visits
-    assert (c.scores.groupby("participant_id")["visit_month"].apply(sorted)
-            .map(tuple) == (6, 12)).all()
+    assert (c.scores.groupby("participant_id")["visit_month"].apply(sorted).map(tuple) == (6, 12)).all()
     for col, sc in SCALES.items():
         v = c.scores[col].dropna().astype(float)
         assert (v == np.round(v)).all(), col
@@ -98,8 +99,9 @@ def test_tables_pass_the_validators_with_the_right_columns_and_types(tmp_path):
     scores2, _ = validate_scores(pd.read_csv(paths["scores"]))
     smiles2 = validate_smiles(pd.read_csv(paths["smiles"]))
     assert scores2[SCORE_COLUMNS].isna().sum().sum() == c.scores[SCORE_COLUMNS].isna().sum().sum()
-    np.testing.assert_allclose(smiles2[list(FEATURES)].to_numpy(),
-                               smiles[list(FEATURES)].to_numpy(), rtol=1e-12)
+    np.testing.assert_allclose(
+        smiles2[list(FEATURES)].to_numpy(), smiles[list(FEATURES)].to_numpy(), rtol=1e-12
+    )
     assert json.loads(paths["truth"].read_text()) == c.truth
     assert not list((tmp_path / "out").glob(".*tmp*"))
 
@@ -134,6 +136,7 @@ def test_feature_values_are_on_the_smiles_service_scale(big):
 
 # -- scores -------------------------------------------------------------------------
 
+
 def test_score_marginals_match_table_one(big):
     for col, sc in SCALES.items():
         m = big.truth["scores"]["marginals"][col]
@@ -143,9 +146,9 @@ def test_score_marginals_match_table_one(big):
         assert v.mean() == pytest.approx(sc.mean, abs=0.1 * sc.sd), col
         assert v.std() == pytest.approx(sc.sd, rel=0.08), col
     phq = big.scores["phq9"].astype(float)
-    assert (phq == 0).mean() > 0.2                      # zero-inflated
-    assert stats.skew(phq) > 1                          # right-skewed
-    assert stats.skew(big.scores["social_support"].astype(float)) < -1   # ceiling
+    assert (phq == 0).mean() > 0.2  # zero-inflated
+    assert stats.skew(phq) > 1  # right-skewed
+    assert stats.skew(big.scores["social_support"].astype(float)) < -1  # ceiling
 
 
 def test_scale_correlations_match_the_planted_matrix(mid):
@@ -153,8 +156,9 @@ def test_scale_correlations_match_the_planted_matrix(mid):
     implied = np.array(mid.truth["scores"]["correlation_implied"])
     np.testing.assert_allclose(implied, target, atol=1e-6)
     sc = mid.scores
-    r = np.mean([sc[sc["visit_month"] == v][SCORE_COLUMNS].astype(float).corr().to_numpy()
-                 for v in (6, 12)], axis=0)
+    r = np.mean(
+        [sc[sc["visit_month"] == v][SCORE_COLUMNS].astype(float).corr().to_numpy() for v in (6, 12)], axis=0
+    )
     dev = np.abs(r - target)[np.triu_indices(len(SCORE_COLUMNS), 1)]
     assert dev.max() < 0.1, dev
     # tighter on average: an uninverted copula (latent = target) would be off by ~0.05
@@ -177,6 +181,7 @@ def test_scores_are_stable_between_visits(mid):
 
 # -- smile counts ------------------------------------------------------------------------
 
+
 def test_smile_counts_have_mean_and_sd_about_five(big):
     per = big.smiles.groupby(KEYS).size()
     sessions = big.scores[KEYS].drop_duplicates()
@@ -190,6 +195,7 @@ def test_smile_counts_have_mean_and_sd_about_five(big):
 
 # -- planted visit differences (Table III) -------------------------------------------------
 
+
 def test_expected_d_se_formula():
     assert S.expected_d_se(50, 50, 0.0) == pytest.approx(0.2)
     assert S.expected_d_se(50, 50, 0.5) == pytest.approx(math.sqrt(0.04 + 0.25 / 200))
@@ -201,7 +207,7 @@ def test_expected_d_se_formula():
 def test_planted_total_d_is_solved_exactly():
     ve = S.simulate(10, 0).truth["visit_effect"]
     assert ve["total_d_implied"] == pytest.approx(0.22, abs=1e-9)
-    assert all(1 / m ** 2 < 1 for m in ve["multiplier_12mo"].values())   # var6/var12 < 1
+    assert all(1 / m**2 < 1 for m in ve["multiplier_12mo"].values())  # var6/var12 < 1
     # without a target the total's d is implied, not planted
     e = S.Effects(visit_d={k: v for k, v in S.TABLE_III_D.items() if k != "total_duration_s"})
     ve2 = S.simulate(10, 0, e).truth["visit_effect"]
@@ -232,7 +238,7 @@ def test_table_three_d_recovered_over_seeds(participants):
     for f, zs in z.items():
         zs = np.array(zs)
         assert (np.abs(zs) < 3).mean() >= 0.9, (f, zs.round(2))
-        assert abs(zs.mean()) < 1.0, (f, zs.mean())      # unbiased: 4.5 SE of the mean
+        assert abs(zs.mean()) < 1.0, (f, zs.mean())  # unbiased: 4.5 SE of the mean
     # the planted ordering survives at N=300: onset speed/amplitude > offset ones > durations
     if participants == 300:
         c = S.simulate(300, 1)
@@ -244,31 +250,37 @@ def test_null_cohort_welch_false_positive_rate():
     for seed in range(50):
         c = S.simulate(94, 500 + seed, S.Effects.null())
         sm = c.smiles
-        p = stats.ttest_ind(sm.loc[sm["visit_month"] == 12, "onset_amplitude"],
-                            sm.loc[sm["visit_month"] == 6, "onset_amplitude"],
-                            equal_var=False).pvalue
+        p = stats.ttest_ind(
+            sm.loc[sm["visit_month"] == 12, "onset_amplitude"],
+            sm.loc[sm["visit_month"] == 6, "onset_amplitude"],
+            equal_var=False,
+        ).pvalue
         hits.append(p < 0.05)
     assert np.mean(hits) <= 0.12, np.mean(hits)
     t = c.truth
     assert set(t["visit_effect"]["d"].values()) == {0.0}
     assert set(t["visit_effect"]["multiplier_12mo"].values()) == {1.0}
     assert t["score_effect"]["r_max"] == {}
-    assert all(v["eta2"] == 0 for sc in t["anova"].values() for per in sc["features"].values()
-               for v in per.values())
+    assert all(
+        v["eta2"] == 0 for sc in t["anova"].values() for per in sc["features"].values() for v in per.values()
+    )
 
 
 def test_planted_cohort_welch_detects_onset_amplitude():
     sig = 0
     for seed in range(20):
         sm = S.simulate(94, 500 + seed).smiles
-        p = stats.ttest_ind(sm.loc[sm["visit_month"] == 12, "onset_amplitude"],
-                            sm.loc[sm["visit_month"] == 6, "onset_amplitude"],
-                            equal_var=False).pvalue
+        p = stats.ttest_ind(
+            sm.loc[sm["visit_month"] == 12, "onset_amplitude"],
+            sm.loc[sm["visit_month"] == 6, "onset_amplitude"],
+            equal_var=False,
+        ).pvalue
         sig += p < 0.05
-    assert sig >= 16          # d = 0.49 with ~470 smiles per visit: power ~ 0.99
+    assert sig >= 16  # d = 0.49 with ~470 smiles per visit: power ~ 0.99
 
 
 # -- planted feature-score correlations (Fig. 2) and categories (Table IV) ---------------------
+
 
 def test_feature_score_correlation_grows_with_smile_index(mid):
     sm = with_scores(mid)
@@ -283,7 +295,7 @@ def test_feature_score_correlation_grows_with_smile_index(mid):
     for f in ("onset_amplitude", "onset_duration_s", "offset_duration_s"):
         assert r[f][4] - r[f][0] > 0.15, (f, r[f])
         assert np.allclose(r[f], planted, atol=0.1), (f, r[f])
-    assert np.abs(r["max_onset_speed"]).max() < 0.1              # not loaded
+    assert np.abs(r["max_onset_speed"]).max() < 0.1  # not loaded
     # the total inherits it; Social Support goes the other way (through the copula)
     implied = mid.truth["score_effect"]["implied_r_k"]
     assert implied["phq9"]["total_duration_s"]["6"][4] > 0.2
@@ -298,7 +310,7 @@ def test_score_category_effect_for_anova(big):
     assert 0.02 < eta < 0.1
     assert anova["features"]["max_onset_speed"]["6"]["eta2"] == 0
     means = anova["features"]["onset_amplitude"]["6"]["category_means"]
-    assert means == sorted(means)                                    # more severe, larger
+    assert means == sorted(means)  # more severe, larger
     sm = with_scores(big)
     x = sm[sm["visit_month"] == 6].dropna(subset=["phq9"])
     cat = SCALES["phq9"].category(x["phq9"].astype(float))
@@ -321,11 +333,12 @@ def test_strong_preset_makes_windowed_means_predict_phq9():
         d = x.join(c.scores.set_index(KEYS)["phq9"].astype(float))
         n = len(d)
         idx = np.random.default_rng(0).permutation(n)
-        tr, te = idx[: n // 2], idx[n // 2:]
+        tr, te = idx[: n // 2], idx[n // 2 :]
         a = np.column_stack([np.ones(n), d[list(FEATURES)].to_numpy()])
         y = d["phq9"].to_numpy()
         beta = np.linalg.lstsq(a[tr], y[tr], rcond=None)[0]
         return 1 - np.mean((y[te] - a[te] @ beta) ** 2) / np.var(y[te])
+
     strong, null = r2(S.Effects.strong()), r2(S.Effects.null())
     assert strong > 0.5, strong
     assert null < 0.05, null
@@ -333,14 +346,18 @@ def test_strong_preset_makes_windowed_means_predict_phq9():
 
 # -- input checking ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw, msg", [
-    ({"participants": 0}, "participants"),
-    ({"missing_rate": 1.0}, "missing_rate"),
-    ({"effects": S.Effects(visit_d={"smile_width": 0.3})}, "unknown feature"),
-    ({"effects": S.Effects(score_r_max={"total_duration_s": 0.3})}, "sum of the three"),
-    ({"effects": S.Effects(score_r_max={"onset_amplitude": 0.99})}, "not reachable"),
-    ({"effects": S.Effects(ramp_k=0)}, "ramp_k"),
-])
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"participants": 0}, "participants"),
+        ({"missing_rate": 1.0}, "missing_rate"),
+        ({"effects": S.Effects(visit_d={"smile_width": 0.3})}, "unknown feature"),
+        ({"effects": S.Effects(score_r_max={"total_duration_s": 0.3})}, "sum of the three"),
+        ({"effects": S.Effects(score_r_max={"onset_amplitude": 0.99})}, "not reachable"),
+        ({"effects": S.Effects(ramp_k=0)}, "ramp_k"),
+    ],
+)
 def test_bad_arguments_are_refused(kw, msg):
     args = {"participants": 10, "seed": 0, **kw}
     with pytest.raises(ValueError, match=msg):

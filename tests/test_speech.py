@@ -12,6 +12,7 @@ Known truths, measured with silero-vad 6.2.3 at threshold 0.5:
 - Peekaboo (HEVC + mono AAC 48 kHz, 10.56 s): the mother talks; silero finds
   0.67-1.57, 2.40-3.61 and 9.38-10.56 s (3.29 s of speech).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from services.extractor import speech as sp
+
 from media import media_path, shared_video
 from speechmux import mux_speech
-from services.extractor import speech as sp
 
 ROOT = Path(__file__).resolve().parents[1]
 WAV = Path(__file__).parent / "data" / "speech_espeak.wav"
@@ -107,6 +109,7 @@ def test_pts_gap_in_audio_is_filled_with_silence(tmp_path):
     from fractions import Fraction
 
     import av
+
     from speechmux import _to_rate, read_wav
 
     x, sr = read_wav(WAV)
@@ -116,7 +119,7 @@ def test_pts_gap_in_audio_is_filled_with_silence(tmp_path):
         a = dst.add_stream("aac", rate=48000, layout="mono")
         a.time_base = Fraction(1, 48000)
         for i in range(0, len(track), 1024):
-            ch = np.pad(track[i:i + 1024], (0, max(0, i + 1024 - len(track))))
+            ch = np.pad(track[i : i + 1024], (0, max(0, i + 1024 - len(track))))
             f = av.AudioFrame.from_ndarray(ch.reshape(1, -1), format="fltp", layout="mono")
             f.sample_rate, f.time_base = 48000, a.time_base
             f.pts = i if i < 24000 else i + 48000
@@ -130,8 +133,7 @@ def test_pts_gap_in_audio_is_filled_with_silence(tmp_path):
 
 
 # (b) ------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["WolfgangLanger_Pexels.mp4", "single_face.mp4",
-                                  "no_face.mp4"])
+@pytest.mark.parametrize("name", ["WolfgangLanger_Pexels.mp4", "single_face.mp4", "no_face.mp4"])
 def test_pyfeat_clips_have_no_speech(name):
     res = sp.detect_speech(media_path(name))
     print(name, res.segments, res.notes, f"{res.audio_duration_s:.2f}s audio")
@@ -162,8 +164,11 @@ def test_video_without_audio_stream():
 def test_peekaboo_mother_speech():
     path = shared_video("2UWdXP.joke1.rep3.take1.Peekaboo_h265.mp4")
     res = sp.detect_speech(path)
-    print("Peekaboo:", [(round(s, 2), round(e, 2)) for s, e in res.segments],
-          f"speech {res.speech_s:.2f}s of {res.audio_duration_s:.2f}s")
+    print(
+        "Peekaboo:",
+        [(round(s, 2), round(e, 2)) for s, e in res.segments],
+        f"speech {res.speech_s:.2f}s of {res.audio_duration_s:.2f}s",
+    )
     assert res.audio_duration_s == pytest.approx(10.56, abs=0.05)
     assert 2 <= len(res.segments) <= 6
     assert 1.5 <= res.speech_s <= 6.0
@@ -177,7 +182,7 @@ def test_peekaboo_mother_speech():
 def test_ten_ms_filter_and_table():
     segs = [(0.0, 0.005), (1.0, 1.010), (2.0, 2.0101), (3.0, 3.5), (4.0, 3.9)]
     kept = sp.filter_segments(segs)
-    assert kept == [(2.0, 2.0101), (3.0, 3.5)]     # strictly longer than 10 ms
+    assert kept == [(2.0, 2.0101), (3.0, 3.5)]  # strictly longer than 10 ms
     assert sp.filter_segments(segs, 0.2) == [(3.0, 3.5)]
     df = sp.speech_table(sp.SpeechResult(segments=[(3.0, 3.5), (2.0, 2.0101)]))
     assert list(df.columns) == ["start_s", "end_s", "duration_s"]
@@ -226,12 +231,12 @@ def test_model_loads_offline_and_leaves_torch_threads(tmp_path):
         "print(sp.vad_segments(np.zeros(16000, np.float32), threads=1))\n"
         "print(torch.get_num_threads())\n"
     )
-    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"), HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     # no speech in silence; torch's thread count survives silero's import
     # (which calls torch.set_num_threads(1)) and the threads=1 call
     assert r.stdout.split() == ["[]", "3"]
-    assert not (tmp_path / "torch").exists()      # no torch.hub cache touched
+    assert not (tmp_path / "torch").exists()  # no torch.hub cache touched

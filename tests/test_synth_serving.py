@@ -5,6 +5,7 @@ Models here are freshly initialised (seeded) nets in train.export's format
 (tests/synthmodel.py), except test_real_model_moves_judged_va_toward_target,
 which needs the trained models/synth/synth-64.pt and skips without it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -51,8 +52,12 @@ def _faces(n: int, seed: int = 0):
 
 
 def _fields(crop, pts, va, judge: bool = False) -> dict[str, bytes]:
-    f = {"crop": SM.png(crop), "landmarks": json.dumps(SM.to_vector(pts)).encode(),
-         "valence": repr(float(va[0])).encode(), "arousal": repr(float(va[1])).encode()}
+    f = {
+        "crop": SM.png(crop),
+        "landmarks": json.dumps(SM.to_vector(pts)).encode(),
+        "valence": repr(float(va[0])).encode(),
+        "arousal": repr(float(va[1])).encode(),
+    }
     if judge:
         f["judge"] = b"1"
     return f
@@ -80,23 +85,24 @@ def test_synthesizer_shapes_and_determinism(syn, model_file):
     img2, tgt2 = again.transform(crops, np.stack([SM.to_vector(q) for q in pts]), va)
     np.testing.assert_array_equal(img2, images)
     np.testing.assert_allclose(tgt2, target, atol=1e-5)
-    lm = syn.landmarks(np.zeros((2, 136), np.float32) + np.linspace(-1, 1, 136, dtype=np.float32),
-                       va[:2])
+    lm = syn.landmarks(np.zeros((2, 136), np.float32) + np.linspace(-1, 1, 136, dtype=np.float32), va[:2])
     assert lm.shape == (2, 136)
-    empty_i, empty_l = syn.transform(np.zeros((0, S, S, 3), np.uint8), np.zeros((0, 68, 2)),
-                                     np.zeros((0, 2)))
+    empty_i, empty_l = syn.transform(np.zeros((0, S, S, 3), np.uint8), np.zeros((0, 68, 2)), np.zeros((0, 2)))
     assert empty_i.shape == (0, S, S, 3) and empty_l.shape == (0, 68, 2)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c, p, v: (c[:, :32, :32], p, v), "must be (B, 64, 64, 3)"),
-    (lambda c, p, v: (c.astype(np.float32), p, v), "must be uint8"),
-    (lambda c, p, v: (c, p, v + 1.5), "must be in [-1, 1]"),
-    (lambda c, p, v: (c, p, np.full_like(v, np.nan)), "NaN"),
-    (lambda c, p, v: (c, p[:, :60], v), "crop_landmarks must be (B, 68, 2)"),
-    (lambda c, p, v: (c, np.zeros_like(p), v), "degenerate"),
-    (lambda c, p, v: (c, p, v[:1]), "va must be (B, 2)"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c, p, v: (c[:, :32, :32], p, v), "must be (B, 64, 64, 3)"),
+        (lambda c, p, v: (c.astype(np.float32), p, v), "must be uint8"),
+        (lambda c, p, v: (c, p, v + 1.5), "must be in [-1, 1]"),
+        (lambda c, p, v: (c, p, np.full_like(v, np.nan)), "NaN"),
+        (lambda c, p, v: (c, p[:, :60], v), "crop_landmarks must be (B, 68, 2)"),
+        (lambda c, p, v: (c, np.zeros_like(p), v), "degenerate"),
+        (lambda c, p, v: (c, p, v[:1]), "va must be (B, 2)"),
+    ],
+)
 def test_synthesizer_validation(syn, change, message):
     crops, pts = _faces(2)
     va = np.zeros((2, 2), np.float32)
@@ -109,12 +115,13 @@ def test_synthesizer_rejects_bad_model_files(tmp_path):
     with pytest.raises(ValueError, match="not a synth model"):
         Synthesizer.load(b"definitely not torch")
     import torch
+
     p = tmp_path / "other.pt"
     torch.save({"format": 99}, p)
     with pytest.raises(ValueError, match="format 99"):
         Synthesizer.load(p)
     blob = torch.load(SM.make_model_file(tmp_path / "m.pt", size=32), weights_only=True)
-    blob["config"]["conv_dim"] = 16                     # weights no longer match the config
+    blob["config"]["conv_dim"] = 16  # weights no longer match the config
     with pytest.raises(ValueError, match="G_i does not match"):
         Synthesizer.from_dict(blob)
     with pytest.raises(FileNotFoundError):
@@ -135,25 +142,33 @@ class _Ctx:
 
 def test_handler_batches_and_isolates_bad_requests(tmp_path, model_file, syn):
     from services.synth.handler import SynthHandler
+
     os.link(model_file, tmp_path / "model.pt")
     h, ctx = SynthHandler(), _Ctx(tmp_path)
     h.initialize(ctx)
     crops, pts = _faces(3)
     va = [(0.5, 0.2), (-0.4, 0.7), (0.1, -0.9)]
-    batch = [_fields(crops[0], pts[0], va[0], judge=True),
-             {**_fields(crops[1], pts[1], va[1]), "valence": b"1.5"},        # bad
-             {"mode": b"judge", "crop": bytearray(SM.png(crops[2]))},
-             _fields(crops[2], pts[2], va[2])]
+    batch = [
+        _fields(crops[0], pts[0], va[0], judge=True),
+        {**_fields(crops[1], pts[1], va[1]), "valence": b"1.5"},  # bad
+        {"mode": b"judge", "crop": bytearray(SM.png(crops[2]))},
+        _fields(crops[2], pts[2], va[2]),
+    ]
     out = [json.loads(b) for b in h.handle(batch, ctx)]
     assert out[1] == {"error": "valence must be in [-1, 1], got 1.5", "code": 400}
     assert ctx.statuses == {1: (400, "valence must be in [-1, 1], got 1.5")}
-    assert out[0]["batch"] == 4 and set(out[0]) == {"batch", "image_png_b64", "landmarks",
-                                                    "judged_input", "judged_output"}
+    assert out[0]["batch"] == 4 and set(out[0]) == {
+        "batch",
+        "image_png_b64",
+        "landmarks",
+        "judged_input",
+        "judged_output",
+    }
     assert set(out[3]) == {"batch", "image_png_b64", "landmarks"}
     # the same answer as the Synthesizer on each request alone: nothing mixed up in the batch
     for i in (0, 3):
         k = 0 if i == 0 else 2
-        img, tgt = syn.transform(crops[k:k + 1], pts[k:k + 1], np.array([va[k]], np.float32))
+        img, tgt = syn.transform(crops[k : k + 1], pts[k : k + 1], np.array([va[k]], np.float32))
         assert np.abs(_decode(out[i]["image_png_b64"]).astype(int) - img[0]).max() <= 1
         np.testing.assert_allclose(out[i]["landmarks"], SM.to_vector(tgt[0]), atol=1e-3)
     np.testing.assert_allclose(out[2]["va"], syn.judge(crops[2:3])[0], atol=1e-5)
@@ -171,8 +186,13 @@ def test_archive_contents_and_content_key(tmp_path, model_file):
         names = set(z.namelist())
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         yaml_text = z.read("model-config.yaml").decode()
-    assert {"synth_handler.py", "model.pt", "model-config.yaml", "services/__init__.py",
-            "services/synth/__init__.py"} | {f"services/synth/{m}" for m in archive.MODULES} <= names
+    assert {
+        "synth_handler.py",
+        "model.pt",
+        "model-config.yaml",
+        "services/__init__.py",
+        "services/synth/__init__.py",
+    } | {f"services/synth/{m}" for m in archive.MODULES} <= names
     assert manifest["model"]["handler"] == "synth_handler.py"
     assert manifest["model"]["serializedFile"] == "model.pt"
     assert "batchSize: 4" in yaml_text and "maxBatchDelay: 7" in yaml_text
@@ -217,8 +237,9 @@ def served(tmp_path_factory, model_file):
         pytest.skip("java not found: TorchServe needs a JDK 11+")
     root = tmp_path_factory.mktemp("synth-ts")
     store = LocalStore(root / "store")
-    key = archive.publish(store, archive.build(model_file, root / "build", batch_size=8,
-                                               max_batch_delay_ms=200))
+    key = archive.publish(
+        store, archive.build(model_file, root / "build", batch_size=8, max_batch_delay_ms=200)
+    )
     local = archive.fetch(store, key, root / "model-store")
     ts = T.TorchServe(root / "work", root / "model-store", {"synth": local.name})
     ts.start()
@@ -271,18 +292,21 @@ def test_torchserve_batches_8_concurrent_requests(served, syn):
     assert all(isinstance(r, dict) for r in results), results
     assert max(r["batch"] for r in results) > 1, "TorchServe did not batch the requests"
     _, ref_lm = syn.transform(crops, pts, va)
-    for i, r in enumerate(results):           # each caller got its own face back
+    for i, r in enumerate(results):  # each caller got its own face back
         np.testing.assert_allclose(r["landmarks"], SM.to_vector(ref_lm[i]), atol=1e-3)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"crop": b"GIF89a not a png"}, "crop is not a decodable image"),
-    ({"valence": b"1.5"}, "valence must be in [-1, 1], got 1.5"),
-    ({"arousal": b"nan"}, "arousal must be in [-1, 1], got nan"),
-    ({"landmarks": json.dumps(list(range(134))).encode()}, "landmarks must have 136 numbers"),
-    ({"crop": None}, "missing field 'crop'"),
-    ({"mode": b"dance"}, "unknown mode 'dance'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"crop": b"GIF89a not a png"}, "crop is not a decodable image"),
+        ({"valence": b"1.5"}, "valence must be in [-1, 1], got 1.5"),
+        ({"arousal": b"nan"}, "arousal must be in [-1, 1], got nan"),
+        ({"landmarks": json.dumps(list(range(134))).encode()}, "landmarks must have 136 numbers"),
+        ({"crop": None}, "missing field 'crop'"),
+        ({"mode": b"dance"}, "unknown mode 'dance'"),
+    ],
+)
 def test_torchserve_bad_fields_are_invalid_argument(served, change, message):
     _ts, c = served
     crop, pts = SM.synthetic_face(S)
@@ -344,9 +368,10 @@ def _real_faces(n: int):
     import pandas as pd
 
     from services.synth import data as D
+
     df = pd.read_csv(legend, dtype=str)
     df = df[df["emotion"].str.lower().isin(["neutral", "sadness", "sad"])]
-    df = df[[D.in_validation(n, 0.1) for n in df["image"]]]      # faces the model did not train on
+    df = df[[D.in_validation(n, 0.1) for n in df["image"]]]  # faces the model did not train on
     crops, pts = [], []
     for name in df["image"]:
         p = legend.parent / "images" / name
@@ -365,14 +390,16 @@ def _real_faces(n: int):
 
 def test_real_model_moves_judged_va_toward_target(torchserve_factory, tmp_path):
     if not REAL_MODEL.is_file():
-        pytest.skip(f"no trained model at {REAL_MODEL} (train and export it: "
-                    "python -m services.synth.train ... --export models/synth/synth-64.pt)")
+        pytest.skip(
+            f"no trained model at {REAL_MODEL} (train and export it: "
+            "python -m services.synth.train ... --export models/synth/synth-64.pt)"
+        )
     crops, pts = _real_faces(8)
     store = LocalStore(tmp_path / "store")
     key = archive.publish(store, archive.build(REAL_MODEL, tmp_path / "build"))
     local = archive.fetch(store, key, tmp_path / "model-store")
     ts = torchserve_factory(tmp_path / "model-store", {"synth": local.name})
-    happy, sad = np.array([0.6652, 0.1342]), np.array([-0.6864, -0.2585])    # Table II
+    happy, sad = np.array([0.6652, 0.1342]), np.array([-0.6864, -0.2585])  # Table II
     judged_in, to_happy, to_sad = [], [], []
     with ts.client() as c:
         for crop, p in zip(crops, pts):
@@ -384,8 +411,10 @@ def test_real_model_moves_judged_va_toward_target(torchserve_factory, tmp_path):
     judged_in, to_happy, to_sad = map(np.array, (judged_in, to_happy, to_sad))
     before = np.linalg.norm(judged_in - happy, axis=1)
     after = np.linalg.norm(to_happy - happy, axis=1)
-    report = f"judged input {judged_in.round(2).tolist()}, ->happy {to_happy.round(2).tolist()}, " \
-             f"->sad {to_sad.round(2).tolist()}"
+    report = (
+        f"judged input {judged_in.round(2).tolist()}, ->happy {to_happy.round(2).tolist()}, "
+        f"->sad {to_sad.round(2).tolist()}"
+    )
     # toward "happy": clearly closer to it than the input faces were ...
     assert before.mean() - after.mean() >= 0.05, report
     # ... and the target, not the generator's look, decides: "happy" outputs are
@@ -397,24 +426,27 @@ def test_real_model_moves_judged_va_toward_target(torchserve_factory, tmp_path):
 # -- the stack's TorchServe -----------------------------------------------------------------
 def _settings(tmp_path, **env):
     from dyadlab.config import Settings
+
     return Settings.from_env({"DYADLAB_HOME": str(tmp_path / "home"), **env})
 
 
 def test_stack_skips_torchserve_with_a_note(tmp_path):
     from services.synth import companion
+
     s = _settings(tmp_path, DYADLAB_SYNTH_MODEL=str(tmp_path / "absent.pt"))
     ts, note = companion.start(s, embedded=True)
     assert ts is None and "no synth model at" in note and "NOT_SERVING" in note
     ts, note = companion.start(_settings(tmp_path, DYADLAB_TORCHSERVE="off"), embedded=True)
     assert ts is None and "DYADLAB_TORCHSERVE=off" in note
     # the stack's TorchServe listens on loopback only; a remote one is fine for clients
-    remote = _settings(tmp_path, DYADLAB_TORCHSERVE_MANAGEMENT="0.0.0.0:7081",
-                       DYADLAB_SYNTH_MODEL=str(tmp_path))
+    remote = _settings(
+        tmp_path, DYADLAB_TORCHSERVE_MANAGEMENT="0.0.0.0:7081", DYADLAB_SYNTH_MODEL=str(tmp_path)
+    )
     with pytest.raises(companion.CompanionError, match="loopback only"):
         companion.host(remote)
-    assert _settings(tmp_path, DYADLAB_TORCHSERVE_ADDR="torchserve:7070").torchserve_grpc == \
-        "torchserve:7070"
+    assert _settings(tmp_path, DYADLAB_TORCHSERVE_ADDR="torchserve:7070").torchserve_grpc == "torchserve:7070"
     from dyadlab.config import ConfigError
+
     with pytest.raises(ConfigError, match="not host:port"):
         _settings(tmp_path, DYADLAB_TORCHSERVE_GRPC="7070")
 
@@ -423,6 +455,7 @@ def test_stack_torchserve_start_predict_stop(tmp_path, model_file):
     """What `dyadlab up` does for TorchServe (here on free ports): archive via the
     store, token auth, the key read from the key file; stop leaves no process."""
     from services.synth import companion
+
     s = _settings(tmp_path, DYADLAB_SYNTH_MODEL=str(model_file))
     if companion.unavailable(s):
         pytest.skip(companion.unavailable(s))
@@ -430,9 +463,11 @@ def test_stack_torchserve_start_predict_stop(tmp_path, model_file):
     try:
         ts.wait_ready()
         from dyadlab.storage import open_store
+
         assert open_store(s).exists(info["archive"])
-        assert [p.name for p in Path(info["workdir"], "model-store").glob("*.mar")] == \
-            [info["archive"].rsplit("/", 1)[1]]
+        assert [p.name for p in Path(info["workdir"], "model-store").glob("*.mar")] == [
+            info["archive"].rsplit("/", 1)[1]
+        ]
         cfg = Path(info["workdir"], "config.properties").read_text()
         assert "disable_token_authorization=false" in cfg and "metrics_mode=prometheus" in cfg
         assert "allowed_urls=file://" in cfg
@@ -446,7 +481,7 @@ def test_stack_torchserve_start_predict_stop(tmp_path, model_file):
             c.predict(info["model"], {"mode": b"judge", "crop": SM.png(crop)})
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
         procs = ts.processes()
-        assert len(procs) >= 2                              # java + a Python worker
+        assert len(procs) >= 2  # java + a Python worker
     finally:
         companion.stop(info)
     assert not any(p.is_running() and p.status() != "zombie" for p in procs)

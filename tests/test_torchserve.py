@@ -3,6 +3,7 @@
 The model here is a fixture for the serving infrastructure: a 1-layer torch
 model saved as a state_dict and a real handler that loads it and returns JSON.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,10 +52,10 @@ HANDLER = textwrap.dedent('''
         return out
 ''')
 
-BROKEN_HANDLER = textwrap.dedent('''
+BROKEN_HANDLER = textwrap.dedent("""
     def handle(data, context):
         raise RuntimeError("this worker never loads")
-''')
+""")
 
 
 @dataclasses.dataclass
@@ -136,6 +137,7 @@ def test_config_is_loopback_token_auth_and_store_only(tmp_path):
     # java.util.Properties turns "\\Q" into "\Q": a quoted regex of the store path only
     assert props["allowed_urls"] == f"file://\\\\Q{store.resolve()}\\\\E/.*"
     import re
+
     java_regex = props["allowed_urls"].replace("\\\\", "\\")
     py_regex = re.sub(r"\\Q(.*?)\\E", lambda m: re.escape(m.group(1)), java_regex)
     assert re.fullmatch(py_regex, f"file://{store.resolve()}/tiny.mar")
@@ -162,15 +164,14 @@ def test_start_predict_auth_metrics_stop(tiny, torchserve_factory, capsys):
 
     keys = ts.keys()
     assert keys.inference and keys.management and keys.inference != keys.management
-    assert (ts.workdir / "key_file.json").stat().st_mode & 0o077 == 0   # owner-only
+    assert (ts.workdir / "key_file.json").stat().st_mode & 0o077 == 0  # owner-only
     assert ts.ready_workers("tiny") == 1
     assert ts.model_status("tiny")[0]["workers"][0]["status"] == "READY"
     assert json.loads(ts.ping())["status"] == "Healthy"
 
     # gRPC: the key goes in the metadata as "authorization: Bearer <key>"
     addr = ts.grpc_inference_addr
-    assert T.predict(addr, keys.inference, "tiny", _x([0, 0, 1])) == \
-        ts.predict("tiny", _x([0, 0, 1]))
+    assert T.predict(addr, keys.inference, "tiny", _x([0, 0, 1])) == ts.predict("tiny", _x([0, 0, 1]))
     for key in (None, "not-the-key", keys.management):
         with pytest.raises(grpc.RpcError) as e:
             T.predict(addr, key, "tiny", _x([1, 2, 3]))
@@ -178,11 +179,11 @@ def test_start_predict_auth_metrics_stop(tiny, torchserve_factory, capsys):
     with pytest.raises(grpc.RpcError) as e:
         T.ping(addr, None)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    with pytest.raises(grpc.RpcError) as e:     # unknown model: 0.12.0 says INTERNAL
+    with pytest.raises(grpc.RpcError) as e:  # unknown model: 0.12.0 says INTERNAL
         ts.predict("nope", _x([1, 2, 3]))
     assert e.value.code() == grpc.StatusCode.INTERNAL
     assert "Model not found: nope" in e.value.details()
-    with ts.client() as c:                       # one channel, many calls
+    with ts.client() as c:  # one channel, many calls
         ys = [json.loads(c.predict("tiny", _x([i, i, i])))["y"] for i in range(5)]
     assert ys[3] == pytest.approx(tiny.expected([3.0, 3.0, 3.0]), abs=1e-5)
 
@@ -195,10 +196,13 @@ def test_start_predict_auth_metrics_stop(tiny, torchserve_factory, capsys):
 
     # metrics: Prometheus text that counts this model's requests
     metrics = ts.metrics()
-    lines = [ln for ln in metrics.splitlines()
-             if ln.startswith("ts_inference_requests_total{") and 'model_name="tiny"' in ln]
+    lines = [
+        ln
+        for ln in metrics.splitlines()
+        if ln.startswith("ts_inference_requests_total{") and 'model_name="tiny"' in ln
+    ]
     assert lines, metrics[:2000]
-    assert float(lines[0].rsplit(" ", 1)[1]) >= 8       # 3 + 5 successful predictions
+    assert float(lines[0].rsplit(" ", 1)[1]) >= 8  # 3 + 5 successful predictions
     assert "# TYPE ts_inference_requests_total counter" in metrics
 
     # the server's own files are in its working dir, not in the caller's cwd or /tmp
@@ -206,13 +210,13 @@ def test_start_predict_auth_metrics_stop(tiny, torchserve_factory, capsys):
     assert (ts.tmp_dir / T.PID_FILE).read_text().strip() == str(ts.pid)
 
     procs = ts.processes()
-    assert [p.name() for p in procs][0] == "java" and len(procs) >= 2   # java + a worker
+    assert [p.name() for p in procs][0] == "java" and len(procs) >= 2  # java + a worker
     ts.stop()
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
     assert not ts.running() and ts.processes() == []
     assert all(T.port_free(p) for p in dataclasses.astuple(ts.ports))
     assert not ts.key_file.exists()
-    assert _system_pid_file() == before            # the machine-wide pid file untouched
+    assert _system_pid_file() == before  # the machine-wide pid file untouched
     with pytest.raises(grpc.RpcError) as e:
         T.predict(addr, keys.inference, "tiny", _x([1, 2, 3]), timeout=3)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -225,8 +229,9 @@ def test_two_servers_side_by_side_stop_one(tiny, torchserve_factory):
     assert a.pid != b.pid and a.tmp_dir != b.tmp_dir
     assert a.keys().inference != b.keys().inference
     for ts in (a, b):
-        assert json.loads(ts.predict("tiny", _x([1, 1, 1])))["y"] == \
-            pytest.approx(tiny.expected([1.0, 1.0, 1.0]), abs=1e-5)
+        assert json.loads(ts.predict("tiny", _x([1, 1, 1])))["y"] == pytest.approx(
+            tiny.expected([1.0, 1.0, 1.0]), abs=1e-5
+        )
     # a's key does not open b
     with pytest.raises(grpc.RpcError) as e:
         T.predict(b.grpc_inference_addr, a.keys().inference, "tiny", _x([1, 1, 1]))
@@ -235,8 +240,9 @@ def test_two_servers_side_by_side_stop_one(tiny, torchserve_factory):
     a.stop()
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in a_procs)
     assert b.running()
-    assert json.loads(b.predict("tiny", _x([2, 2, 2])))["y"] == \
-        pytest.approx(tiny.expected([2.0, 2.0, 2.0]), abs=1e-5)
+    assert json.loads(b.predict("tiny", _x([2, 2, 2])))["y"] == pytest.approx(
+        tiny.expected([2.0, 2.0, 2.0]), abs=1e-5
+    )
     # another process can attach to b by its working dir and stop it
     b2 = T.TorchServe.attach(b.workdir)
     assert b2.pid == b.pid and b2.grpc_inference_addr == b.grpc_inference_addr
@@ -253,6 +259,6 @@ def test_not_ready_while_no_worker_loads(tiny, torchserve_factory):
     with pytest.raises(T.TorchServeError) as e:
         ts.start(timeout=12)
     assert "not ready" in str(e.value) and "broken" in str(e.value)
-    assert "this worker never loads" in str(e.value)       # from logs/model_log.log
+    assert "this worker never loads" in str(e.value)  # from logs/model_log.log
     assert not ts.running()
     assert all(T.port_free(p) for p in dataclasses.astuple(ts.ports))

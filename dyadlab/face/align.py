@@ -5,6 +5,7 @@ of the 68 iBUG points at fixed places of a square crop.
 The same function cuts the training crops (still images) and the video
 crops (extractor), so the model sees faces framed the same way.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -35,7 +36,7 @@ def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
     """Least-squares similarity (Umeyama 1991) taking points src to dst, 2x3."""
     ms, md = src.mean(axis=0), dst.mean(axis=0)
     a, b = src - ms, dst - md
-    var = (a ** 2).sum()
+    var = (a**2).sum()
     if var <= 1e-12:
         return None
     # For 2D, the optimal similarity is x -> [[c, -s], [s, c]] x + t.
@@ -50,8 +51,7 @@ def crop(img: np.ndarray, lm68: np.ndarray, size: int = SIZE, margin: float = 0.
     M = transform(lm68, size, margin)
     if M is None:
         return None
-    out = cv2.warpAffine(img, M, (size, size), flags=cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_REPLICATE)
+    out = cv2.warpAffine(img, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     if out.ndim == 3:
         out = cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)
     return out

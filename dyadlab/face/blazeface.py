@@ -16,6 +16,7 @@ relative to the anchor centre, and a logit. Decoding follows MediaPipe's
 - weighted non-maximum suppression, IoU 0.3: overlapping boxes are averaged,
   weighted by score (steadier boxes than plain NMS).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,7 +46,7 @@ NMS_IOU = 0.3
 
 @dataclasses.dataclass(eq=False)
 class Detection:
-    box: np.ndarray        # (4,) x0, y0, x1, y1 in image pixels
+    box: np.ndarray  # (4,) x0, y0, x1, y1 in image pixels
     keypoints: np.ndarray  # (6, 2) image pixels, in KEYPOINTS order
     score: float
 
@@ -54,7 +55,7 @@ class Detection:
         return float(max(self.box[2] - self.box[0], self.box[3] - self.box[1]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def anchors(spec: Spec) -> np.ndarray:
     """(n, 2) anchor centres in [0, 1], MediaPipe's order (layers of equal
     stride share one grid; per cell, every anchor of those layers)."""
@@ -84,7 +85,7 @@ def letterbox(img: np.ndarray, size: int) -> tuple[np.ndarray, float, float, flo
         small = cv2.cvtColor(small, cv2.COLOR_GRAY2RGB)
     px, py = (size - nw) // 2, (size - nh) // 2
     canvas = np.zeros((size, size, 3), np.float32)
-    canvas[py:py + nh, px:px + nw] = small.astype(np.float32) * (2.0 / 255.0) - 1.0
+    canvas[py : py + nh, px : px + nw] = small.astype(np.float32) * (2.0 / 255.0) - 1.0
     return canvas, s, float(px), float(py)
 
 
@@ -99,8 +100,9 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(ua > 0, inter / np.maximum(ua, 1e-12), 0.0)
 
 
-def weighted_nms(boxes: np.ndarray, kps: np.ndarray, scores: np.ndarray,
-                 iou: float = NMS_IOU) -> list[tuple[np.ndarray, np.ndarray, float]]:
+def weighted_nms(
+    boxes: np.ndarray, kps: np.ndarray, scores: np.ndarray, iou: float = NMS_IOU
+) -> list[tuple[np.ndarray, np.ndarray, float]]:
     order = np.argsort(-scores)
     boxes, kps, scores = boxes[order], kps[order], scores[order]
     alive = np.ones(len(scores), bool)

@@ -1,5 +1,6 @@
 """Face boxes (x0, y0, x1, y1), image pixels: overlap and distance, shared by
 the trackers and the extractor's identity join."""
+
 from __future__ import annotations
 
 import numpy as np

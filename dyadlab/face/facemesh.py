@@ -16,6 +16,7 @@ As in MediaPipe's face-landmark graphs:
   drops a track below 0.5).
 Points are returned in image pixels, z scaled like x and y.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,28 +29,32 @@ from dyadlab.face.blazeface import Detection
 
 SIZE = 192
 ROI_SCALE = 1.5
-RIGHT_EYE_OUTER, LEFT_EYE_OUTER = 33, 263     # subject's right / left outer eye corner
+RIGHT_EYE_OUTER, LEFT_EYE_OUTER = 33, 263  # subject's right / left outer eye corner
 
 
 @dataclasses.dataclass(frozen=True)
 class Roi:
     cx: float
     cy: float
-    size: float       # side of the square, image pixels
-    angle: float      # radians; the crop's x axis is the image's x axis rotated by this
+    size: float  # side of the square, image pixels
+    angle: float  # radians; the crop's x axis is the image's x axis rotated by this
 
     def to_image(self) -> np.ndarray:
         """2x3 affine: crop pixel (u, v) -> image pixel."""
         c, s = np.cos(self.angle), np.sin(self.angle)
         k = self.size / SIZE
-        return np.array([[c * k, -s * k, self.cx - (c * k * SIZE / 2) + (s * k * SIZE / 2)],
-                         [s * k, c * k, self.cy - (s * k * SIZE / 2) - (c * k * SIZE / 2)]])
+        return np.array(
+            [
+                [c * k, -s * k, self.cx - (c * k * SIZE / 2) + (s * k * SIZE / 2)],
+                [s * k, c * k, self.cy - (s * k * SIZE / 2) - (c * k * SIZE / 2)],
+            ]
+        )
 
 
 @dataclasses.dataclass
 class Mesh:
-    points: np.ndarray    # (468, 3) image pixels; z relative depth, same scale
-    presence: float       # face-presence probability
+    points: np.ndarray  # (468, 3) image pixels; z relative depth, same scale
+    presence: float  # face-presence probability
     roi: Roi
 
 
@@ -57,8 +62,7 @@ def roi_from_detection(det: Detection) -> Roi:
     (x0, y0, x1, y1), kp = det.box, det.keypoints
     d = kp[1] - kp[0]
     angle = float(np.arctan2(d[1], d[0]))
-    return Roi(float(x0 + x1) / 2, float(y0 + y1) / 2,
-               float(max(x1 - x0, y1 - y0)) * ROI_SCALE, angle)
+    return Roi(float(x0 + x1) / 2, float(y0 + y1) / 2, float(max(x1 - x0, y1 - y0)) * ROI_SCALE, angle)
 
 
 def roi_from_points(pts: np.ndarray) -> Roi:
@@ -66,8 +70,8 @@ def roi_from_points(pts: np.ndarray) -> Roi:
     d = p[LEFT_EYE_OUTER] - p[RIGHT_EYE_OUTER]
     angle = float(np.arctan2(d[1], d[0]))
     c, s = np.cos(angle), np.sin(angle)
-    u = p[:, 0] * c + p[:, 1] * s          # along the eye line
-    v = -p[:, 0] * s + p[:, 1] * c         # across it
+    u = p[:, 0] * c + p[:, 1] * s  # along the eye line
+    v = -p[:, 0] * s + p[:, 1] * c  # across it
     mu, mv = (u.min() + u.max()) / 2, (v.min() + v.max()) / 2
     side = max(u.max() - u.min(), v.max() - v.min()) * ROI_SCALE
     return Roi(float(mu * c - mv * s), float(mu * s + mv * c), float(side), angle)
@@ -78,8 +82,9 @@ def crop(img: np.ndarray, roi: Roi, size: int = SIZE) -> np.ndarray:
     M = roi.to_image()
     if size != SIZE:
         M = M @ np.diag([SIZE / size, SIZE / size, 1.0])
-    return cv2.warpAffine(img, M, (size, size), flags=cv2.WARP_INVERSE_MAP | cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE)
+    return cv2.warpAffine(
+        img, M, (size, size), flags=cv2.WARP_INVERSE_MAP | cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
 
 
 def fit(img: np.ndarray, roi: Roi) -> Mesh:

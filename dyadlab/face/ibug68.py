@@ -9,6 +9,7 @@ give the 3D points. Because the correspondence is fixed on the 3D mesh, a
 jaw point stays on the same place of the face when the head turns (dlib's
 jaw points slide along the visible outline instead).
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,7 +22,7 @@ from dyadlab.face.registry import ASSETS
 MAP_FILE = ASSETS / "ibug68_from_mesh.json"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def weights() -> np.ndarray:
     """(68, 468) matrix W: iBUG points = W @ mesh points."""
     table = json.loads(MAP_FILE.read_text())["weights"]
@@ -41,7 +42,7 @@ def _vertices(rows: range) -> np.ndarray:
 INNER_VERTICES = _vertices(range(17, 68))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sparse() -> tuple[np.ndarray, np.ndarray]:
     """(68, 6) vertex indices and weights (zero-padded): W without the zeros."""
     W = weights()
@@ -49,7 +50,7 @@ def _sparse() -> tuple[np.ndarray, np.ndarray]:
     w = np.zeros((68, 6), np.float32)
     for i in range(68):
         nz = np.flatnonzero(W[i])
-        idx[i, :len(nz)], w[i, :len(nz)] = nz, W[i, nz]
+        idx[i, : len(nz)], w[i, : len(nz)] = nz, W[i, nz]
     return idx, w
 
 

@@ -6,6 +6,7 @@ is Google's own runtime for them (the XNNPACK delegate on CPU). One
 interpreter per model per process: an interpreter is not thread-safe, and the
 extractor's worker processes each hold their own.
 """
+
 from __future__ import annotations
 
 import threading

@@ -37,6 +37,7 @@ Faces are joined into people across chunks and gaps afterwards
 (`services/extractor/identity.py`), by position and by dlib's face
 descriptor computed on a chip aligned by the face's 68 points.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,7 +54,7 @@ NEW_FACE_SCORE = 0.6
 #: turns, ~cos(yaw).
 FRONTAL_EYE_RATIO = 0.38
 PROFILE_YAW = np.radians(65.0)
-MATCH_DISTANCE = 0.6      # detection centre within this x face size of the track's
+MATCH_DISTANCE = 0.6  # detection centre within this x face size of the track's
 DUPLICATE_DISTANCE = 0.4
 
 
@@ -78,14 +79,14 @@ def mesh_box(points: np.ndarray) -> np.ndarray:
 class Track:
     tid: int
     first_frame: int
-    box: np.ndarray                 # last face box (BlazeFace-like), image pixels
+    box: np.ndarray  # last face box (BlazeFace-like), image pixels
     last_seen: int
-    points: np.ndarray | None       # (468, 3) last good mesh; None in the box state
+    points: np.ndarray | None  # (468, 3) last good mesh; None in the box state
     presence: float = 0.0
     det_score: float = 0.0
-    mesh_ok: bool = False           # this frame's mesh is good
-    next_try: int = 0               # box state: no fit on a detection before this frame
-    mesh_frame: int = -1            # last frame with a good mesh
+    mesh_ok: bool = False  # this frame's mesh is good
+    next_try: int = 0  # box state: no fit on a detection before this frame
+    mesh_frame: int = -1  # last frame with a good mesh
 
     @property
     def state(self) -> str:
@@ -95,16 +96,24 @@ class Track:
 @dataclasses.dataclass
 class Observation:
     tid: int
-    points: np.ndarray | None       # (468, 3) image pixels + depth, or None (box only)
+    points: np.ndarray | None  # (468, 3) image pixels + depth, or None (box only)
     box: np.ndarray
-    presence: float                 # the mesh's face-presence probability (best fit tried)
-    det_score: float                # last BlazeFace score of this face
+    presence: float  # the mesh's face-presence probability (best fit tried)
+    det_score: float  # last BlazeFace score of this face
 
 
 class MeshTracker:
-    def __init__(self, width: int, height: int, fps: float, max_faces: int = 2,
-                 search_every: int = 0, lost_after_s: float = 0.5, retry_s: float = 0.125,
-                 stale_s: float = 1.0):
+    def __init__(
+        self,
+        width: int,
+        height: int,
+        fps: float,
+        max_faces: int = 2,
+        search_every: int = 0,
+        lost_after_s: float = 0.5,
+        retry_s: float = 0.125,
+        stale_s: float = 1.0,
+    ):
         fps = fps if fps > 0 else 30.0
         self.w, self.h = width, height
         self.max_faces = max_faces
@@ -116,7 +125,7 @@ class MeshTracker:
         self.tracks: list[Track] = []
         self.finished: list[Track] = []
         self._next_id = 0
-        self._last_search = -10 ** 9
+        self._last_search = -(10**9)
         self._held_several = False
         self.stats = {"detections": 0, "fits": 0}
 
@@ -133,8 +142,7 @@ class MeshTracker:
                     continue
             need = True
         if len(self.tracks) < self.max_faces:
-            every = (self.search_every if self._held_several or not self.tracks
-                     else self.search_every_alone)
+            every = self.search_every if self._held_several or not self.tracks else self.search_every_alone
             need |= no - self._last_search >= every
         if need:
             self._detect(no, img)
@@ -143,9 +151,11 @@ class MeshTracker:
                 self._end(tr)
         self._merge_duplicates()
         self._held_several |= len(self.tracks) > 1
-        return [Observation(t.tid, t.points if t.mesh_ok else None, t.box.copy(),
-                            t.presence, t.det_score)
-                for t in self.tracks if t.last_seen == no]
+        return [
+            Observation(t.tid, t.points if t.mesh_ok else None, t.box.copy(), t.presence, t.det_score)
+            for t in self.tracks
+            if t.last_seen == no
+        ]
 
     def close(self) -> list[Track]:
         self.finished.extend(self.tracks)

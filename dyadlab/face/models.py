@@ -3,6 +3,7 @@
 The wheel's own `__init__` imports `pkg_resources`, which setuptools >= 82
 removed, so the model directory is located with importlib instead.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -21,13 +22,13 @@ def model_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "models"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def detector():
     """HOG + linear SVM frontal face detector (5 poses: frontal, left/right, rotated)."""
     return dlib.get_frontal_face_detector()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shape_predictor():
     """Ensemble-of-regression-trees 68-point iBUG landmark predictor (Kazemi & Sullivan 2014)."""
     before = _rw_anon_regions()
@@ -36,7 +37,7 @@ def shape_predictor():
     return sp
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def face_encoder():
     """ResNet face descriptor (128-D); same person when distance < 0.6 (dlib's rule)."""
     return dlib.face_recognition_model_v1(str(model_dir() / "dlib_face_recognition_resnet_model_v1.dat"))
@@ -96,6 +97,6 @@ def _huge_pages(before: dict[int, int], after: dict[int, int]) -> int:
         if b - a < 4 * _HUGE:
             continue
         if madvise(a, b - a, _MADV_HUGEPAGE) == 0:
-            madvise(a, b - a, _MADV_COLLAPSE)   # now rather than by khugepaged, later
+            madvise(a, b - a, _MADV_COLLAPSE)  # now rather than by khugepaged, later
             done += b - a
     return done

@@ -12,6 +12,7 @@ z away from the camera) and pose_Rx (pitch), pose_Ry (yaw), pose_Rz (roll) in
 radians, Euler angles of R = Rx·Ry·Rz as OpenFace writes them. A frontal face
 looking into the camera has Rx ≈ Ry ≈ Rz ≈ 0.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -20,14 +21,20 @@ import numpy as np
 POSE_POINTS = [30, 8, 36, 45, 48, 54]
 # LearnOpenCV's model has y up and z towards the viewer; flip both into
 # OpenCV/OpenFace camera axes, then scale (its eye corners are 450 units apart).
-_MODEL = np.array([
-    (0.0, 0.0, 0.0),          # nose tip
-    (0.0, -330.0, -65.0),     # chin
-    (-225.0, 170.0, -135.0),  # subject's right eye, outer corner (36)
-    (225.0, 170.0, -135.0),   # subject's left eye, outer corner (45)
-    (-150.0, -150.0, -125.0),  # right lip corner (48)
-    (150.0, -150.0, -125.0),   # left lip corner (54)
-]) * np.array([1.0, -1.0, -1.0]) * (90.0 / 450.0)
+_MODEL = (
+    np.array(
+        [
+            (0.0, 0.0, 0.0),  # nose tip
+            (0.0, -330.0, -65.0),  # chin
+            (-225.0, 170.0, -135.0),  # subject's right eye, outer corner (36)
+            (225.0, 170.0, -135.0),  # subject's left eye, outer corner (45)
+            (-150.0, -150.0, -125.0),  # right lip corner (48)
+            (150.0, -150.0, -125.0),  # left lip corner (54)
+        ]
+    )
+    * np.array([1.0, -1.0, -1.0])
+    * (90.0 / 450.0)
+)
 
 
 def camera_matrix(width: int, height: int) -> np.ndarray:
@@ -56,16 +63,30 @@ class PoseEstimator:
         img = np.ascontiguousarray(landmarks[POSE_POINTS], dtype=np.float64)
         guess = self._guess.get(key)
         if guess is None:
-            ok, rvec, tvec = cv2.solvePnP(_MODEL, img, self.K, self.dist,
-                                          flags=cv2.SOLVEPNP_EPNP)
+            ok, rvec, tvec = cv2.solvePnP(_MODEL, img, self.K, self.dist, flags=cv2.SOLVEPNP_EPNP)
             if ok:
-                ok, rvec, tvec = cv2.solvePnP(_MODEL, img, self.K, self.dist, rvec, tvec,
-                                              useExtrinsicGuess=True,
-                                              flags=cv2.SOLVEPNP_ITERATIVE)
+                ok, rvec, tvec = cv2.solvePnP(
+                    _MODEL,
+                    img,
+                    self.K,
+                    self.dist,
+                    rvec,
+                    tvec,
+                    useExtrinsicGuess=True,
+                    flags=cv2.SOLVEPNP_ITERATIVE,
+                )
         else:
             rvec, tvec = guess[0].copy(), guess[1].copy()
-            ok, rvec, tvec = cv2.solvePnP(_MODEL, img, self.K, self.dist, rvec, tvec,
-                                          useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE)
+            ok, rvec, tvec = cv2.solvePnP(
+                _MODEL,
+                img,
+                self.K,
+                self.dist,
+                rvec,
+                tvec,
+                useExtrinsicGuess=True,
+                flags=cv2.SOLVEPNP_ITERATIVE,
+            )
         if not ok or tvec[2, 0] <= 0:
             self._guess.pop(key, None)
             return np.full(6, np.nan)
@@ -113,7 +134,7 @@ class MeshPose:
         d = np.sign(np.linalg.det(Vt.T @ U.T))
         D = np.diag([1.0, 1.0, d])
         R = Vt.T @ D @ U.T
-        s = float((S * np.diag(D)).sum() / (self.canon ** 2).sum())
+        s = float((S * np.diag(D)).sum() / (self.canon**2).sum())
         if not np.isfinite(s) or s <= 0:
             return np.full(6, np.nan), np.full((68, 3), np.nan)
         f, cx, cy = self.K[0, 0], self.K[0, 2], self.K[1, 2]

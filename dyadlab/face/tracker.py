@@ -29,6 +29,7 @@ at 0 → 0.76; a failed verification sets s = −1 → 0.20). The appearance ter
 NCC that triggers verification (0.6): an open-mouthed laugh changes the patch
 too, and is no evidence of a lost face.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,14 +43,14 @@ from dyadlab.face import boxes, models
 
 PATCH = 24
 NCC_SUSPECT = 0.6
-UPSCALE_BELOW_PX = 150.0   # fit landmarks on an upscaled crop below this box size
+UPSCALE_BELOW_PX = 150.0  # fit landmarks on an upscaled crop below this box size
 FIT_SIZE_PX = 200.0
-VERIFY_FACE_PX = 110.0     # face size in the verification crop (HOG needs >= 80)
+VERIFY_FACE_PX = 110.0  # face size in the verification crop (HOG needs >= 80)
 FAILED_SCORE = -1.0
 REFIT_BELOW_IOU = 0.7
 SCORE_EMA = 0.5
-SEARCH_THRESHOLD = -0.3     # HOG margin for new faces (weak ones get low confidence)
-CHIP_PX, CHIP_PADDING = 150, 0.25   # dlib's face descriptor input (its defaults)
+SEARCH_THRESHOLD = -0.3  # HOG margin for new faces (weak ones get low confidence)
+CHIP_PX, CHIP_PADDING = 150, 0.25  # dlib's face descriptor input (its defaults)
 
 
 def confidence(score: float, ncc: float) -> float:
@@ -66,15 +67,15 @@ def _center_scale(lm: np.ndarray) -> tuple[np.ndarray, float]:
 @dataclasses.dataclass
 class Track:
     tid: int
-    lm: np.ndarray                 # (68, 2) float32, image pixels
-    rel: np.ndarray                # box centre offset (2) and half-side (1), in landmark-scale units
-    template: np.ndarray           # (PATCH*PATCH,) zero-mean unit-norm
-    score: float                   # last verification score
+    lm: np.ndarray  # (68, 2) float32, image pixels
+    rel: np.ndarray  # box centre offset (2) and half-side (1), in landmark-scale units
+    template: np.ndarray  # (PATCH*PATCH,) zero-mean unit-norm
+    score: float  # last verification score
     last_verified: int
     ncc: float = 1.0
     embedding: np.ndarray | None = None
     first_frame: int = 0
-    chip: np.ndarray | None = None     # aligned grey face chip, when the descriptor is deferred
+    chip: np.ndarray | None = None  # aligned grey face chip, when the descriptor is deferred
 
     def rect(self) -> tuple[float, float, float, float]:
         c, s = _center_scale(self.lm)
@@ -92,10 +93,19 @@ class Observation:
 
 
 class FaceTracker:
-    def __init__(self, width: int, height: int, fps: float, max_faces: int = 2,
-                 verify_every: int = 0, search_every: int = 0, lost_after_s: float = 1.5,
-                 min_face_px: float = 0.0, with_embeddings: bool = True,
-                 defer_embeddings_on: int | None = None):
+    def __init__(
+        self,
+        width: int,
+        height: int,
+        fps: float,
+        max_faces: int = 2,
+        verify_every: int = 0,
+        search_every: int = 0,
+        lost_after_s: float = 1.5,
+        min_face_px: float = 0.0,
+        with_embeddings: bool = True,
+        defer_embeddings_on: int | None = None,
+    ):
         self.w, self.h = width, height
         fps = fps if fps > 0 else 30.0
         self.max_faces = max_faces
@@ -120,8 +130,8 @@ class FaceTracker:
         self.tracks: list[Track] = []
         self.finished: list[Track] = []
         self._next_id = 0
-        self._last_search = -10 ** 9
-        self._held_several = False     # two or more faces tracked at once, ever
+        self._last_search = -(10**9)
+        self._held_several = False  # two or more faces tracked at once, ever
         self.stats = {"searches": 0, "verifications": 0, "fits": 0}
 
     # -- the per-frame step ----------------------------------------------------
@@ -129,8 +139,7 @@ class FaceTracker:
         for tr in list(self.tracks):
             self._follow(no, img, tr)
         if len(self.tracks) < self.max_faces:
-            every = (self.search_every if self._held_several or not self.tracks
-                     else self.search_every_alone)
+            every = self.search_every if self._held_several or not self.tracks else self.search_every_alone
             if no - self._last_search >= every:
                 self._search(no, img)
                 self._held_several |= len(self.tracks) > 1
@@ -190,8 +199,15 @@ class FaceTracker:
             if any(boxes.iou(det, t.rect()) > 0.2 for t in self.tracks):
                 continue
             lm = self._fit(img, det)
-            tr = Track(self._next_id, lm, self._relation(lm, det), self._patch(img, lm),
-                       float(score), no, first_frame=no)
+            tr = Track(
+                self._next_id,
+                lm,
+                self._relation(lm, det),
+                self._patch(img, lm),
+                float(score),
+                no,
+                first_frame=no,
+            )
             self._next_id += 1
             if self.with_embeddings:
                 tr.chip = self._chip(img, lm)
@@ -210,8 +226,11 @@ class FaceTracker:
         if R - L < 8 or B - T < 8:
             return None
         f = VERIFY_FACE_PX / side
-        crop = cv2.resize(img[T:B, L:R], (max(1, round((R - L) * f)), max(1, round((B - T) * f))),
-                          interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+        crop = cv2.resize(
+            img[T:B, L:R],
+            (max(1, round((R - L) * f)), max(1, round((B - T) * f))),
+            interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR,
+        )
         rects, scores, _ = self.detector.run(crop, 0, -0.6)
         best = None
         for score, r in zip(scores, rects):
@@ -235,10 +254,15 @@ class FaceTracker:
         if R - L < 2 or B - T < 2:
             return np.full((68, 2), np.nan, np.float32)
         f = FIT_SIZE_PX / max(side, 1.0)
-        crop = cv2.resize(img[T:B, L:R], (round((R - L) * f), round((B - T) * f)),
-                          interpolation=cv2.INTER_LINEAR)
-        r = dlib.rectangle(int(round((x0 - L) * f)), int(round((y0 - T) * f)),
-                           int(round((x1 - L) * f)), int(round((y1 - T) * f)))
+        crop = cv2.resize(
+            img[T:B, L:R], (round((R - L) * f), round((B - T) * f)), interpolation=cv2.INTER_LINEAR
+        )
+        r = dlib.rectangle(
+            int(round((x0 - L) * f)),
+            int(round((y0 - T) * f)),
+            int(round((x1 - L) * f)),
+            int(round((y1 - T) * f)),
+        )
         shape = self.predictor(crop, r)
         pts = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
         return pts / f + np.array([L, T], np.float32)

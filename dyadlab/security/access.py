@@ -1,6 +1,7 @@
 """Who may call what: the roles (built from the protos' service descriptors),
 the principals a call is made by, and the access file that maps credentials
 to roles."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +11,8 @@ import importlib
 import logging
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
@@ -25,19 +26,22 @@ log = logging.getLogger("dyadlab.security")
 #: methods anyone may call: probes and API discovery. gRPC's own protocols,
 #: named one by one: Health/List is not open, and grpc.reflection.v1 has no
 #: descriptor in grpcio-reflection.
-OPEN_METHODS = frozenset({
-    "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
-    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-})
+OPEN_METHODS = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    }
+)
 #: not written to the audit log (probes call them every few seconds)
 UNAUDITED = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 
 #: every dyadlab service of the registry (dyadlab.services); each of their
 #: methods is an analysis (role analyst) unless ADMIN_ONLY names it
 PROTO_SERVICES: tuple[ServiceDescriptor, ...] = tuple(
-    importlib.import_module(s.pb2).DESCRIPTOR.services_by_name[s.proto_service]
-    for s in services.SERVICES)
+    importlib.import_module(s.pb2).DESCRIPTOR.services_by_name[s.proto_service] for s in services.SERVICES
+)
 _EXTRACTOR = PROTO_SERVICES[services.NAMES.index("extractor")]
 
 
@@ -54,8 +58,7 @@ ROLES: dict[str, frozenset[str]] = {
     "admin": frozenset({"*"}),
     "analyst": _ANALYSIS,
     # what one service calls on another: smiles and synth -> extractor
-    "service": frozenset(method_path(_EXTRACTOR.methods_by_name[n])
-                         for n in ("Extract", "ImportOpenFace")),
+    "service": frozenset(method_path(_EXTRACTOR.methods_by_name[n]) for n in ("Extract", "ImportOpenFace")),
 }
 
 
@@ -64,13 +67,12 @@ def allowed(role: str, method: str) -> bool:
     return "*" in methods or method in methods
 
 
-
 # -- the access file -----------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Principal:
-    role: str | None      # None: authenticated (certificate) but without a role
+    role: str | None  # None: authenticated (certificate) but without a role
     name: str
-    via: str          # "token" | "cert"
+    via: str  # "token" | "cert"
 
     def audit(self) -> dict:
         return {"role": self.role, "name": self.name, "via": self.via}
@@ -84,7 +86,7 @@ class AccessTable:
         self._certs = certs
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "AccessTable":
+    def load(cls, path: str | os.PathLike) -> AccessTable:
         path = Path(path)
         try:
             text = path.read_text()
@@ -92,12 +94,13 @@ class AccessTable:
         except OSError as e:
             raise ConfigError(f"access file {path}: cannot read it ({e.strerror})") from None
         if mode & 0o077:
-            log.warning("access file is readable by other users; make it 0600",
-                        extra={"mode": oct(mode & 0o777)})
+            log.warning(
+                "access file is readable by other users; make it 0600", extra={"mode": oct(mode & 0o777)}
+            )
         tokens: list[tuple[bytes, Principal]] = []
         certs: dict[str, Principal] = {}
         for n, line in enumerate(text.splitlines(), 1):
-            line = re.sub(r"(^|\s)#.*$", "", line).strip()     # comments: '#' after a blank
+            line = re.sub(r"(^|\s)#.*$", "", line).strip()  # comments: '#' after a blank
             if not line:
                 continue
             parts = line.split()
@@ -106,8 +109,9 @@ class AccessTable:
             cred, role = parts[0], parts[1]
             name = " ".join(parts[2:])
             if role not in ROLES:
-                raise ConfigError(f"access file {path}, line {n}: unknown role {role!r} "
-                                  f"(roles: {', '.join(sorted(ROLES))})")
+                raise ConfigError(
+                    f"access file {path}, line {n}: unknown role {role!r} (roles: {', '.join(sorted(ROLES))})"
+                )
             if cred.startswith("cert:"):
                 ident = cred[5:]
                 if not ident:
@@ -119,9 +123,11 @@ class AccessTable:
                     raise ConfigError(f"access file {path}, line {n}: sha256: needs 64 hex digits")
                 tokens.append((bytes.fromhex(hexd), Principal(role, name or f"token:{hexd[:8]}", "token")))
             else:
-                if len(cred) < 16:      # the message never repeats the token
-                    raise ConfigError(f"access file {path}, line {n}: token shorter than 16 "
-                                      "characters (make one: python -m dyadlab.security token)")
+                if len(cred) < 16:  # the message never repeats the token
+                    raise ConfigError(
+                        f"access file {path}, line {n}: token shorter than 16 "
+                        "characters (make one: python -m dyadlab.security token)"
+                    )
                 d = hashlib.sha256(cred.encode()).digest()
                 tokens.append((d, Principal(role, name or f"token:{d.hex()[:8]}", "token")))
         return cls(tokens, certs)

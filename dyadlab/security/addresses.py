@@ -1,5 +1,6 @@
 """Addresses: the host in a gRPC address, and whether it is loopback (what the
 local development credentials and DYADLAB_INSECURE=1 are limited to)."""
+
 from __future__ import annotations
 
 import ipaddress

@@ -1,5 +1,6 @@
 """The audit log: one JSON line per RPC on its own stream, naming objects by
 shortened content hashes (never a name or path)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +10,6 @@ import os
 import re
 import sys
 from pathlib import Path
-
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_AUDIT_KEYS = 50
@@ -50,7 +50,7 @@ def object_keys(msg) -> list[str]:
 
 
 def _repeated(field) -> bool:
-    if hasattr(field, "is_repeated"):          # protobuf >= 6 (label is gone in 7)
+    if hasattr(field, "is_repeated"):  # protobuf >= 6 (label is gone in 7)
         return bool(field.is_repeated)
     return field.label == field.LABEL_REPEATED
 

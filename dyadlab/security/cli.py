@@ -1,5 +1,6 @@
 """The command line that makes credentials for a deployment (python -m
 dyadlab.security), and the security line of `dyadlab status`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,9 +18,13 @@ def describe(settings: Settings, audit_log: str = "") -> str:
         transport = "mutual TLS" if settings.tls_client_auth == "require" else "TLS"
     else:
         transport = f"TLS with the local development CA ({local(settings).dir})"
-    auth = ("off (DYADLAB_AUTH=off)" if not settings.auth else
-            "tokens/certificates from DYADLAB_AUTH_TOKENS" if settings.auth_tokens else
-            "local tokens")
+    auth = (
+        "off (DYADLAB_AUTH=off)"
+        if not settings.auth
+        else "tokens/certificates from DYADLAB_AUTH_TOKENS"
+        if settings.auth_tokens
+        else "local tokens"
+    )
     return f"{transport}; authentication {auth}; audit log {audit_log or settings.audit_log or 'stderr'}"
 
 
@@ -27,8 +32,10 @@ def describe(settings: Settings, audit_log: str = "") -> str:
 def main(argv: list[str] | None = None) -> int:
     """python -m dyadlab.security ca DIR | cert DIR NAME [--dns D ...] [--ip I ...] | token"""
     import argparse
-    p = argparse.ArgumentParser(prog="python -m dyadlab.security",
-                                description="make TLS certificates and tokens for a deployment")
+
+    p = argparse.ArgumentParser(
+        prog="python -m dyadlab.security", description="make TLS certificates and tokens for a deployment"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("ca", help="a new CA: DIR/ca.pem, DIR/ca.key (0600)")
     c.add_argument("dir")
@@ -50,8 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {d / 'ca.pem'} and {d / 'ca.key'}")
     elif a.cmd == "cert":
         d = Path(a.dir)
-        cert, key = issue_cert((d / "ca.pem").read_bytes(), (d / "ca.key").read_bytes(), a.name,
-                               dns=[a.name, *a.dns], ips=a.ip, days=a.days)
+        cert, key = issue_cert(
+            (d / "ca.pem").read_bytes(),
+            (d / "ca.key").read_bytes(),
+            a.name,
+            dns=[a.name, *a.dns],
+            ips=a.ip,
+            days=a.days,
+        )
         (d / f"{a.name}.pem").write_bytes(cert)
         write_private(d / f"{a.name}.key", key)
         print(f"wrote {d / (a.name + '.pem')} and {d / (a.name + '.key')}")
@@ -60,4 +73,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"token (give it to the client, in the file DYADLAB_TOKEN_FILE names): {tok}")
         print(f"access-file line (server, DYADLAB_AUTH_TOKENS): sha256:{token_digest(tok)} ROLE NAME")
     return 0
-

@@ -1,5 +1,6 @@
 """Client-side security: how a client reaches one address (TLS roots, client
 certificate, server name, or plaintext) and the bearer token it sends."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +18,7 @@ from dyadlab.security.pki import _read
 class ClientSecurity:
     """How a client reaches one address: TLS (roots, client certificate, name to
     verify) or plaintext, and the bearer token it sends."""
+
     tls: bool = True
     root_pem: bytes | None = None
     cert_pem: bytes | None = None
@@ -26,9 +28,8 @@ class ClientSecurity:
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         creds = grpc.ssl_channel_credentials(self.root_pem, self.key_pem, self.cert_pem)
-        if self.token:    # call credentials travel over TLS only
-            creds = grpc.composite_channel_credentials(
-                creds, grpc.access_token_call_credentials(self.token))
+        if self.token:  # call credentials travel over TLS only
+            creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(self.token))
         return creds
 
     def options(self) -> list[tuple[str, str]]:
@@ -57,21 +58,31 @@ def client_security(addr: str, settings: Settings) -> ClientSecurity:
         token = L.user_token.read_text().strip() or None
     if settings.insecure:
         if not loop and settings.insecure != "any":
-            raise ConfigError(f"refusing plaintext gRPC to {addr}: DYADLAB_INSECURE=1 allows "
-                              "plaintext on loopback only (DYADLAB_INSECURE=any for a network "
-                              "that encrypts)")
+            raise ConfigError(
+                f"refusing plaintext gRPC to {addr}: DYADLAB_INSECURE=1 allows "
+                "plaintext on loopback only (DYADLAB_INSECURE=any for a network "
+                "that encrypts)"
+            )
         return ClientSecurity(tls=False, token=token)
     roots = b""
     if settings.tls_ca:
         roots += _read(settings.tls_ca, "DYADLAB_TLS_CA")
-    if loop and L.ca.is_file():     # the local CA vouches for loopback names only
+    if loop and L.ca.is_file():  # the local CA vouches for loopback names only
         roots += (b"\n" if roots else b"") + L.ca.read_bytes()
     cert = key = None
     if settings.tls_client_cert:
+        assert settings.tls_client_key is not None  # Settings.from_env checks: set both or neither
         cert = _read(settings.tls_client_cert, "DYADLAB_TLS_CLIENT_CERT")
         key = _read(settings.tls_client_key, "DYADLAB_TLS_CLIENT_KEY")
     elif settings.tls_cert:
+        assert settings.tls_key is not None  # Settings.from_env checks: set both or neither
         cert = _read(settings.tls_cert, "DYADLAB_TLS_CERT")
         key = _read(settings.tls_key, "DYADLAB_TLS_KEY")
-    return ClientSecurity(tls=True, root_pem=roots or None, cert_pem=cert, key_pem=key,
-                          server_name=settings.tls_server_name, token=token)
+    return ClientSecurity(
+        tls=True,
+        root_pem=roots or None,
+        cert_pem=cert,
+        key_pem=key,
+        server_name=settings.tls_server_name,
+        token=token,
+    )

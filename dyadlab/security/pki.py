@@ -1,6 +1,7 @@
 """Credential material: keys and certificates (a CA, certificates it signs;
 `cryptography` is imported only to make them), tokens, files only their owner
 can read, and reading the configured ones."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -8,28 +9,36 @@ import hashlib
 import ipaddress
 import os
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from dyadlab.config import ConfigError
 
 
 def _new_key():
     from cryptography.hazmat.primitives.asymmetric import ec
+
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def _pem_key(key) -> bytes:
     from cryptography.hazmat.primitives import serialization
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _name(cn: str):
     from cryptography import x509
     from cryptography.x509.oid import NameOID
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "dyadlab"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "dyadlab"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
 
 
 def make_ca(common_name: str, days: int = 3650, loopback_only: bool = False) -> tuple[bytes, bytes]:
@@ -37,56 +46,107 @@ def make_ca(common_name: str, days: int = 3650, loopback_only: bool = False) -> 
     limits the DNS names it can sign to localhost."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
+
     key = _new_key()
-    now = dt.datetime.now(dt.timezone.utc)
-    b = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(_name(common_name))
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                      content_commitment=False, key_encipherment=False,
-                                      data_encipherment=False, key_agreement=False,
-                                      encipher_only=False, decipher_only=False), critical=True)
-         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
+    now = dt.datetime.now(dt.UTC)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
     if loopback_only:
         # DNS names only: gRPC's BoringSSL refuses IP-address name constraints
         # ("unsupported name constraint type"); clients trust this CA for
         # loopback addresses only anyway (client_security).
-        b = b.add_extension(x509.NameConstraints(permitted_subtrees=[x509.DNSName("localhost")],
-                                                 excluded_subtrees=None), critical=True)
+        b = b.add_extension(
+            x509.NameConstraints(permitted_subtrees=[x509.DNSName("localhost")], excluded_subtrees=None),
+            critical=True,
+        )
     cert = b.sign(key, hashes.SHA256())
     return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
 
 
-def issue_cert(ca_cert_pem: bytes, ca_key_pem: bytes, common_name: str, *,
-               dns: Iterable[str] = (), ips: Iterable[str] = (), uris: Iterable[str] = (),
-               server: bool = True, client: bool = True, days: int = 397) -> tuple[bytes, bytes]:
+def issue_cert(
+    ca_cert_pem: bytes,
+    ca_key_pem: bytes,
+    common_name: str,
+    *,
+    dns: Iterable[str] = (),
+    ips: Iterable[str] = (),
+    uris: Iterable[str] = (),
+    server: bool = True,
+    client: bool = True,
+    days: int = 397,
+) -> tuple[bytes, bytes]:
     """A certificate signed by the CA: (certificate PEM, key PEM)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.x509.oid import ExtendedKeyUsageOID
+
     ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
     ca_key = serialization.load_pem_private_key(ca_key_pem, None)
     key = _new_key()
-    now = dt.datetime.now(dt.timezone.utc)
-    sans = ([x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-            + [x509.UniformResourceIdentifier(u) for u in uris])
+    now = dt.datetime.now(dt.UTC)
+    sans = (
+        [x509.DNSName(d) for d in dns]
+        + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        + [x509.UniformResourceIdentifier(u) for u in uris]
+    )
     usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
-        [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
-    b = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca_cert.subject)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
-                                      content_commitment=False, key_encipherment=False,
-                                      data_encipherment=False, key_agreement=False,
-                                      encipher_only=False, decipher_only=False), critical=True)
-         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                        critical=False))
+        [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
+    )
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),  # type: ignore[arg-type]  # a loaded key may be any type; the CA's is EC
+            critical=False,
+        )
+    )
     if sans:
         b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    cert = b.sign(ca_key, hashes.SHA256())
+    cert = b.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]  # a loaded key may be any type; the CA's is EC
     return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
 
 

@@ -19,18 +19,52 @@ The modules:
 Import the names from here (``from dyadlab import torchserve as T``).
 (`dyadlab.torchserve_grpc` is the generated gRPC code, a separate package.)
 """
+
 from __future__ import annotations
 
 from .archive import build_mar
 from .client import InferenceClient, auth_metadata, ping, predict
-from .process import (CONFIG_FILE, DEFAULT_TOKEN_EXPIRATION_MIN, KEY_FILE, LOG_FILE, PID_FILE,
-                      START_TIMEOUT_S, STATE_FILE, TS_NAMESPACE, Keys, Ports, TorchServe,
-                      TorchServeError, _is_torchserve, file_url_regex, free_port,
-                      java_available, port_free)
+from .process import (
+    CONFIG_FILE,
+    DEFAULT_TOKEN_EXPIRATION_MIN,
+    KEY_FILE,
+    LOG_FILE,
+    PID_FILE,
+    START_TIMEOUT_S,
+    STATE_FILE,
+    TS_NAMESPACE,
+    Keys,
+    Ports,
+    TorchServe,
+    TorchServeError,
+    _is_torchserve,
+    file_url_regex,
+    free_port,
+    java_available,
+    port_free,
+)
 
 __all__ = [
-    "CONFIG_FILE", "DEFAULT_TOKEN_EXPIRATION_MIN", "KEY_FILE", "LOG_FILE", "PID_FILE",
-    "START_TIMEOUT_S", "STATE_FILE", "TS_NAMESPACE", "InferenceClient", "Keys", "Ports",
-    "TorchServe", "TorchServeError", "_is_torchserve", "auth_metadata", "build_mar",
-    "file_url_regex", "free_port", "java_available", "ping", "port_free", "predict",
+    "CONFIG_FILE",
+    "DEFAULT_TOKEN_EXPIRATION_MIN",
+    "KEY_FILE",
+    "LOG_FILE",
+    "PID_FILE",
+    "START_TIMEOUT_S",
+    "STATE_FILE",
+    "TS_NAMESPACE",
+    "InferenceClient",
+    "Keys",
+    "Ports",
+    "TorchServe",
+    "TorchServeError",
+    "_is_torchserve",
+    "auth_metadata",
+    "build_mar",
+    "file_url_regex",
+    "free_port",
+    "java_available",
+    "ping",
+    "port_free",
+    "predict",
 ]

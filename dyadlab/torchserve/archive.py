@@ -1,4 +1,5 @@
 """TorchServe model archives (.mar) from `torch-model-archiver`."""
+
 from __future__ import annotations
 
 import os
@@ -10,11 +11,19 @@ from pathlib import Path
 from .process import _MODEL_NAME, TorchServeError, _script
 
 
-def build_mar(name: str, version: str, serialized_file: str | os.PathLike | None,
-              handler: str | os.PathLike, extra_files: Sequence[str | os.PathLike] = (),
-              export_dir: str | os.PathLike = ".", *, model_file: str | os.PathLike | None = None,
-              requirements_file: str | os.PathLike | None = None,
-              config_file: str | os.PathLike | None = None, force: bool = True) -> Path:
+def build_mar(
+    name: str,
+    version: str,
+    serialized_file: str | os.PathLike | None,
+    handler: str | os.PathLike,
+    extra_files: Sequence[str | os.PathLike] = (),
+    export_dir: str | os.PathLike = ".",
+    *,
+    model_file: str | os.PathLike | None = None,
+    requirements_file: str | os.PathLike | None = None,
+    config_file: str | os.PathLike | None = None,
+    force: bool = True,
+) -> Path:
     """Package a model with `torch-model-archiver`; returns export_dir/<name>.mar.
 
     handler: a handler .py file (module-level `handle(data, context)` or one
@@ -24,8 +33,17 @@ def build_mar(name: str, version: str, serialized_file: str | os.PathLike | None
         raise ValueError(f"invalid model name {name!r}")
     export = Path(export_dir)
     export.mkdir(parents=True, exist_ok=True)
-    cmd = [_script("torch-model-archiver"), "--model-name", name, "--version", str(version),
-           "--handler", str(handler), "--export-path", str(export)]
+    cmd = [
+        _script("torch-model-archiver"),
+        "--model-name",
+        name,
+        "--version",
+        str(version),
+        "--handler",
+        str(handler),
+        "--export-path",
+        str(export),
+    ]
     if serialized_file is not None:
         cmd += ["--serialized-file", str(serialized_file)]
     if extra_files:
@@ -33,8 +51,11 @@ def build_mar(name: str, version: str, serialized_file: str | os.PathLike | None
         if any("," in f for f in files):
             raise ValueError("extra file paths must not contain ',' (the archiver splits on it)")
         cmd += ["--extra-files", ",".join(files)]
-    for flag, value in (("--model-file", model_file), ("--requirements-file", requirements_file),
-                        ("--config-file", config_file)):
+    for flag, value in (
+        ("--model-file", model_file),
+        ("--requirements-file", requirements_file),
+        ("--config-file", config_file),
+    ):
         if value is not None:
             cmd += [flag, str(value)]
     if force:
@@ -46,6 +67,7 @@ def build_mar(name: str, version: str, serialized_file: str | os.PathLike | None
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     mar = export / f"{name}.mar"
     if proc.returncode != 0 or not mar.is_file():
-        raise TorchServeError(f"torch-model-archiver failed ({proc.returncode}): "
-                              f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+        raise TorchServeError(
+            f"torch-model-archiver failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-2000:]}"
+        )
     return mar

@@ -15,6 +15,7 @@ user's TorchServe, nor clashes with its worker sockets.
 Auth: token authorization stays on unless asked otherwise (see
 :mod:`dyadlab.torchserve.client`); the keys are read from key_file.json.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -105,9 +106,9 @@ def _prop(value: object) -> str:
     for ch in s.replace("\\", "\\\\"):
         if 0x20 <= ord(ch) < 0x7F:
             out.append(ch)
-        else:                       # \uXXXX, as UTF-16 code units
+        else:  # \uXXXX, as UTF-16 code units
             b = ch.encode("utf-16-be")
-            out += [f"\\u{int.from_bytes(b[i:i + 2], 'big'):04x}" for i in range(0, len(b), 2)]
+            out += [f"\\u{int.from_bytes(b[i : i + 2], 'big'):04x}" for i in range(0, len(b), 2)]
     return "".join(out)
 
 
@@ -176,14 +177,22 @@ def _normalize_models(load_models: Mapping[str, str] | Sequence[str] | str) -> t
 class TorchServe:
     """One local TorchServe process tree, owned by this object (see module doc)."""
 
-    def __init__(self, workdir: str | os.PathLike, model_store: str | os.PathLike,
-                 load_models: Mapping[str, str] | Sequence[str] | str = (),
-                 *, ports: Ports | None = None, host: str = "127.0.0.1",
-                 token_auth: bool = True,
-                 token_expiration_min: float | None = DEFAULT_TOKEN_EXPIRATION_MIN,
-                 workers_per_model: int = 1, response_timeout_s: int | None = None,
-                 vmargs: str | None = None, extra_config: Mapping[str, object] | None = None,
-                 wait_for: Sequence[str] | None = None):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        model_store: str | os.PathLike,
+        load_models: Mapping[str, str] | Sequence[str] | str = (),
+        *,
+        ports: Ports | None = None,
+        host: str = "127.0.0.1",
+        token_auth: bool = True,
+        token_expiration_min: float | None = DEFAULT_TOKEN_EXPIRATION_MIN,
+        workers_per_model: int = 1,
+        response_timeout_s: int | None = None,
+        vmargs: str | None = None,
+        extra_config: Mapping[str, object] | None = None,
+        wait_for: Sequence[str] | None = None,
+    ):
         self.workdir = Path(workdir).resolve()
         self.model_store = Path(model_store).resolve()
         self.load_models, names = _normalize_models(load_models)
@@ -284,24 +293,37 @@ class TorchServe:
 
     def _make_tmp_dir(self) -> Path:
         tmp = self.workdir / "tmp"
-        if len(str(tmp)) > _MAX_TMP_LEN:    # socket paths would be too long
+        if len(str(tmp)) > _MAX_TMP_LEN:  # socket paths would be too long
             tmp = Path(tempfile.mkdtemp(prefix="dyadlab-ts-"))
         tmp.mkdir(parents=True, exist_ok=True)
         return tmp
 
     def _save_state(self) -> None:
-        state = {"pid": self.pid, "tmp_dir": str(self.tmp_dir), "ports": dataclasses.asdict(self.ports),
-                 "host": self.host, "model_store": str(self.model_store),
-                 "load_models": self.load_models, "models": self.models,
-                 "token_auth": self.token_auth}
+        state = {
+            "pid": self.pid,
+            "tmp_dir": str(self.tmp_dir),
+            "ports": dataclasses.asdict(self.ports),
+            "host": self.host,
+            "model_store": str(self.model_store),
+            "load_models": self.load_models,
+            "models": self.models,
+            "token_auth": self.token_auth,
+        }
         (self.workdir / STATE_FILE).write_text(json.dumps(state, indent=1))
 
     @classmethod
     def attach(cls, workdir: str | os.PathLike) -> TorchServe:
         """The instance another process started in `workdir` (to query or stop it)."""
         state = json.loads((Path(workdir) / STATE_FILE).read_text())
-        ts = cls(workdir, state["model_store"], state["load_models"], ports=Ports(**state["ports"]),
-                 host=state["host"], token_auth=state["token_auth"], wait_for=state["models"])
+        ts = cls(
+            workdir,
+            state["model_store"],
+            state["load_models"],
+            ports=Ports(**state["ports"]),
+            host=state["host"],
+            token_auth=state["token_auth"],
+            wait_for=state["models"],
+        )
         ts.pid, ts.tmp_dir = state["pid"], Path(state["tmp_dir"])
         return ts
 
@@ -322,12 +344,26 @@ class TorchServe:
         self.key_file.unlink(missing_ok=True)
         self._keys = None
         self.started_at = time.monotonic()
-        cmd = [_script("torchserve"), "--start", "--ncs", "--ts-config", str(self.config_path),
-               "--model-store", str(self.model_store)]
+        cmd = [
+            _script("torchserve"),
+            "--start",
+            "--ncs",
+            "--ts-config",
+            str(self.config_path),
+            "--model-store",
+            str(self.model_store),
+        ]
         with open(self.log_path, "ab") as log:
             # the CLI starts java (inheriting this log as stdout/stderr) and returns
-            proc = subprocess.run(cmd, cwd=self.workdir, env=self._env(), stdin=subprocess.DEVNULL,
-                                  stdout=log, stderr=subprocess.STDOUT, timeout=60)
+            proc = subprocess.run(
+                cmd,
+                cwd=self.workdir,
+                env=self._env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=60,
+            )
         pid_file = self.tmp_dir / PID_FILE
         if proc.returncode != 0 or not pid_file.is_file():
             raise TorchServeError(f"torchserve --start failed ({proc.returncode}):\n{self.log_tail()}")
@@ -386,8 +422,9 @@ class TorchServe:
         return json.loads(body)
 
     def ready_workers(self, name: str) -> int:
-        return sum(1 for v in self.model_status(name) for w in v.get("workers", [])
-                   if w.get("status") == "READY")
+        return sum(
+            1 for v in self.model_status(name) for w in v.get("workers", []) if w.get("status") == "READY"
+        )
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> float:
         """Until every awaited model has a READY worker; returns the seconds since start."""
@@ -401,14 +438,15 @@ class TorchServe:
             try:
                 pending = [m for m in pending if self.ready_workers(m) == 0]
                 if not pending:
-                    if not self.models:          # nothing to wait for: the server answers
+                    if not self.models:  # nothing to wait for: the server answers
                         self._check_ping()
                     break
             except (OSError, TorchServeError, grpc.RpcError):
-                pass                             # not listening yet
+                pass  # not listening yet
             if time.monotonic() >= deadline:
-                raise TorchServeError(f"not ready after {timeout:.0f} s (waiting for {pending}):\n"
-                                      f"{self.log_tail()}")
+                raise TorchServeError(
+                    f"not ready after {timeout:.0f} s (waiting for {pending}):\n{self.log_tail()}"
+                )
             time.sleep(0.1)
         return time.monotonic() - (self.started_at or time.monotonic())
 
@@ -421,8 +459,9 @@ class TorchServe:
     def ping(self, timeout: float = 10.0) -> str:
         return ping(self.grpc_inference_addr, self.inference_key, timeout)
 
-    def predict(self, model: str, inputs: Mapping[str, bytes], timeout: float = 60.0,
-                version: str = "") -> bytes:
+    def predict(
+        self, model: str, inputs: Mapping[str, bytes], timeout: float = 60.0, version: str = ""
+    ) -> bytes:
         return predict(self.grpc_inference_addr, self.inference_key, model, inputs, timeout, version)
 
     def metrics(self, timeout: float = 5.0) -> str:
@@ -435,6 +474,7 @@ class TorchServe:
     def processes(self) -> list:
         """psutil.Process of java and every descendant (the Python workers)."""
         import psutil
+
         if self.pid is None or not _is_torchserve(self.pid):
             return []
         try:
@@ -447,15 +487,22 @@ class TorchServe:
         """`torchserve --stop` (this instance's pid file only), then make sure java
         and all its workers are gone (SIGKILL after `timeout`)."""
         import psutil
+
         procs = self.processes()
         # `torchserve --stop` SIGTERMs whatever pid its pid file names, unchecked:
         # after java died (pid file left behind) that pid may be another process.
         if self.tmp_dir is not None and _pid_file_is_live(self.tmp_dir / PID_FILE):
             with contextlib.suppress(subprocess.TimeoutExpired, OSError):
                 with open(self.log_path, "ab") as log:
-                    subprocess.run([_script("torchserve"), "--stop", "--foreground"],
-                                   cwd=self.workdir, env=self._env(), stdin=subprocess.DEVNULL,
-                                   stdout=log, stderr=subprocess.STDOUT, timeout=timeout + 10)
+                    subprocess.run(
+                        [_script("torchserve"), "--stop", "--foreground"],
+                        cwd=self.workdir,
+                        env=self._env(),
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        timeout=timeout + 10,
+                    )
         _gone, alive = psutil.wait_procs(procs, timeout=timeout)
         for p in alive:
             with contextlib.suppress(psutil.Error):
@@ -497,6 +544,7 @@ def _pid_file_is_live(path: Path) -> bool:
 def _is_torchserve(pid: int) -> bool:
     """pid is a live TorchServe frontend (the same check as the torchserve CLI)."""
     import psutil
+
     try:
         p = psutil.Process(pid)
         return p.status() != psutil.STATUS_ZOMBIE and TS_NAMESPACE in p.cmdline()

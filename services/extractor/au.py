@@ -46,6 +46,7 @@ usual range for such smiles — a documented scale, not a measured one.
 AU25 (lips part) = clip(K25 · inner-lip gap, 0, 5) with the gap |P62 − P66|
 in IOD; reported as a rough speech/laughter cue.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -123,16 +124,21 @@ def stability(j: np.ndarray, iod_px: np.ndarray, fps: float = 30.0) -> np.ndarra
     return np.where(np.isfinite(j) & np.isfinite(ok), f, 1.0)
 
 
-def neutral(g: dict[str, np.ndarray], ok: np.ndarray,
-            rest_width: tuple[float, float] = ADULT_REST_WIDTH) -> tuple[float, np.ndarray]:
+def neutral(
+    g: dict[str, np.ndarray], ok: np.ndarray, rest_width: tuple[float, float] = ADULT_REST_WIDTH
+) -> tuple[float, np.ndarray]:
     """The person's resting width w₀ and the frames near it (rest for AU6)."""
     w0 = float(np.clip(np.percentile(g["width"][ok], NEUTRAL_PCT), *rest_width))
     near = ok & (np.abs(g["width"] - w0) <= 0.03)
     return w0, (near if near.sum() >= 3 else ok)
 
 
-def estimate(lm: np.ndarray, fps: float, usable: np.ndarray | None = None,
-             rest_width: tuple[float, float] = ADULT_REST_WIDTH) -> dict[str, np.ndarray]:
+def estimate(
+    lm: np.ndarray,
+    fps: float,
+    usable: np.ndarray | None = None,
+    rest_width: tuple[float, float] = ADULT_REST_WIDTH,
+) -> dict[str, np.ndarray]:
     """AU06_r, AU12_r, AU25_r for one person's frames, in time order, and
     "calibration": what the scale used (the resting mouth width w₀ in IOD).
 
@@ -143,8 +149,11 @@ def estimate(lm: np.ndarray, fps: float, usable: np.ndarray | None = None,
     g = geometry(lm)
     ok = np.isfinite(g["width"]) & (np.ones(n, bool) if usable is None else usable)
     out: dict = {k: np.full(n, np.nan) for k in ("AU06_r", "AU12_r", "AU25_r")}
-    out["calibration"] = {"rest_width": float("nan"), "rest_width_range": list(rest_width),
-                          "channels": "geometry (2D mouth width)"}
+    out["calibration"] = {
+        "rest_width": float("nan"),
+        "rest_width_range": list(rest_width),
+        "channels": "geometry (2D mouth width)",
+    }
     if ok.sum() < MIN_FRAMES:
         ok = np.isfinite(g["width"])
         if ok.sum() < 2:
@@ -216,13 +225,19 @@ def rest_range(role: str) -> tuple[float, float]:
 
 def geometry3d(lm3: np.ndarray) -> dict[str, np.ndarray]:
     """Mouth width, inner-lip gap and eye aperture in 3D inter-ocular units."""
-    P = lambda i: lm3[:, i].astype(np.float64)   # noqa: E731
+    P = lambda i: lm3[:, i].astype(np.float64)  # noqa: E731
     with np.errstate(invalid="ignore", divide="ignore"):
         iod = np.linalg.norm(P(45) - P(36), axis=1)
         width = np.linalg.norm(P(48) - P(54), axis=1) / iod
         gap = np.linalg.norm(P(62) - P(66), axis=1) / iod
-        eye = (np.linalg.norm((P(37) + P(38)) / 2 - (P(41) + P(40)) / 2, axis=1)
-               + np.linalg.norm((P(43) + P(44)) / 2 - (P(47) + P(46)) / 2, axis=1)) / 2 / iod
+        eye = (
+            (
+                np.linalg.norm((P(37) + P(38)) / 2 - (P(41) + P(40)) / 2, axis=1)
+                + np.linalg.norm((P(43) + P(44)) / 2 - (P(47) + P(46)) / 2, axis=1)
+            )
+            / 2
+            / iod
+        )
     return {"width": width, "gap": gap, "eye": eye, "iod": iod}
 
 
@@ -236,6 +251,7 @@ def _running_median(x: np.ndarray, k: int) -> np.ndarray:
 
 def _calibration() -> tuple[float, float, float]:
     from dyadlab.face import appearance
+
     return appearance.calibration()
 
 
@@ -251,8 +267,13 @@ def appearance_weight(smile_logit: np.ndarray) -> np.ndarray:
     return np.clip((np.asarray(smile_logit, np.float64) - z_m) / (z_n - z_m), 0, 1)
 
 
-def estimate_mesh(lm3: np.ndarray, smile_logit: np.ndarray, fps: float,
-                  usable: np.ndarray | None = None, role: str = "adult") -> dict:
+def estimate_mesh(
+    lm3: np.ndarray,
+    smile_logit: np.ndarray,
+    fps: float,
+    usable: np.ndarray | None = None,
+    role: str = "adult",
+) -> dict:
     """AU06_r, AU12_r, AU25_r for one person's frames (time order) from the
     mesh front-end, and "calibration": what the scales used (module text)."""
     n = len(lm3)
@@ -260,10 +281,15 @@ def estimate_mesh(lm3: np.ndarray, smile_logit: np.ndarray, fps: float,
     ok = np.isfinite(g["width"]) & (np.ones(n, bool) if usable is None else usable)
     out: dict = {k: np.full(n, np.nan) for k in ("AU06_r", "AU12_r", "AU25_r")}
     lo, hi = rest_range(role)
-    calib = {"role": role or "unknown", "rest_width_range": [lo, hi], "channels":
-             "3D mouth width where the appearance does not veto it, or the appearance "
-             "channel where it reads higher", "rest_width": float("nan"),
-             "neutral": "", "neutral_frames": 0}
+    calib = {
+        "role": role or "unknown",
+        "rest_width_range": [lo, hi],
+        "channels": "3D mouth width where the appearance does not veto it, or the appearance "
+        "channel where it reads higher",
+        "rest_width": float("nan"),
+        "neutral": "",
+        "neutral_frames": 0,
+    }
     out["calibration"] = calib
     if not np.isfinite(g["width"]).any():
         return out
@@ -273,13 +299,17 @@ def estimate_mesh(lm3: np.ndarray, smile_logit: np.ndarray, fps: float,
     neutral = ok & (a12 < NEUTRAL_A12)
     if neutral.sum() >= MIN_FRAMES:
         w0 = float(np.clip(np.percentile(g["width"][neutral], NEUTRAL_PCT), lo, hi))
-        calib["neutral"] = (f"{NEUTRAL_PCT:g}th percentile of the mouth width in the "
-                            f"{int(neutral.sum())} frames the appearance channel calls not smiling")
+        calib["neutral"] = (
+            f"{NEUTRAL_PCT:g}th percentile of the mouth width in the "
+            f"{int(neutral.sum())} frames the appearance channel calls not smiling"
+        )
         e0 = float(np.nanmedian(g["eye"][neutral]))
     else:
         w0 = PRIOR_REST_WIDTH.get(role, PRIOR_REST_WIDTH["infant"])
-        calib["neutral"] = (f"population rest width of the role (only {int(neutral.sum())} "
-                            "not-smiling frames: the face smiles throughout)")
+        calib["neutral"] = (
+            f"population rest width of the role (only {int(neutral.sum())} "
+            "not-smiling frames: the face smiles throughout)"
+        )
         e0 = float(np.nanpercentile(g["eye"][ok], 90)) if ok.any() else np.nan
     calib.update(rest_width=w0, neutral_frames=int(neutral.sum()))
     g12 = np.clip(K_AU12 * (g["width"] - w0), 0, 5)
@@ -297,6 +327,8 @@ def describe_calibration(role: str, c: dict) -> str:
     w0 = c.get("rest_width", float("nan"))
     lo, hi = c.get("rest_width_range", (float("nan"),) * 2)
     w0s = f"{w0:.3f}" if w0 == w0 else "unknown"
-    return (f"{who}: AU12 = {c.get('channels', '')}; neutral mouth width {w0s} IOD "
-            f"({c.get('neutral', '') or 'no usable frames'}; {who} range {lo:.2f}-{hi:.2f}); "
-            f"AU12 1.5 = {1.5 / K_AU12:.2f} IOD wider than neutral")
+    return (
+        f"{who}: AU12 = {c.get('channels', '')}; neutral mouth width {w0s} IOD "
+        f"({c.get('neutral', '') or 'no usable frames'}; {who} range {lo:.2f}-{hi:.2f}); "
+        f"AU12 1.5 = {1.5 / K_AU12:.2f} IOD wider than neutral"
+    )

@@ -5,6 +5,7 @@ its own stretch from the keyframe before it) and make extraction resumable:
 each finished chunk is stored, so a restarted job continues where it stopped.
 Face identities are joined across chunks afterwards (`identity.py`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,14 +35,15 @@ def chunk_count(n_frames: int, workers: int) -> int:
         return max(1, -(-n_frames // MAX_CHUNK_FRAMES))
     k = max(CHUNKS_PER_WORKER * workers, -(-n_frames // MAX_CHUNK_FRAMES))
     k = -(-k // workers) * workers
-    most = max(1, n_frames // MIN_CHUNK_FRAMES)      # chunks of >= MIN_CHUNK_FRAMES
+    most = max(1, n_frames // MIN_CHUNK_FRAMES)  # chunks of >= MIN_CHUNK_FRAMES
     if k > most:
         k = most // workers * workers or most
     return k
 
 
-def plan(index: video.VideoIndex, chunk_frames: int = 0,
-         n_chunks: int | None = None) -> list[tuple[int, int]]:
+def plan(
+    index: video.VideoIndex, chunk_frames: int = 0, n_chunks: int | None = None
+) -> list[tuple[int, int]]:
     """[start, stop) frame ranges: `n_chunks` of equal length (or as many as
     make about `chunk_frames` each), each starting on the keyframe nearest to
     its even share when one lies within a quarter chunk (no wasted decoding
@@ -70,7 +72,7 @@ class TrackInfo:
     first_rect: tuple
     last_rect: tuple
     embedding: np.ndarray | None
-    chip: np.ndarray | None = None     # 150x150 (grey, or RGB x3) when the descriptor was deferred
+    chip: np.ndarray | None = None  # 150x150 (grey, or RGB x3) when the descriptor was deferred
 
 
 @dataclasses.dataclass
@@ -84,72 +86,119 @@ class ChunkResult:
     `smile_logit`/`p_occluded` the appearance channel (its smile logit and
     P(mouth occluded)), NaN where not run.
     """
+
     start: int
     stop: int
     frames_decoded: int
-    frame: np.ndarray        # (m,) frame number of each observation
-    tid: np.ndarray          # (m,) chunk-local track id
-    landmarks: np.ndarray    # (m, 68, 2) float32
-    confidence: np.ndarray   # (m,) float32
-    pose: np.ndarray         # (m, 6) float32: Tx Ty Tz Rx Ry Rz
+    frame: np.ndarray  # (m,) frame number of each observation
+    tid: np.ndarray  # (m,) chunk-local track id
+    landmarks: np.ndarray  # (m, 68, 2) float32
+    confidence: np.ndarray  # (m,) float32
+    pose: np.ndarray  # (m, 6) float32: Tx Ty Tz Rx Ry Rz
     tracks: list[TrackInfo]
     seconds: float
     stats: dict
-    success: np.ndarray | None = None      # (m,) bool
-    box: np.ndarray | None = None          # (m, 4) float32 face box
+    success: np.ndarray | None = None  # (m,) bool
+    box: np.ndarray | None = None  # (m, 4) float32 face box
     landmarks3d: np.ndarray | None = None  # (m, 68, 3) float32 pixels + depth
     landmarks_mm: np.ndarray | None = None  # (m, 68, 3) float32 X Y Z (mm, camera)
-    smile_logit: np.ndarray | None = None      # (m,) float32
-    p_occluded: np.ndarray | None = None   # (m,) float32
+    smile_logit: np.ndarray | None = None  # (m,) float32
+    p_occluded: np.ndarray | None = None  # (m,) float32
 
     def __post_init__(self):
         m = len(self.frame)
         if self.success is None:
             self.success = np.isfinite(self.landmarks).all(axis=(1, 2)) if m else np.zeros(0, bool)
         if self.box is None:
-            self.box = np.array([_rect(lm) if np.isfinite(lm).all() else (np.nan,) * 4
-                                 for lm in self.landmarks], np.float32).reshape(m, 4)
-        for name, shape in (("landmarks3d", (m, 68, 3)), ("landmarks_mm", (m, 68, 3)),
-                            ("smile_logit", (m,)), ("p_occluded", (m,))):
+            self.box = np.array(
+                [_rect(lm) if np.isfinite(lm).all() else (np.nan,) * 4 for lm in self.landmarks], np.float32
+            ).reshape(m, 4)
+        for name, shape in (
+            ("landmarks3d", (m, 68, 3)),
+            ("landmarks_mm", (m, 68, 3)),
+            ("smile_logit", (m,)),
+            ("p_occluded", (m,)),
+        ):
             if getattr(self, name) is None:
                 setattr(self, name, np.full(shape, np.nan, np.float32))
 
     def to_npz(self) -> dict[str, np.ndarray]:
+        # __post_init__ fills in every optional array
+        assert (
+            self.success is not None
+            and self.box is not None
+            and self.landmarks3d is not None
+            and self.landmarks_mm is not None
+            and self.smile_logit is not None
+            and self.p_occluded is not None
+        )
         t = self.tracks
         chips = [x.chip for x in t if x.chip is not None]
         return {
             "meta": np.array([self.start, self.stop, self.frames_decoded], np.int64),
             "seconds": np.array([self.seconds]),
-            "frame": self.frame, "tid": self.tid, "landmarks": self.landmarks,
-            "confidence": self.confidence, "pose": self.pose, "success": self.success,
-            "box": self.box, "landmarks3d": self.landmarks3d, "landmarks_mm": self.landmarks_mm,
-            "smile_logit": self.smile_logit, "p_occluded": self.p_occluded,
+            "frame": self.frame,
+            "tid": self.tid,
+            "landmarks": self.landmarks,
+            "confidence": self.confidence,
+            "pose": self.pose,
+            "success": self.success,
+            "box": self.box,
+            "landmarks3d": self.landmarks3d,
+            "landmarks_mm": self.landmarks_mm,
+            "smile_logit": self.smile_logit,
+            "p_occluded": self.p_occluded,
             "t_tid": np.array([x.tid for x in t], np.int64),
             "t_span": np.array([(x.first, x.last) for x in t], np.int64).reshape(-1, 2),
             "t_rects": np.array([(*x.first_rect, *x.last_rect) for x in t], np.float64).reshape(-1, 8),
-            "t_emb": np.array([x.embedding if x.embedding is not None else np.full(128, np.nan)
-                               for x in t], np.float32).reshape(-1, 128),
+            "t_emb": np.array(
+                [x.embedding if x.embedding is not None else np.full(128, np.nan) for x in t], np.float32
+            ).reshape(-1, 128),
             "t_has_chip": np.array([x.chip is not None for x in t], bool),
-            "t_chip": (np.stack(chips).astype(np.uint8) if chips
-                       else np.zeros((0, CHIP_PX, CHIP_PX), np.uint8)),
+            "t_chip": (
+                np.stack(chips).astype(np.uint8) if chips else np.zeros((0, CHIP_PX, CHIP_PX), np.uint8)
+            ),
         }
 
     @classmethod
-    def from_npz(cls, z) -> "ChunkResult":
+    def from_npz(cls, z) -> ChunkResult:
         tracks = []
         has_chip = z["t_has_chip"] if "t_has_chip" in z.files else np.zeros(len(z["t_tid"]), bool)
         chip_no = np.cumsum(has_chip) - 1
         for i, tid in enumerate(z["t_tid"]):
             e = z["t_emb"][i]
             r = z["t_rects"][i]
-            tracks.append(TrackInfo(int(tid), int(z["t_span"][i, 0]), int(z["t_span"][i, 1]),
-                                    tuple(r[:4]), tuple(r[4:]), None if np.isnan(e).any() else e,
-                                    z["t_chip"][chip_no[i]] if has_chip[i] else None))
+            tracks.append(
+                TrackInfo(
+                    int(tid),
+                    int(z["t_span"][i, 0]),
+                    int(z["t_span"][i, 1]),
+                    tuple(r[:4]),
+                    tuple(r[4:]),
+                    None if np.isnan(e).any() else e,
+                    z["t_chip"][chip_no[i]] if has_chip[i] else None,
+                )
+            )
         start, stop, decoded = (int(v) for v in z["meta"])
-        extra = {k: z[k] for k in ("success", "box", "landmarks3d", "landmarks_mm", "smile_logit",
-                                   "p_occluded") if k in z.files}
-        return cls(start, stop, decoded, z["frame"], z["tid"], z["landmarks"], z["confidence"],
-                   z["pose"], tracks, float(z["seconds"][0]), {}, **extra)
+        extra = {
+            k: z[k]
+            for k in ("success", "box", "landmarks3d", "landmarks_mm", "smile_logit", "p_occluded")
+            if k in z.files
+        }
+        return cls(
+            start,
+            stop,
+            decoded,
+            z["frame"],
+            z["tid"],
+            z["landmarks"],
+            z["confidence"],
+            z["pose"],
+            tracks,
+            float(z["seconds"][0]),
+            {},
+            **extra,
+        )
 
 
 CHIP_PX = 150
@@ -161,10 +210,18 @@ def _rect(lm: np.ndarray) -> tuple:
     return (float(x0), float(y0), float(x1), float(y1))
 
 
-def process(path: str, index: video.VideoIndex, start: int, stop: int,
-            max_faces: int = 2, verify_every: int = 0, frontend: str = "") -> ChunkResult:
+def process(
+    path: str,
+    index: video.VideoIndex,
+    start: int,
+    stop: int,
+    max_faces: int = 2,
+    verify_every: int = 0,
+    frontend: str = "",
+) -> ChunkResult:
     """Track faces in frames [start, stop) with the named front-end (default: mesh)."""
     from services.extractor import frontends
+
     return frontends.get(frontend).process(path, index, start, stop, max_faces, verify_every)
 
 
@@ -176,9 +233,9 @@ def worker_pool(n: int):
     `warm_up` probes and wait for them to know that all n are up."""
     import concurrent.futures as cf
     import multiprocessing as mp
+
     ctx = mp.get_context("spawn")  # never fork a process that runs gRPC
-    return cf.ProcessPoolExecutor(n, mp_context=ctx, initializer=init_worker,
-                                  initargs=(ctx.Barrier(n),))
+    return cf.ProcessPoolExecutor(n, mp_context=ctx, initializer=init_worker, initargs=(ctx.Barrier(n),))
 
 
 def init_worker(barrier=None) -> None:
@@ -201,7 +258,7 @@ def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
         while True:
             time.sleep(every_s)
             if os.getppid() != parent:
-                os._exit(70)          # EX_SOFTWARE: nothing to clean up that the OS won't
+                os._exit(70)  # EX_SOFTWARE: nothing to clean up that the OS won't
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
@@ -212,9 +269,11 @@ def warm_up(_: object = None) -> int:
     `init_worker(barrier)`, it returns only once every worker has run it, so
     n probes prove n live workers."""
     from services.extractor import frontends
+
     try:
         import torch
-        torch.set_num_threads(1)      # one core per worker: the pool is the parallelism
+
+        torch.set_num_threads(1)  # one core per worker: the pool is the parallelism
     except ImportError:
         pass
     frontends.get(frontends.DEFAULT).warm_up()

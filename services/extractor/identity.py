@@ -23,9 +23,11 @@ infants sit in a chair — size is a reliable cue in free-play and
 high-chair recordings; the override exists for the rest (and for recordings
 of an infant alone).
 """
+
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import numpy as np
 
@@ -46,6 +48,7 @@ def _embedding(t) -> np.ndarray | None:
     """The track's descriptor, computed from its face chip on first use."""
     if t.embedding is None and getattr(t, "chip", None) is not None:
         from dyadlab.face.tracker import describe
+
         t.embedding, t.chip = describe(t.chip), None
     return t.embedding
 
@@ -60,7 +63,8 @@ class Person:
     def distance(self, t) -> float:
         if not _has_embedding(t) or not self.sources:
             return np.inf
-        mean = np.mean([_embedding(s) for s in self.sources], axis=0)
+        # sources hold only tracks that have an embedding (see below): never None
+        mean = np.mean([cast(np.ndarray, _embedding(s)) for s in self.sources], axis=0)
         return float(np.linalg.norm(mean - _embedding(t)))
 
 
@@ -74,8 +78,10 @@ def _near(a, b) -> float:
 
 def join(chunks, max_faces: int = 2) -> dict[tuple[int, int], int]:
     """Map (chunk index, local track id) -> person index, persons in order of appearance."""
-    tracks = sorted(((t.first, ci, t) for ci, c in enumerate(chunks) for t in c.tracks),
-                    key=lambda x: (x[0], x[1], x[2].tid))
+    tracks = sorted(
+        ((t.first, ci, t) for ci, c in enumerate(chunks) for t in c.tracks),
+        key=lambda x: (x[0], x[1], x[2].tid),
+    )
     people: list[Person] = []
     for first, ci, t in tracks:
         free = [p for p in people if p.last < first]
@@ -93,8 +99,11 @@ def join(chunks, max_faces: int = 2) -> dict[tuple[int, int], int]:
                 # one of them. Of the free ones not clearly someone else (both
                 # descriptors known and far apart), the only one, or the one
                 # last seen nearest.
-                ok = [p for p in free if not (_has_embedding(t) and p.sources
-                                              and p.distance(t) > DIFFERENT_PERSON)]
+                ok = [
+                    p
+                    for p in free
+                    if not (_has_embedding(t) and p.sources and p.distance(t) > DIFFERENT_PERSON)
+                ]
                 if len(ok) == 1:
                     best = ok[0]
                 elif ok:
@@ -111,8 +120,12 @@ def join(chunks, max_faces: int = 2) -> dict[tuple[int, int], int]:
     return {m: i for i, p in enumerate(people) for m in p.members}
 
 
-def assign_roles(person_ids: list[int], median_iod: dict[int, float],
-                 adult_face_id: int = -1, frames: dict[int, int] | None = None) -> dict[int, str]:
+def assign_roles(
+    person_ids: list[int],
+    median_iod: dict[int, float],
+    adult_face_id: int = -1,
+    frames: dict[int, int] | None = None,
+) -> dict[int, str]:
     """Role per person: "adult", "infant" or "" (see module docstring).
 
     With `frames` (frames each person was seen in), the roles go to the two

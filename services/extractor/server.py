@@ -5,6 +5,7 @@ is a cache hit, and published summary-last: the summary JSON is what marks a
 result complete, so a crash leaves no result that looks finished. Finished
 chunks are kept under work/ while a job runs, so a restarted job resumes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,8 +28,8 @@ from dyadlab import frames as ft
 from dyadlab import log as jsonlog
 from dyadlab import openface, rpc, storage, tables, video
 from dyadlab.config import Settings
-from dyadlab.messages import ROLE_ENUM, object_ref
 from dyadlab.face import models
+from dyadlab.messages import ROLE_ENUM, object_ref
 from dyadlab.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc
 from services.extractor import au, chunks, frontends, pipeline, speech
 
@@ -41,22 +42,36 @@ SPEECH_VERSION = "1"
 
 def video_info(idx: video.VideoIndex) -> extractor_pb2.VideoInfo:
     return extractor_pb2.VideoInfo(
-        width=idx.width, height=idx.height, frames=idx.n_frames, duration_s=idx.duration_s,
-        avg_fps=idx.avg_fps, variable_frame_rate=idx.variable_frame_rate,
-        has_audio=idx.has_audio, codec=idx.codec)
+        width=idx.width,
+        height=idx.height,
+        frames=idx.n_frames,
+        duration_s=idx.duration_s,
+        avg_fps=idx.avg_fps,
+        variable_frame_rate=idx.variable_frame_rate,
+        has_audio=idx.has_audio,
+        codec=idx.codec,
+    )
 
 
 def face_summaries(faces: list[dict]) -> list[extractor_pb2.FaceSummary]:
     def finite(v) -> float:
         return float(v) if v is not None and np.isfinite(v) else 0.0
 
-    return [extractor_pb2.FaceSummary(
-        face_id=f["face_id"], role=ROLE_ENUM.get(f["role"], common_pb2.ROLE_UNSPECIFIED),
-        frames_tracked=f["frames_tracked"], mean_confidence=f["mean_confidence"],
-        median_iod_px=f["median_iod_px"], au12_rest_width=finite(f.get("au12_rest_width")),
-        frames_seen=f.get("frames_seen", f["frames_tracked"]),
-        au_calibration=au.describe_calibration(f["role"], f["calibration"]) if f.get("calibration") else "")
-        for f in faces]
+    return [
+        extractor_pb2.FaceSummary(
+            face_id=f["face_id"],
+            role=ROLE_ENUM.get(f["role"], common_pb2.ROLE_UNSPECIFIED),
+            frames_tracked=f["frames_tracked"],
+            mean_confidence=f["mean_confidence"],
+            median_iod_px=f["median_iod_px"],
+            au12_rest_width=finite(f.get("au12_rest_width")),
+            frames_seen=f.get("frames_seen", f["frames_tracked"]),
+            au_calibration=au.describe_calibration(f["role"], f["calibration"])
+            if f.get("calibration")
+            else "",
+        )
+        for f in faces
+    ]
 
 
 def summarize_table(df) -> list[dict]:
@@ -69,12 +84,20 @@ def summarize_table(df) -> list[dict]:
         iod = 0.0
         if all(f"x_{i}" in sub.columns for i in eyes) and ok.any():
             s = sub[ok]
-            iod = float(((s[f"x_{eyes[1]}"] - s[f"x_{eyes[0]}"]) ** 2
-                         + (s[f"y_{eyes[1]}"] - s[f"y_{eyes[0]}"]) ** 2).pow(0.5).median())
-        out.append({"face_id": fid, "role": str(sub[ft.ROLE_COL].iloc[0]) if ft.ROLE_COL in sub else "",
-                    "frames_tracked": int(ok.sum()),
-                    "mean_confidence": float(sub.loc[ok, "confidence"].mean()) if ok.any() else 0.0,
-                    "median_iod_px": iod})
+            iod = float(
+                ((s[f"x_{eyes[1]}"] - s[f"x_{eyes[0]}"]) ** 2 + (s[f"y_{eyes[1]}"] - s[f"y_{eyes[0]}"]) ** 2)
+                .pow(0.5)
+                .median()
+            )
+        out.append(
+            {
+                "face_id": fid,
+                "role": str(sub[ft.ROLE_COL].iloc[0]) if ft.ROLE_COL in sub else "",
+                "frames_tracked": int(ok.sum()),
+                "mean_confidence": float(sub.loc[ok, "confidence"].mean()) if ok.any() else 0.0,
+                "median_iod_px": iod,
+            }
+        )
     return out
 
 
@@ -88,6 +111,7 @@ def _bytes(n: int) -> str:
 @dataclasses.dataclass
 class Keys:
     """Where the results of one (video, options) job live."""
+
     sha: str
     tag: str
 
@@ -127,8 +151,9 @@ class ExtractorService:
         self.pool = chunks.worker_pool(n)
         loop = asyncio.get_running_loop()
         # n probes that each wait for all n workers: every worker must be up.
-        pids = await asyncio.gather(*(loop.run_in_executor(self.pool, chunks.warm_up, None)
-                                      for _ in range(n)))
+        pids = await asyncio.gather(
+            *(loop.run_in_executor(self.pool, chunks.warm_up, None) for _ in range(n))
+        )
         await asyncio.to_thread(speech.load_model)
         await asyncio.to_thread(models.face_encoder)  # identity joins run here
         log.info("workers ready", extra={"workers": len(set(pids))})
@@ -143,14 +168,17 @@ class ExtractorService:
         if size == 0:
             raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "the video is empty (0 bytes)")
         if size > self.settings.max_video_bytes:
-            raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"the video is {_bytes(size)}, over the limit of "
-                                f"{_bytes(self.settings.max_video_bytes)} "
-                                "(DYADLAB_MAX_VIDEO_BYTES)")
+            raise rpc.UserError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the video is {_bytes(size)}, over the limit of "
+                f"{_bytes(self.settings.max_video_bytes)} "
+                "(DYADLAB_MAX_VIDEO_BYTES)",
+            )
         return size
 
-    def run(self, key: str, opts: pipeline.Options, skip_speech: bool,
-            report: rpc.Report) -> extractor_pb2.ExtractResult:
+    def run(
+        self, key: str, opts: pipeline.Options, skip_speech: bool, report: rpc.Report
+    ) -> extractor_pb2.ExtractResult:
         t0 = time.perf_counter()
         with self.store.local_file(key) as path:
             report("hash", 0, 1, "")
@@ -183,30 +211,47 @@ class ExtractorService:
                 th = threading.Thread(target=self._speech, args=(path, keys, speech_out), daemon=True)
                 th.start()
             try:
-                ex = pipeline.extract(str(path), opts, self.pool, index=idx,
-                                      cache=pipeline.ChunkCache(self.store, keys.work),
-                                      progress=lambda st, d, t, m: report(st, d, t, m),
-                                      workers=self.settings.workers)
+                ex = pipeline.extract(
+                    str(path),
+                    opts,
+                    self.pool,
+                    index=idx,
+                    cache=pipeline.ChunkCache(self.store, keys.work),
+                    progress=lambda st, d, t, m: report(st, d, t, m),
+                    workers=self.settings.workers,
+                )
             finally:
                 if th is not None:
-                    th.join()        # never leave it reading a file that goes away
+                    th.join()  # never leave it reading a file that goes away
             if "error" in speech_out:
                 raise speech_out["error"]
             report("write", 0, 1, "")
             frames_ref = self.store.put_bytes(keys.frames, tables.to_bytes(ex.table, "parquet"))
             fe = frontends.get(opts.frontend)
             res = extractor_pb2.ExtractResult(
-                frames=object_ref(frames_ref), video=video_info(idx), faces=face_summaries(ex.faces),
-                notes=ex.notes + speech_out.get("notes", []), cache_hit=False,
-                seconds=time.perf_counter() - t0, frontend=f"{fe.name}{fe.version}")
+                frames=object_ref(frames_ref),
+                video=video_info(idx),
+                faces=face_summaries(ex.faces),
+                notes=ex.notes + speech_out.get("notes", []),
+                cache_hit=False,
+                seconds=time.perf_counter() - t0,
+                frontend=f"{fe.name}{fe.version}",
+            )
             if "ref" in speech_out:
                 res.speech.CopyFrom(object_ref(speech_out["ref"]))
             self._publish(keys, res)
             pipeline.ChunkCache(self.store, keys.work).clear()
             FRAMES.inc(idx.n_frames)
-            log.info("extracted", extra={"video": jsonlog.short(sha), "frames": idx.n_frames,
-                                         "faces": len(ex.faces), "seconds": round(res.seconds, 2),
-                                         "fps": round(idx.n_frames / max(res.seconds, 1e-9), 1)})
+            log.info(
+                "extracted",
+                extra={
+                    "video": jsonlog.short(sha),
+                    "frames": idx.n_frames,
+                    "faces": len(ex.faces),
+                    "seconds": round(res.seconds, 2),
+                    "fps": round(idx.n_frames / max(res.seconds, 1e-9), 1),
+                },
+            )
             return res
 
     def _publish(self, keys: Keys, res: extractor_pb2.ExtractResult) -> None:
@@ -214,8 +259,9 @@ class ExtractorService:
         cached = extractor_pb2.ExtractResult()
         cached.CopyFrom(res)
         cached.cache_hit = False
-        self.store.put_bytes(keys.summary, json_format.MessageToJson(cached).encode(),
-                             content_type="application/json")
+        self.store.put_bytes(
+            keys.summary, json_format.MessageToJson(cached).encode(), content_type="application/json"
+        )
 
     def _speech(self, path: Path, keys: Keys, out: dict) -> None:
         try:
@@ -236,16 +282,18 @@ class ExtractorService:
         size = rpc.object_size(self.store, ref, "csv", "CSV")
         key = ref.key
         if size > openface.DEFAULT_MAX_BYTES:
-            raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"the CSV is {size / 2**20:.0f} MiB, over the import limit of "
-                                f"{openface.DEFAULT_MAX_BYTES / 2**20:.0f} MiB")
+            raise rpc.UserError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the CSV is {size / 2**20:.0f} MiB, over the import limit of "
+                f"{openface.DEFAULT_MAX_BYTES / 2**20:.0f} MiB",
+            )
         data = self.store.get_bytes(key)
         sha = hashlib.sha256(data).hexdigest()
         df, notes = tables.read_frames(data)
-        ref = self.store.put_bytes(f"frames/{sha}/imported.parquet", tables.to_bytes(df, "parquet"))
+        stored = self.store.put_bytes(f"frames/{sha}/imported.parquet", tables.to_bytes(df, "parquet"))
         return extractor_pb2.ImportOpenFaceResponse(
-            frames=object_ref(ref), rows=len(df), faces=face_summaries(summarize_table(df)), notes=notes)
-
+            frames=object_ref(stored), rows=len(df), faces=face_summaries(summarize_table(df)), notes=notes
+        )
 
 
 def options_from(msg: extractor_pb2.ExtractOptions) -> pipeline.Options:
@@ -257,11 +305,17 @@ def options_from(msg: extractor_pb2.ExtractOptions) -> pipeline.Options:
     if msg.HasField("adult_face_id") and adult < 0:
         raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, "options.adult_face_id must be >= 0")
     if msg.frontend and msg.frontend not in frontends.FRONTENDS:
-        raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"options.frontend {msg.frontend!r} is not a face front-end; "
-                            f"choose one of: {', '.join(frontends.FRONTENDS)}")
-    return pipeline.Options(max_faces=msg.max_faces or 2, verify_every=msg.detect_every,
-                            adult_face_id=adult, frontend=msg.frontend or frontends.DEFAULT)
+        raise rpc.UserError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"options.frontend {msg.frontend!r} is not a face front-end; "
+            f"choose one of: {', '.join(frontends.FRONTENDS)}",
+        )
+    return pipeline.Options(
+        max_faces=msg.max_faces or 2,
+        verify_every=msg.detect_every,
+        adult_face_id=adult,
+        frontend=msg.frontend or frontends.DEFAULT,
+    )
 
 
 class _Servicer(extractor_pb2_grpc.ExtractorServicer):
@@ -279,8 +333,8 @@ class _Servicer(extractor_pb2_grpc.ExtractorServicer):
         try:
             async with entry[0]:
                 async for kind, value in rpc.progress_stream(
-                        lambda report: self.svc.run(request.video.key, opts,
-                                                    request.options.skip_speech, report)):
+                    lambda report: self.svc.run(request.video.key, opts, request.options.skip_speech, report)
+                ):
                     if kind == "progress":
                         yield extractor_pb2.ExtractEvent(progress=rpc.progress(*value))
                     else:

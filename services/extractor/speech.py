@@ -31,6 +31,7 @@ so one lock serialises inference; concurrent callers queue. Importing
 and only change torch's (process-wide) thread count for the duration of a call
 when ``threads`` is passed.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,9 +67,11 @@ if hasattr(os, "register_at_fork"):
 
 # ---------------------------------------------------------------- results
 
+
 @dataclass
 class SpeechResult:
     """Speech segments of one video, in video time (see module docstring)."""
+
     segments: list[tuple[float, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     #: Seconds of audio decoded (0 when there is no audio track).
@@ -92,24 +95,23 @@ def speech_table(result: SpeechResult | list[tuple[float, float]]) -> pd.DataFra
     return df
 
 
-def filter_segments(segments, min_speech_s: float = MIN_SPEECH_S
-                    ) -> list[tuple[float, float]]:
+def filter_segments(segments, min_speech_s: float = MIN_SPEECH_S) -> list[tuple[float, float]]:
     """Keep segments strictly longer than ``min_speech_s`` seconds.
 
     Durations are compared at microsecond resolution, so float noise such as
     1.010 - 1.0 = 0.01000000000000001 does not count as longer than 10 ms.
     """
-    return [(float(s), float(e)) for s, e in segments
-            if round(e - s, 6) > round(min_speech_s, 6)]
+    return [(float(s), float(e)) for s, e in segments if round(e - s, 6) > round(min_speech_s, 6)]
 
 
 # ---------------------------------------------------------------- decoding
+
 
 @dataclass
 class _Decoded:
     samples: np.ndarray
     sr: int
-    offset_s: float          # video time of samples[0]
+    offset_s: float  # video time of samples[0]
     notes: list[str]
 
 
@@ -123,21 +125,21 @@ class _Buffer:
     def _reserve(self, k: int) -> None:
         if self.n + k > len(self.a):
             new = np.empty(max(self.n + k, int(len(self.a) * 1.5)), np.float32)
-            new[:self.n] = self.a[:self.n]
+            new[: self.n] = self.a[: self.n]
             self.a = new
 
     def append(self, x: np.ndarray) -> None:
         self._reserve(len(x))
-        self.a[self.n:self.n + len(x)] = x
+        self.a[self.n : self.n + len(x)] = x
         self.n += len(x)
 
     def zeros(self, k: int) -> None:
         self._reserve(k)
-        self.a[self.n:self.n + k] = 0
+        self.a[self.n : self.n + k] = 0
         self.n += k
 
     def result(self) -> np.ndarray:
-        return self.a[:self.n].copy() if self.n < 0.9 * len(self.a) else self.a[:self.n]
+        return self.a[: self.n].copy() if self.n < 0.9 * len(self.a) else self.a[: self.n]
 
 
 def _seconds(ts, tb) -> float | None:
@@ -182,7 +184,7 @@ def _decode(path, sr: int = SAMPLE_RATE) -> _Decoded | None:
         buf = _Buffer(int(est * sr) + sr)
         resampler, fmt = None, None
         first_t: float | None = None
-        expect_t: float | None = None     # where the next input frame should start
+        expect_t: float | None = None  # where the next input frame should start
         bad = 0
 
         def drain(frames):
@@ -202,13 +204,16 @@ def _decode(path, sr: int = SAMPLE_RATE) -> _Decoded | None:
                 key = (frame.format.name, frame.layout.name, frame.sample_rate)
                 if first_t is None:
                     first_t = t
-                elif t - expect_t > GAP_TOLERANCE_S:
-                    drain(resampler.resample(None))
-                    resampler = None
-                    # pad so that buffer position matches the frame's time
-                    target = int(round((t - first_t) * sr))
-                    if target > buf.n:
-                        buf.zeros(target - buf.n)
+                else:
+                    # not the first frame: the one before set expect_t and the resampler
+                    assert expect_t is not None and resampler is not None
+                    if t - expect_t > GAP_TOLERANCE_S:
+                        drain(resampler.resample(None))
+                        resampler = None
+                        # pad so that buffer position matches the frame's time
+                        target = int(round((t - first_t) * sr))
+                        if target > buf.n:
+                            buf.zeros(target - buf.n)
                 if resampler is None or key != fmt:
                     if resampler is not None:
                         drain(resampler.resample(None))
@@ -252,6 +257,7 @@ def audio_offset_s(path) -> float | None:
 
 # ---------------------------------------------------------------- VAD
 
+
 def load_model():
     """The silero-vad TorchScript model packaged in the wheel, loaded once."""
     global _model, _model_load_s
@@ -260,14 +266,16 @@ def load_model():
     with _load_lock:
         if _model is None:
             import torch
+
             n = torch.get_num_threads()
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 # importlib.resources.path and torch.jit.load deprecations
                 warnings.simplefilter("ignore", DeprecationWarning)
                 from silero_vad import load_silero_vad  # sets torch threads to 1 on import
+
                 torch.set_num_threads(n)
-                model = load_silero_vad()               # reads silero_vad/data/silero_vad.jit
+                model = load_silero_vad()  # reads silero_vad/data/silero_vad.jit
             _model_load_s = time.perf_counter() - t0
             _model = model
     return _model
@@ -278,10 +286,16 @@ def model_load_seconds() -> float | None:
     return _model_load_s
 
 
-def vad_segments(samples: np.ndarray, sr: int = SAMPLE_RATE, *,
-                 threshold: float = 0.5, min_speech_s: float = MIN_SPEECH_S,
-                 min_silence_ms: int = 100, speech_pad_ms: int = 30,
-                 threads: int | None = None) -> list[tuple[float, float]]:
+def vad_segments(
+    samples: np.ndarray,
+    sr: int = SAMPLE_RATE,
+    *,
+    threshold: float = 0.5,
+    min_speech_s: float = MIN_SPEECH_S,
+    min_silence_ms: int = 100,
+    speech_pad_ms: int = 30,
+    threads: int | None = None,
+) -> list[tuple[float, float]]:
     """Silero speech segments of a mono float waveform, seconds from sample 0.
 
     ``sr`` must be 8000 or 16000 (or a multiple of 16000). Segments of at most
@@ -294,9 +308,10 @@ def vad_segments(samples: np.ndarray, sr: int = SAMPLE_RATE, *,
     """
     if len(samples) == 0:
         return []
-    model = load_model()                 # before importing silero_vad: see there
+    model = load_model()  # before importing silero_vad: see there
     import torch
     from silero_vad import get_speech_timestamps
+
     audio = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
     with _infer_lock:
         old = torch.get_num_threads()
@@ -305,23 +320,33 @@ def vad_segments(samples: np.ndarray, sr: int = SAMPLE_RATE, *,
         try:
             with torch.inference_mode():
                 ts = get_speech_timestamps(
-                    audio, model, threshold=threshold, sampling_rate=sr,
-                    min_speech_duration_ms=0,   # we filter the padded segments below
+                    audio,
+                    model,
+                    threshold=threshold,
+                    sampling_rate=sr,
+                    min_speech_duration_ms=0,  # we filter the padded segments below
                     min_silence_duration_ms=min_silence_ms,
-                    speech_pad_ms=speech_pad_ms, return_seconds=False)
+                    speech_pad_ms=speech_pad_ms,
+                    return_seconds=False,
+                )
         finally:
             if threads:
                 torch.set_num_threads(old)
     # silero halves the rate itself for multiples of 16 kHz; its samples are
     # then at 16 kHz
     eff_sr = 16000 if sr > 16000 and sr % 16000 == 0 else sr
-    return filter_segments(((d["start"] / eff_sr, d["end"] / eff_sr) for d in ts),
-                           min_speech_s)
+    return filter_segments(((d["start"] / eff_sr, d["end"] / eff_sr) for d in ts), min_speech_s)
 
 
-def detect_speech(path, min_speech_s: float = MIN_SPEECH_S, *,
-                  threshold: float = 0.5, min_silence_ms: int = 100,
-                  speech_pad_ms: int = 30, threads: int | None = None) -> SpeechResult:
+def detect_speech(
+    path,
+    min_speech_s: float = MIN_SPEECH_S,
+    *,
+    threshold: float = 0.5,
+    min_silence_ms: int = 100,
+    speech_pad_ms: int = 30,
+    threads: int | None = None,
+) -> SpeechResult:
     """Speech segments (> ``min_speech_s``) of a video's audio, in video time.
 
     A file without an audio stream gives no segments and a note, not an
@@ -331,9 +356,9 @@ def detect_speech(path, min_speech_s: float = MIN_SPEECH_S, *,
     d = _decode(path, SAMPLE_RATE)
     if d is None:
         return SpeechResult(notes=["video has no audio track; no speech segments"])
-    res = SpeechResult(notes=list(d.notes), has_audio=True,
-                       audio_duration_s=len(d.samples) / d.sr,
-                       audio_offset_s=d.offset_s)
+    res = SpeechResult(
+        notes=list(d.notes), has_audio=True, audio_duration_s=len(d.samples) / d.sr, audio_offset_s=d.offset_s
+    )
     if len(d.samples) == 0:
         res.notes.append("audio track decoded to no samples; no speech segments")
         return res
@@ -341,11 +366,18 @@ def detect_speech(path, min_speech_s: float = MIN_SPEECH_S, *,
         res.notes.append("audio track is digital silence; no speech segments")
         return res
     if abs(d.offset_s) > 1e-3:
-        res.notes.append(f"audio track starts at {d.offset_s:+.3f} s of video time; "
-                         "segments shifted to match")
-    segs = vad_segments(d.samples, d.sr, threshold=threshold, min_speech_s=min_speech_s,
-                        min_silence_ms=min_silence_ms, speech_pad_ms=speech_pad_ms,
-                        threads=threads)
+        res.notes.append(
+            f"audio track starts at {d.offset_s:+.3f} s of video time; segments shifted to match"
+        )
+    segs = vad_segments(
+        d.samples,
+        d.sr,
+        threshold=threshold,
+        min_speech_s=min_speech_s,
+        min_silence_ms=min_silence_ms,
+        speech_pad_ms=speech_pad_ms,
+        threads=threads,
+    )
     shifted = [(s + d.offset_s, e + d.offset_s) for s, e in segs]
     clipped = [(max(0.0, s), e) for s, e in shifted if e > 0]
     if len(clipped) < len(shifted) or any(s < 0 for s, _ in shifted):

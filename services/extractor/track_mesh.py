@@ -18,6 +18,7 @@ Confidence of a measured face (success 1), in [0, 1]:
 Faces tracked but not measurable (box state) get success 0, confidence =
 the best presence tried, and no landmarks.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,7 +36,7 @@ from services.extractor.chunks import CHIP_PX, ChunkResult, TrackInfo
 YAW_FULL = np.radians(50.0)
 YAW_ZERO = np.radians(80.0)
 CHIP_PADDING = 0.25
-CHIP_BETTER_YAW = 0.1       # re-cut a track's identity chip when its yaw is this much smaller
+CHIP_BETTER_YAW = 0.1  # re-cut a track's identity chip when its yaw is this much smaller
 #: dlib's face descriptor is trained on near-frontal faces: a chip cut from a
 #: face turned further than this would compare badly even with the same
 #: person, so such a track goes without a descriptor (joined by position).
@@ -63,17 +64,19 @@ def chip(img: np.ndarray, lm68: np.ndarray) -> np.ndarray:
     return np.asarray(dlib.get_face_chip(img, det, size=CHIP_PX, padding=CHIP_PADDING))
 
 
-def process(path: str, index: video.VideoIndex, start: int, stop: int,
-            max_faces: int = 2, detect_every: int = 0) -> ChunkResult:
+def process(
+    path: str, index: video.VideoIndex, start: int, stop: int, max_faces: int = 2, detect_every: int = 0
+) -> ChunkResult:
     t0 = time.perf_counter()
-    tracker = MeshTracker(index.width, index.height, index.avg_fps, max_faces=max_faces,
-                          search_every=detect_every)
+    tracker = MeshTracker(
+        index.width, index.height, index.avg_fps, max_faces=max_faces, search_every=detect_every
+    )
     pose_of = MeshPose(index.width, index.height)
     fr, tid, ok, boxes, presence, lm2, lm3, mm, poses = ([] for _ in range(9))
     crops: list[np.ndarray] = []
     crop_row: list[int] = []
-    spans: dict[int, list] = {}          # tid -> [first, last, first box, last box]
-    chips: dict[int, tuple[float, np.ndarray]] = {}   # tid -> (|yaw|, chip)
+    spans: dict[int, list] = {}  # tid -> [first, last, first box, last box]
+    chips: dict[int, tuple[float, np.ndarray]] = {}  # tid -> (|yaw|, chip)
     nan68_2, nan68_3, nan6 = (np.full(s, np.nan, np.float32) for s in ((68, 2), (68, 3), 6))
     decoded = 0
     for no, img in video.frames(path, index, start, stop, color=True):
@@ -87,12 +90,18 @@ def process(path: str, index: video.VideoIndex, start: int, stop: int,
             s[1], s[3] = no, tuple(map(float, o.box))
             if o.points is None:
                 ok.append(False)
-                lm2.append(nan68_2), lm3.append(nan68_3), mm.append(nan68_3), poses.append(nan6)
+                lm2.append(nan68_2)
+                lm3.append(nan68_3)
+                mm.append(nan68_3)
+                poses.append(nan6)
                 continue
             p3 = ibug68.to68(o.points).astype(np.float32)
             pose, xyz = pose_of(o.points, p3)
             ok.append(True)
-            lm2.append(p3[:, :2]), lm3.append(p3), mm.append(xyz), poses.append(pose)
+            lm2.append(p3[:, :2])
+            lm3.append(p3)
+            mm.append(xyz)
+            poses.append(pose)
             c = align.crop(img, p3[:, :2])
             if c is not None:
                 crops.append(c)
@@ -111,14 +120,29 @@ def process(path: str, index: video.VideoIndex, start: int, stop: int,
     success = np.asarray(ok, bool)
     pres = np.asarray(presence, np.float32)
     conf = np.where(success, confidence(pres, p_occ, pose_a[:, 4]), pres).astype(np.float32)
-    tracks = [TrackInfo(t.tid, *spans[t.tid], None, chips[t.tid][1] if t.tid in chips else None)
-              for t in tracker.close() if t.tid in spans]
+    tracks = []
+    for t in tracker.close():
+        if t.tid in spans:
+            first, last, r0, r1 = spans[t.tid]
+            tracks.append(
+                TrackInfo(t.tid, first, last, r0, r1, None, chips[t.tid][1] if t.tid in chips else None)
+            )
     return ChunkResult(
-        start, stop, decoded,
-        np.asarray(fr, np.int64), np.asarray(tid, np.int64),
-        np.asarray(lm2, np.float32).reshape(m, 68, 2), conf, pose_a,
-        tracks, time.perf_counter() - t0, dict(tracker.stats, pid=os.getpid()),
-        success=success, box=np.asarray(boxes, np.float32).reshape(m, 4),
+        start,
+        stop,
+        decoded,
+        np.asarray(fr, np.int64),
+        np.asarray(tid, np.int64),
+        np.asarray(lm2, np.float32).reshape(m, 68, 2),
+        conf,
+        pose_a,
+        tracks,
+        time.perf_counter() - t0,
+        dict(tracker.stats, pid=os.getpid()),
+        success=success,
+        box=np.asarray(boxes, np.float32).reshape(m, 4),
         landmarks3d=np.asarray(lm3, np.float32).reshape(m, 68, 3),
         landmarks_mm=np.asarray(mm, np.float32).reshape(m, 68, 3),
-        smile_logit=smile_logit, p_occluded=p_occ)
+        smile_logit=smile_logit,
+        p_occluded=p_occ,
+    )

@@ -33,6 +33,7 @@ Reported: ROC AUC of P(smile) on the validation split (clean crops), also
 at 24 px resolution, and occlusion AUC on validation crops with synthetic
 occluders.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "appearance"
-BIG = 96                         # cached crop size
-MARGIN = 0.25                    # BIG crop = template square + 25 % each side
-CROPS_VERSION = "v3"             # v3: least-squares similarity alignment (align.similarity)
+BIG = 96  # cached crop size
+MARGIN = 0.25  # BIG crop = template square + 25 % each side
+CROPS_VERSION = "v3"  # v3: least-squares similarity alignment (align.similarity)
 OUT = 64
 # Mouth box in the 64x64 crop (template mouth centre at (0.5, 0.76)).
 MOUTH = (0.30 * OUT, 0.64 * OUT, 0.70 * OUT, 0.90 * OUT)
@@ -74,8 +75,11 @@ def labels(data: Path) -> dict[str, str]:
     with open(data / "legend_subset.csv", newline="") as f:
         for row in csv.DictReader(f):
             out.setdefault(row["image"], set()).add(row["emotion"].strip().lower())
-    return {k: ("happiness" if v == {"happiness"} else sorted(v)[0]) for k, v in out.items()
-            if v == {"happiness"} or "happiness" not in v}
+    return {
+        k: ("happiness" if v == {"happiness"} else sorted(v)[0])
+        for k, v in out.items()
+        if v == {"happiness"} or "happiness" not in v
+    }
 
 
 def build_crops(data: Path) -> dict[str, np.ndarray]:
@@ -113,10 +117,15 @@ def build_crops(data: Path) -> dict[str, np.ndarray]:
         presence.append(m.presence)
         if i % 1000 == 0:
             print(f"  crops: {i}/{len(lab)} images ({time.time() - t0:.0f} s)", flush=True)
-    out = {"names": np.array(names), "crops": np.stack(crops), "emotion": np.array(emotion),
-           "smile": (np.array(emotion) == "happiness").astype(np.int64),
-           "val": np.array(val), "presence": np.array(presence, np.float32),
-           "missing": np.array([missing])}
+    out = {
+        "names": np.array(names),
+        "crops": np.stack(crops),
+        "emotion": np.array(emotion),
+        "smile": (np.array(emotion) == "happiness").astype(np.int64),
+        "val": np.array(val),
+        "presence": np.array(presence, np.float32),
+        "missing": np.array([missing]),
+    }
     np.savez_compressed(cache, **out)
     return out
 
@@ -125,23 +134,24 @@ def build_crops(data: Path) -> dict[str, np.ndarray]:
 def _skin_patch(rng, crops: np.ndarray, size: int) -> np.ndarray:
     """Skin texture: a cheek/forehead patch of a random other face, resized."""
     c = crops[rng.integers(len(crops))]
-    y0 = int(rng.choice([10, 52]))            # forehead or cheek band of the 96 crop
+    y0 = int(rng.choice([10, 52]))  # forehead or cheek band of the 96 crop
     x0 = int(rng.integers(20, 56))
-    p = c[y0:y0 + 20, x0:x0 + 20].astype(np.float32)
+    p = c[y0 : y0 + 20, x0 : x0 + 20].astype(np.float32)
     p = cv2.resize(p, (size, size), interpolation=cv2.INTER_LINEAR)
     return p * rng.uniform(0.8, 1.25) + rng.uniform(-20, 20)
 
 
 def _occluder(rng, crops: np.ndarray, over_mouth: bool) -> tuple[np.ndarray, np.ndarray]:
     """(alpha mask, texture) on the OUT x OUT crop."""
-    mask = np.zeros((OUT, OUT), np.float32)
+    mask: np.ndarray = np.zeros((OUT, OUT), np.float32)
     mx0, my0, mx1, my1 = MOUTH
     if over_mouth:
         cx = rng.uniform(mx0 + 4, mx1 - 4)
         cy = rng.uniform(my0 + 2, my1 - 2)
     else:  # away from the mouth: eyes, forehead, a cheek, the chin edge
         cx, cy = [(rng.uniform(8, 56), rng.uniform(4, 30)), (rng.choice([6.0, 58.0]), rng.uniform(20, 50))][
-            int(rng.integers(2))]
+            int(rng.integers(2))
+        ]
     ang = rng.uniform(0, 180)
     if rng.random() < 0.6:  # a hand: palm and fingers
         r = rng.uniform(9, 15)
@@ -171,21 +181,22 @@ def mouth_covered(mask: np.ndarray) -> float:
     return float(mask[y0:y1, x0:x1].mean())
 
 
-def augment(rng, big: np.ndarray, crops: np.ndarray, occlude: bool = True,
-            strength: float = 1.0) -> tuple[np.ndarray, int]:
+def augment(
+    rng, big: np.ndarray, crops: np.ndarray, occlude: bool = True, strength: float = 1.0
+) -> tuple[np.ndarray, int]:
     """One 64x64 training crop from a 96x96 cached crop; returns (crop, occluded)."""
     s = strength
     c = BIG / 2
     ang = rng.uniform(-20, 20) * s
     scale = OUT / (BIG / (1 + 2 * MARGIN)) * (1 + rng.uniform(-0.12, 0.12) * s)
-    M = cv2.getRotationMatrix2D((c, c), ang, scale)
+    M: np.ndarray = cv2.getRotationMatrix2D((c, c), ang, scale)
     M[:, 2] += (OUT / 2 - c) + rng.uniform(-0.06, 0.06, 2) * OUT * s
     img = cv2.warpAffine(big, M, (OUT, OUT), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     if rng.random() < 0.5:
         img = img[:, ::-1]
     if rng.random() < 0.4 * s:  # yaw stand-in: squeeze one side
         k = rng.uniform(0.7, 1.0)
-        src = np.float32([[0, 0], [OUT, 0], [0, OUT], [OUT, OUT]])
+        src = np.array([[0, 0], [OUT, 0], [0, OUT], [OUT, OUT]], np.float32)
         dst = src.copy()
         side = 1 if rng.random() < 0.5 else 0
         dst[[side, side + 2], 0] = OUT / 2 + (dst[[side, side + 2], 0] - OUT / 2) * k
@@ -200,8 +211,9 @@ def augment(rng, big: np.ndarray, crops: np.ndarray, occlude: bool = True,
         occluded = int(mouth_covered(mask) >= 0.45)
     if rng.random() < 0.5 * s:  # low resolution
         r = int(rng.uniform(16, 48))
-        img = cv2.resize(cv2.resize(img, (r, r), interpolation=cv2.INTER_AREA), (OUT, OUT),
-                         interpolation=cv2.INTER_LINEAR)
+        img = cv2.resize(
+            cv2.resize(img, (r, r), interpolation=cv2.INTER_AREA), (OUT, OUT), interpolation=cv2.INTER_LINEAR
+        )
     if rng.random() < 0.3 * s:
         img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, 1.5))
     g = rng.uniform(0.6, 1.6) if rng.random() < 0.5 * s else 1.0
@@ -215,7 +227,7 @@ def center(big: np.ndarray) -> np.ndarray:
     """The un-augmented 64x64 crop (what `align.crop(..., 64)` cuts)."""
     k = OUT / (BIG / (1 + 2 * MARGIN))
     c = BIG / 2
-    M = cv2.getRotationMatrix2D((c, c), 0, k)
+    M: np.ndarray = cv2.getRotationMatrix2D((c, c), 0, k)
     M[:, 2] += OUT / 2 - c
     return cv2.warpAffine(big, M, (OUT, OUT), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
 
@@ -223,16 +235,19 @@ def center(big: np.ndarray) -> np.ndarray:
 # -- training -----------------------------------------------------------------------------
 def auc(y: np.ndarray, s: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(y, s))
 
 
 def evaluate(net, d: dict, rng_seed: int = 123) -> dict:
     import torch
+
     rng = np.random.default_rng(rng_seed)
     v = np.flatnonzero(d["val"])
     clean = np.stack([center(d["crops"][i]) for i in v])
-    low = np.stack([cv2.resize(cv2.resize(c, (24, 24), interpolation=cv2.INTER_AREA), (OUT, OUT))
-                    for c in clean])
+    low = np.stack(
+        [cv2.resize(cv2.resize(c, (24, 24), interpolation=cv2.INTER_AREA), (OUT, OUT)) for c in clean]
+    )
     occ, occ_y = [], []
     for i in v:
         img = center(d["crops"][i]).astype(np.float32)
@@ -241,20 +256,27 @@ def evaluate(net, d: dict, rng_seed: int = 123) -> dict:
         occ_y.append(int(mouth_covered(mask) >= 0.45))
     net.eval()
     with torch.inference_mode():
+
         def run(x):
             t = torch.from_numpy(x.astype(np.float32) / 255.0)[:, None]
             return torch.sigmoid(net(t)).numpy()
+
         p_clean, p_low, p_occ = run(clean), run(low), run(np.stack(occ))
     y = d["smile"][v]
     net.train()
-    return {"n_val": int(len(v)), "n_val_smile": int(y.sum()),
-            "auc_smile": auc(y, p_clean[:, 0]), "auc_smile_24px": auc(y, p_low[:, 0]),
-            "auc_occluded": auc(np.array(occ_y), p_occ[:, 1]),
-            "false_occluded_clean": float((p_clean[:, 1] > 0.5).mean())}
+    return {
+        "n_val": int(len(v)),
+        "n_val_smile": int(y.sum()),
+        "auc_smile": auc(y, p_clean[:, 0]),
+        "auc_smile_24px": auc(y, p_low[:, 0]),
+        "auc_occluded": auc(np.array(occ_y), p_occ[:, 1]),
+        "false_occluded_clean": float((p_clean[:, 1] > 0.5).mean()),
+    }
 
 
-def train(d: dict, steps: int, seed: int, ckpt: Path, batch: int = 64, width: int = 16,
-          hard_share: float = 0.25) -> object:
+def train(
+    d: dict, steps: int, seed: int, ckpt: Path, batch: int = 64, width: int = 16, hard_share: float = 0.25
+) -> object:
     import torch
     import torch.nn.functional as F
 
@@ -280,23 +302,25 @@ def train(d: dict, steps: int, seed: int, ckpt: Path, batch: int = 64, width: in
     # Balance the classes: each batch half smiles, half not; of the latter,
     # half neutral and half the other expressions (the hard negatives: a
     # grimace, a cry face or disgust pull the lips too, but are no smile).
-    pos, neg = tr[smile[tr] == 1], tr[smile[tr] == 0]
+    pos = tr[smile[tr] == 1]
     hard = tr[(smile[tr] == 0) & (d["emotion"][tr] != "neutral")]
     neutral = tr[(smile[tr] == 0) & (d["emotion"][tr] == "neutral")]
     t0 = time.time()
     net.train()
     for step in range(start, steps):
         n_hard = int(round(batch * hard_share))
-        idx = np.concatenate([rng.choice(pos, batch // 2), rng.choice(neutral, batch // 2 - n_hard),
-                              rng.choice(hard, n_hard)])
+        idx = np.concatenate(
+            [rng.choice(pos, batch // 2), rng.choice(neutral, batch // 2 - n_hard), rng.choice(hard, n_hard)]
+        )
         xs, occ = zip(*(augment(rng, crops[i], crops) for i in idx))
         x = torch.from_numpy(np.stack(xs).astype(np.float32) / 255.0)[:, None]
         y_s = torch.from_numpy(smile[idx].astype(np.float32))
         y_o = torch.tensor(occ, dtype=torch.float32)
         logits = net(x)
         visible = 1.0 - y_o
-        loss_smile = (F.binary_cross_entropy_with_logits(logits[:, 0], y_s, reduction="none")
-                      * visible).sum() / visible.sum().clamp_min(1.0)
+        loss_smile = (
+            F.binary_cross_entropy_with_logits(logits[:, 0], y_s, reduction="none") * visible
+        ).sum() / visible.sum().clamp_min(1.0)
         loss_occluded = F.binary_cross_entropy_with_logits(logits[:, 1], y_o)
         loss = loss_smile + loss_occluded
         opt.zero_grad()
@@ -304,13 +328,24 @@ def train(d: dict, steps: int, seed: int, ckpt: Path, batch: int = 64, width: in
         opt.step()
         sched.step()
         if (step + 1) % 100 == 0:
-            print(f"step {step + 1}/{steps} loss_smile {loss_smile.item():.3f} "
-                  f"loss_occluded {loss_occluded.item():.3f} ({time.time() - t0:.0f} s)", flush=True)
+            print(
+                f"step {step + 1}/{steps} loss_smile {loss_smile.item():.3f} "
+                f"loss_occluded {loss_occluded.item():.3f} ({time.time() - t0:.0f} s)",
+                flush=True,
+            )
         if (step + 1) % 500 == 0 or step + 1 == steps:
             tmp = ckpt.with_suffix(".tmp")
-            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                        "step": step + 1}, tmp)
+            torch.save(
+                {
+                    "net": net.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "rng": rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(),
+                    "step": step + 1,
+                },
+                tmp,
+            )
             tmp.replace(ckpt)
     return net
 
@@ -325,22 +360,33 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "dyadlab" / "face" / "assets" / "appearance-v1.pt"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--width", type=int, default=16, help="channels of the first convolution")
-    ap.add_argument("--hard-share", type=float, default=0.25,
-                    help="share of each batch drawn from the non-neutral, non-happy images")
+    ap.add_argument(
+        "--hard-share",
+        type=float,
+        default=0.25,
+        help="share of each batch drawn from the non-neutral, non-happy images",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.time()
     d = build_crops(Path(a.data))
-    print(f"{len(d['crops'])} faces ({int(d['missing'][0])} images without a usable face), "
-          f"{int(d['smile'].sum())} smiling; validation {int(d['val'].sum())} "
-          f"({time.time() - t0:.0f} s)")
-    ckpt = CACHE / (f"train-{CROPS_VERSION}-seed{a.seed}-steps{a.steps}-w{a.width}"
-                    f"-h{a.hard_share:g}.ckpt")
+    print(
+        f"{len(d['crops'])} faces ({int(d['missing'][0])} images without a usable face), "
+        f"{int(d['smile'].sum())} smiling; validation {int(d['val'].sum())} "
+        f"({time.time() - t0:.0f} s)"
+    )
+    ckpt = CACHE / (f"train-{CROPS_VERSION}-seed{a.seed}-steps{a.steps}-w{a.width}-h{a.hard_share:g}.ckpt")
     net = train(d, a.steps, a.seed, ckpt, width=a.width, hard_share=a.hard_share)
     metrics = export(net, d, Path(a.out))
-    metrics.update(steps=a.steps, seed=a.seed, width=a.width, hard_share=a.hard_share,
-                   train_seconds=round(time.time() - t0),
-                   n_train=int((~d["val"]).sum()), n_faces=int(len(d["crops"])))
+    metrics.update(
+        steps=a.steps,
+        seed=a.seed,
+        width=a.width,
+        hard_share=a.hard_share,
+        train_seconds=round(time.time() - t0),
+        n_train=int((~d["val"]).sum()),
+        n_faces=int(len(d["crops"])),
+    )
     Path(a.out).with_suffix(".json").write_text(json.dumps(metrics, indent=1) + "\n")
     print(json.dumps(metrics, indent=1))
     print("wrote", a.out)
@@ -350,6 +396,7 @@ def calibrate(net, d: dict) -> tuple[float, float, float]:
     """Smile logits of the validation faces: the neutral median, the neutral
     90th percentile and the happy median (the points the AU scale is pinned to)."""
     import torch
+
     v = np.flatnonzero(d["val"])
     clean = np.stack([center(d["crops"][i]) for i in v])
     net.eval()
@@ -357,18 +404,23 @@ def calibrate(net, d: dict) -> tuple[float, float, float]:
         z = net(torch.from_numpy(clean.astype(np.float32) / 255.0)[:, None])[:, 0].numpy()
     emo = d["emotion"][v]
     neutral = z[emo == "neutral"]
-    return (float(np.median(neutral)), float(np.percentile(neutral, 90)),
-            float(np.median(z[emo == "happiness"])))
+    return (
+        float(np.median(neutral)),
+        float(np.percentile(neutral, 90)),
+        float(np.median(z[emo == "happiness"])),
+    )
 
 
 def export(net, d: dict, out: Path) -> dict:
     """Evaluate, store the calibration inside the model, save TorchScript."""
     import torch
+
     metrics = evaluate(net, d)
     mid, lo, hi = calibrate(net, d)
     net.calibration = torch.tensor([mid, lo, hi])
-    metrics.update(logit_neutral_median=round(mid, 4), logit_neutral_p90=round(lo, 4),
-                   logit_happy_median=round(hi, 4))
+    metrics.update(
+        logit_neutral_median=round(mid, 4), logit_neutral_p90=round(lo, 4), logit_happy_median=round(hi, 4)
+    )
     net.eval()
     torch.jit.script(net).save(str(out))
     return metrics
@@ -401,6 +453,13 @@ def held_out(data: Path, limit: int = 0) -> dict[str, np.ndarray]:
         c = align.crop(img, p3[:, :2], OUT)
         if c is None:
             continue
-        crops.append(c), emo.append(lab[name]), pts.append(p3), kept.append(name)
-    return {"names": np.array(kept), "crops": np.stack(crops), "emotion": np.array(emo),
-            "points": np.stack(pts).astype(np.float32)}
+        crops.append(c)
+        emo.append(lab[name])
+        pts.append(p3)
+        kept.append(name)
+    return {
+        "names": np.array(kept),
+        "crops": np.stack(crops),
+        "emotion": np.array(emo),
+        "points": np.stack(pts).astype(np.float32),
+    }

@@ -1,4 +1,5 @@
 """The dyad's tables, figures and HTML page (dyad measures from the `dyad` package)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,10 @@ LABELS = {
 def fig_traces(al, smiles: dict, episodes: pd.DataFrame) -> bytes:
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
-    for ax, who, au, valid in ((axes[0], "parent", al.au12_parent, al.valid_parent),
-                               (axes[1], "infant", al.au12_infant, al.valid_infant)):
+    for ax, who, au, valid in (
+        (axes[0], "parent", al.au12_parent, al.valid_parent),
+        (axes[1], "infant", al.au12_infant, al.valid_infant),
+    ):
         ax.plot(al.t, au, color="#1f77b4" if who == "parent" else "#d62728", lw=1)
         bad = ~valid
         if bad.any():
@@ -48,8 +51,10 @@ def fig_traces(al, smiles: dict, episodes: pd.DataFrame) -> bytes:
 def fig_contingency(c: dict) -> bytes:
     fig = Figure(figsize=(10, 3.0), layout="constrained")
     axes = fig.subplots(1, 2)
-    for ax, key, title in ((axes[0], "parent_to_infant", "infant answers parent"),
-                           (axes[1], "infant_to_parent", "parent answers infant")):
+    for ax, key, title in (
+        (axes[0], "parent_to_infant", "infant answers parent"),
+        (axes[1], "infant_to_parent", "parent answers infant"),
+    ):
         d = c[key]
         null = np.asarray(d.get("null", []), float)
         null = null[np.isfinite(null)]
@@ -92,16 +97,31 @@ def write(out: Path, result: dict, params: dict, notes: list[str]) -> dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     summary = pd.DataFrame([result["summary"]])
     c, s, a = result["contingency"], result["synchrony"], result["shared_affect"]
-    cont = pd.DataFrame([{"direction": k, **{f: c[k][f] for f in ("observed", "null_mean", "null_sd", "p",
-                                                                    "n_triggers", "n_responded")},
-                          "window_s": c["window_s"], "shifts": c["shifts"]}
-                         for k in ("parent_to_infant", "infant_to_parent")])
-    sync = pd.DataFrame({"lag_frames": s["lags"], "lag_s": s["lags_s"], "r": s["r"],
-                         "n_pairs": s["n_pairs"]})
-    figs = {"dyad_traces.png": fig_traces(result["aligned"], result["smiles"], a["episodes"]),
-            "dyad_contingency.png": fig_contingency(c), "dyad_synchrony.png": fig_synchrony(s)}
-    files = {"dyad_summary.csv": out / "dyad_summary.csv", "contingency.csv": out / "contingency.csv",
-             "synchrony.csv": out / "synchrony.csv", "shared_episodes.csv": out / "shared_episodes.csv"}
+    cont = pd.DataFrame(
+        [
+            {
+                "direction": k,
+                **{
+                    f: c[k][f] for f in ("observed", "null_mean", "null_sd", "p", "n_triggers", "n_responded")
+                },
+                "window_s": c["window_s"],
+                "shifts": c["shifts"],
+            }
+            for k in ("parent_to_infant", "infant_to_parent")
+        ]
+    )
+    sync = pd.DataFrame({"lag_frames": s["lags"], "lag_s": s["lags_s"], "r": s["r"], "n_pairs": s["n_pairs"]})
+    figs = {
+        "dyad_traces.png": fig_traces(result["aligned"], result["smiles"], a["episodes"]),
+        "dyad_contingency.png": fig_contingency(c),
+        "dyad_synchrony.png": fig_synchrony(s),
+    }
+    files = {
+        "dyad_summary.csv": out / "dyad_summary.csv",
+        "contingency.csv": out / "contingency.csv",
+        "synchrony.csv": out / "synchrony.csv",
+        "shared_episodes.csv": out / "shared_episodes.csv",
+    }
     summary.to_csv(files["dyad_summary.csv"], index=False)
     cont.to_csv(files["contingency.csv"], index=False)
     sync.to_csv(files["synchrony.csv"], index=False)
@@ -110,21 +130,33 @@ def write(out: Path, result: dict, params: dict, notes: list[str]) -> dict[str, 
         files[name] = out / name
         files[name].write_bytes(data)
     row = result["summary"]
-    show = pd.DataFrame({"Measure": list(LABELS.values()),
-                         "Value": [_fmt(row.get(k)) for k in LABELS]})
+    show = pd.DataFrame({"Measure": list(LABELS.values()), "Value": [_fmt(row.get(k)) for k in LABELS]})
     used = pd.DataFrame({"Parameter": list(params), "Value": [str(v) for v in params.values()]})
-    body = ["<h1>Parent and infant: contingency, synchrony, shared smiles</h1>",
-            htmlpage.para(f"{row['n_joint_frames']} of {row['n_grid_frames']} frames "
-                          f"({row['joint_fraction']:.0%}) have both faces measured at "
-                          f"{row['rate_hz']:g} Hz; every measure uses only those.", "note"),
-            htmlpage.table(show, "Dyad measures, each against a null model (circular shifts of the "
-                           "infant's series).", "dyad_summary"),
-            htmlpage.img(figs["dyad_traces.png"], "AU12 traces"),
-            "<h2>Contingency</h2>", htmlpage.img(figs["dyad_contingency.png"], "contingency nulls"),
-            "<h2>Lagged synchrony</h2>", htmlpage.img(figs["dyad_synchrony.png"], "synchrony"),
-            "<h2>Values used</h2>",
-            htmlpage.table(used, "Smile thresholds, confidence and calibration per person, and the "
-                           "measures' parameters.", "dyad_params")]
+    body = [
+        "<h1>Parent and infant: contingency, synchrony, shared smiles</h1>",
+        htmlpage.para(
+            f"{row['n_joint_frames']} of {row['n_grid_frames']} frames "
+            f"({row['joint_fraction']:.0%}) have both faces measured at "
+            f"{row['rate_hz']:g} Hz; every measure uses only those.",
+            "note",
+        ),
+        htmlpage.table(
+            show,
+            "Dyad measures, each against a null model (circular shifts of the infant's series).",
+            "dyad_summary",
+        ),
+        htmlpage.img(figs["dyad_traces.png"], "AU12 traces"),
+        "<h2>Contingency</h2>",
+        htmlpage.img(figs["dyad_contingency.png"], "contingency nulls"),
+        "<h2>Lagged synchrony</h2>",
+        htmlpage.img(figs["dyad_synchrony.png"], "synchrony"),
+        "<h2>Values used</h2>",
+        htmlpage.table(
+            used,
+            "Smile thresholds, confidence and calibration per person, and the measures' parameters.",
+            "dyad_params",
+        ),
+    ]
     if notes:
         body += ["<h2>Notes</h2><ul>"] + [f"<li>{htmlpage.para(n)}</li>" for n in notes] + ["</ul>"]
     files["dyad.html"] = out / "dyad.html"

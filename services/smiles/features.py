@@ -36,6 +36,7 @@ closed interval ``[start_s, end_s]`` intersects a speech segment lasting
 ``> MIN_SPEECH_S`` (compared with a 1e-9 s tolerance so a 10 ms segment
 written as two float times does not count).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -50,20 +51,45 @@ MIN_SPEECH_S = 0.010
 #: Mean apex AU06_r at or above which a smile is called Duchenne.
 DUCHENNE_AU6 = 1.0
 
-COLUMNS = ["face_id", "smile_id", "start_s", "onset_end_s", "offset_start_s",
-           "end_s", "onset_amplitude", "offset_amplitude", "onset_duration_s",
-           "apex_duration_s", "offset_duration_s", "total_duration_s",
-           "max_onset_speed", "max_offset_speed", "overlaps_speech"]
-EXTRA_COLUMNS = ["complete", "mean_onset_speed", "mean_offset_speed", "ir_px",
-                 "au12_max", "au6_apex_mean", "duchenne", "symmetry", "n_frames",
-                 "start_cut"]
+COLUMNS = [
+    "face_id",
+    "smile_id",
+    "start_s",
+    "onset_end_s",
+    "offset_start_s",
+    "end_s",
+    "onset_amplitude",
+    "offset_amplitude",
+    "onset_duration_s",
+    "apex_duration_s",
+    "offset_duration_s",
+    "total_duration_s",
+    "max_onset_speed",
+    "max_offset_speed",
+    "overlaps_speech",
+]
+EXTRA_COLUMNS = [
+    "complete",
+    "mean_onset_speed",
+    "mean_offset_speed",
+    "ir_px",
+    "au12_max",
+    "au6_apex_mean",
+    "duchenne",
+    "symmetry",
+    "n_frames",
+    "start_cut",
+]
 
 NAN = float("nan")
 
 
-def smile_table(df: pd.DataFrame, smiles: Sequence[Smile],
-                speech_segments: Iterable[tuple[float, float]] = (),
-                face_id: int = 0) -> pd.DataFrame:
+def smile_table(
+    df: pd.DataFrame,
+    smiles: Sequence[Smile],
+    speech_segments: Iterable[tuple[float, float]] = (),
+    face_id: int = 0,
+) -> pd.DataFrame:
     """One row per smile, ``smile_id`` 1..n in time order (module doc).
 
     ``df`` is the frame table the smiles were segmented from (AU06_r is read
@@ -91,9 +117,12 @@ def drop_speech(table: pd.DataFrame) -> pd.DataFrame:
     return table[~table["overlaps_speech"].astype(bool)].reset_index(drop=True)
 
 
-def overlaps_speech(start_s: float, end_s: float,
-                    speech_segments: Iterable[tuple[float, float]],
-                    min_speech_s: float = MIN_SPEECH_S) -> bool:
+def overlaps_speech(
+    start_s: float,
+    end_s: float,
+    speech_segments: Iterable[tuple[float, float]],
+    min_speech_s: float = MIN_SPEECH_S,
+) -> bool:
     """True if ``[start_s, end_s]`` intersects a segment longer than
     ``min_speech_s`` (closed intervals)."""
     for a, b in speech_segments:
@@ -105,10 +134,10 @@ def overlaps_speech(start_s: float, end_s: float,
 def _features(s: Smile, au6: np.ndarray | None) -> dict:
     t, r = s.t, s.r
     i0, i1 = s.onset
-    i2, i3 = s.offset if s.offset is not None else (None, None)
     onset_amp = r[i1] - r[i0]
     onset_dur = t[i1] - t[i0]
     if s.offset is not None:
+        i2, i3 = s.offset
         offset_amp = r[i2] - r[i3]
         offset_dur = t[i3] - t[i2]
         apex_dur = t[i2] - t[i1]
@@ -118,22 +147,27 @@ def _features(s: Smile, au6: np.ndarray | None) -> dict:
         offset_amp = offset_dur = apex_dur = max_off = NAN
         apex_end = s.end_pos
     amp_left = s.r_left[i1] - s.r_left[i0]
-    au6_apex = au6[s.rows[i1:apex_end + 1]] if au6 is not None else np.array([NAN])
+    au6_apex = au6[s.rows[i1 : apex_end + 1]] if au6 is not None else np.array([NAN])
     au6_apex = au6_apex[np.isfinite(au6_apex)]
     au6_mean = float(np.mean(au6_apex)) if len(au6_apex) else NAN
     return {
-        "start_s": s.start_s, "onset_end_s": s.onset_end_s,
-        "offset_start_s": s.offset_start_s, "end_s": s.end_s,
-        "onset_amplitude": float(onset_amp), "offset_amplitude": float(offset_amp),
-        "onset_duration_s": float(onset_dur), "apex_duration_s": float(apex_dur),
+        "start_s": s.start_s,
+        "onset_end_s": s.onset_end_s,
+        "offset_start_s": s.offset_start_s,
+        "end_s": s.end_s,
+        "onset_amplitude": float(onset_amp),
+        "offset_amplitude": float(offset_amp),
+        "onset_duration_s": float(onset_dur),
+        "apex_duration_s": float(apex_dur),
         "offset_duration_s": float(offset_dur),
         "total_duration_s": s.end_s - s.start_s,
-        "max_onset_speed": float(np.max(_speeds(r, t, i0, i1))), "max_offset_speed": max_off,
+        "max_onset_speed": float(np.max(_speeds(r, t, i0, i1))),
+        "max_offset_speed": max_off,
         "complete": s.complete,
         "mean_onset_speed": _ratio(onset_amp, onset_dur),
         "mean_offset_speed": _ratio(offset_amp, offset_dur),
         "ir_px": s.ir,
-        "au12_max": float(np.max(s.au12[i0:s.end_pos + 1])),
+        "au12_max": float(np.max(s.au12[i0 : s.end_pos + 1])),
         "au6_apex_mean": au6_mean,
         "duchenne": pd.NA if np.isnan(au6_mean) else bool(au6_mean >= DUCHENNE_AU6),
         "symmetry": _ratio(onset_amp - amp_left, onset_amp + amp_left),
@@ -146,7 +180,7 @@ def _speeds(r: np.ndarray, t: np.ndarray, a: int, b: int) -> np.ndarray:
     """dr/dt at the frames strictly inside the phase [a, b] (see module doc)."""
     if b - a < 2:
         return np.array([(r[b] - r[a]) / (t[b] - t[a])])
-    return (r[a + 2:b + 1] - r[a:b - 1]) / (t[a + 2:b + 1] - t[a:b - 1])
+    return (r[a + 2 : b + 1] - r[a : b - 1]) / (t[a + 2 : b + 1] - t[a : b - 1])
 
 
 def _ratio(a: float, b: float) -> float:

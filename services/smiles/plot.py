@@ -6,10 +6,12 @@ apex and offset are shaded on both axes, speech is hatched grey and frames
 that are not high-confidence (or missing) are greyed.  Only data and the
 caller's title are drawn: no file names or paths.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,13 +23,24 @@ from dyadlab.frames import median_interval
 
 from .segment import Smile, SmileParams, high_confidence
 
+if TYPE_CHECKING:
+    from matplotlib.typing import LineStyleType
+
 PHASE_COLOURS = {"onset": "#2ca02c", "apex": "#ff7f0e", "offset": "#9467bd"}
 
 
-def smile_figure(df: pd.DataFrame, smiles: Sequence[Smile],
-                 speech_segments: Iterable[tuple[float, float]], path,
-                 title: str | None = None,
-                 params: SmileParams = SmileParams()) -> Path:
+#: the paper's parameters (SmileParams is frozen: one shared instance is safe)
+_DEFAULT_PARAMS = SmileParams()
+
+
+def smile_figure(
+    df: pd.DataFrame,
+    smiles: Sequence[Smile],
+    speech_segments: Iterable[tuple[float, float]],
+    path,
+    title: str | None = None,
+    params: SmileParams = _DEFAULT_PARAMS,
+) -> Path:
     """Draw the figure for one face's frame table and write it to ``path``
     (PNG, Agg renderer, no pyplot state).  Returns the path."""
     speech = list(speech_segments)
@@ -39,8 +52,7 @@ def smile_figure(df: pd.DataFrame, smiles: Sequence[Smile],
     for ax in (ax_au, ax_r):
         _shade_bad(ax, t, high_confidence(df, params), params)
         for a, b in speech:
-            ax.axvspan(a, b, facecolor="none", edgecolor="0.45", hatch="///",
-                       linewidth=0)
+            ax.axvspan(a, b, facecolor="none", edgecolor="0.45", hatch="///", linewidth=0)
         for s in smiles:
             for name, (a, b) in _phases(s).items():
                 ax.axvspan(a, b, color=PHASE_COLOURS[name], alpha=0.22, linewidth=0)
@@ -59,15 +71,25 @@ def smile_figure(df: pd.DataFrame, smiles: Sequence[Smile],
         fig.suptitle(title)
 
     handles = [
-        _line("k", "-"), _line("crimson", "--"),
-        _line("tab:blue", "-", 0.3), _line("tab:blue", "-"),
+        _line("k", "-"),
+        _line("crimson", "--"),
+        _line("tab:blue", "-", 0.3),
+        _line("tab:blue", "-"),
         *(Patch(color=c, alpha=0.22) for c in PHASE_COLOURS.values()),
         Patch(facecolor="none", edgecolor="0.45", hatch="///"),
         Patch(color="0.85"),
     ]
-    labels = ["AU12_r", f"AU12 threshold {params.au12_threshold:g}", "r raw",
-              "r smoothed", "onset", "apex", "offset", "speech",
-              "low confidence / missing"]
+    labels = [
+        "AU12_r",
+        f"AU12 threshold {params.au12_threshold:g}",
+        "r raw",
+        "r smoothed",
+        "onset",
+        "apex",
+        "offset",
+        "speech",
+        "low confidence / missing",
+    ]
     fig.legend(handles, labels, loc="outside right center", fontsize=8, frameon=False)
     path = Path(path)
     fig.savefig(path, format="png", metadata={"Software": None})
@@ -106,5 +128,5 @@ def _shade_bad(ax, t: np.ndarray, ok: np.ndarray, params: SmileParams) -> None:
         ax.axvspan(t[k] + half, t[k + 1] - half, color="0.85", linewidth=0)
 
 
-def _line(colour: str, style: str, alpha: float = 1.0) -> Line2D:
+def _line(colour: str, style: LineStyleType, alpha: float = 1.0) -> Line2D:
     return Line2D([], [], color=colour, linestyle=style, alpha=alpha)

@@ -36,6 +36,7 @@ Exclusions are never silent: every row carries ``excluded`` (observations
 dropped because a feature or score was missing) and, where a test could not be
 run, a ``reason``; its statistics are then NaN.
 """
+
 from __future__ import annotations
 
 import math
@@ -113,29 +114,43 @@ def welch_table(smiles: pd.DataFrame, features=None, visits=(6, 12)) -> pd.DataF
         xa = xa_all.dropna().to_numpy(float)
         xb = xb_all.dropna().to_numpy(float)
         ex_a, ex_b = int(xa_all.isna().sum()), int(xb_all.isna().sum())
-        row = {"feature": f, "label": FEATURES.get(f, f),
-               f"n_{a}": len(xa), f"n_{b}": len(xb),
-               f"mean_{a}": float(np.mean(xa)) if len(xa) else math.nan,
-               f"sd_{a}": float(np.std(xa, ddof=1)) if len(xa) > 1 else math.nan,
-               f"mean_{b}": float(np.mean(xb)) if len(xb) else math.nan,
-               f"sd_{b}": float(np.std(xb, ddof=1)) if len(xb) > 1 else math.nan,
-               **_nan("t", "df", "p", "cohens_d", "ci95_low", "ci95_high"),
-               "significant": False,
-               "excluded": ex_a + ex_b, f"excluded_{a}": ex_a, f"excluded_{b}": ex_b,
-               "reason": ""}
+        row = {
+            "feature": f,
+            "label": FEATURES.get(f, f),
+            f"n_{a}": len(xa),
+            f"n_{b}": len(xb),
+            f"mean_{a}": float(np.mean(xa)) if len(xa) else math.nan,
+            f"sd_{a}": float(np.std(xa, ddof=1)) if len(xa) > 1 else math.nan,
+            f"mean_{b}": float(np.mean(xb)) if len(xb) else math.nan,
+            f"sd_{b}": float(np.std(xb, ddof=1)) if len(xb) > 1 else math.nan,
+            **_nan("t", "df", "p", "cohens_d", "ci95_low", "ci95_high"),
+            "significant": False,
+            "excluded": ex_a + ex_b,
+            f"excluded_{a}": ex_a,
+            f"excluded_{b}": ex_b,
+            "reason": "",
+        }
         if len(xa) < 2 or len(xb) < 2:
-            row["reason"] = (f"fewer than 2 smiles with a value at month {a if len(xa) < 2 else b} "
-                             f"(n_{a}={len(xa)}, n_{b}={len(xb)})")
+            row["reason"] = (
+                f"fewer than 2 smiles with a value at month {a if len(xa) < 2 else b} "
+                f"(n_{a}={len(xa)}, n_{b}={len(xb)})"
+            )
         elif np.ptp(xa) == 0 and np.ptp(xb) == 0:
             row["reason"] = "no variance within either visit"
         else:
             tt = pg.ttest(xb, xa, paired=False, correction=True, alternative="two-sided")
             d = float(pg.compute_effsize(xb, xa, paired=False, eftype="cohen"))
-            lo, hi = pg.compute_esci(stat=d, nx=len(xb), ny=len(xa), paired=False,
-                                     eftype="cohen", confidence=0.95, decimals=15)
-            row.update(t=float(tt["T"].iloc[0]), df=float(tt["dof"].iloc[0]),
-                       p=float(_col(tt, "p_val", "p-val").iloc[0]), cohens_d=d,
-                       ci95_low=float(lo), ci95_high=float(hi))
+            lo, hi = pg.compute_esci(
+                stat=d, nx=len(xb), ny=len(xa), paired=False, eftype="cohen", confidence=0.95, decimals=15
+            )
+            row.update(
+                t=float(tt["T"].iloc[0]),
+                df=float(tt["dof"].iloc[0]),
+                p=float(_col(tt, "p_val", "p-val").iloc[0]),
+                cohens_d=d,
+                ci95_low=float(lo),
+                ci95_high=float(hi),
+            )
             row["significant"] = bool(row["p"] < ALPHA)
         row["apa"] = _apa_t(row["t"], row["df"], row["p"], row["cohens_d"])
         rows.append(row)
@@ -151,8 +166,7 @@ def _col(df: pd.DataFrame, *names: str) -> pd.Series:
 
 
 # -- Table IV -----------------------------------------------------------------------
-def anova_table(joined: pd.DataFrame, features=None, scores=None,
-                min_group: int = MIN_GROUP) -> pd.DataFrame:
+def anova_table(joined: pd.DataFrame, features=None, scores=None, min_group: int = MIN_GROUP) -> pd.DataFrame:
     """One-way ANOVA per visit × categorical score × feature (smile level).
 
     The categories of each score are ``scores.SCALES[col].category``. Within a
@@ -182,6 +196,7 @@ def anova_table(joined: pd.DataFrame, features=None, scores=None,
         for s in score_cols:
             sc = SCALES[s]
             cat = sc.category(pd.to_numeric(sub[s], errors="coerce"))
+            assert sc.categories is not None  # score_cols are categorical (checked above)
             order = [name for name, _, _ in sc.categories]
             for f in feats:
                 y = pd.to_numeric(sub[f], errors="coerce")
@@ -191,38 +206,72 @@ def anova_table(joined: pd.DataFrame, features=None, scores=None,
                 small = [g for g in order if 0 < counts.get(g, 0) < min_group]
                 keep = [g for g in order if counts.get(g, 0) >= min_group]
                 data = data[data["g"].isin(keep)]
-                row = {"feature": f, "label": FEATURES.get(f, f), "visit_month": int(visit),
-                       "score": s, "score_label": sc.label,
-                       **_nan("F", "df1", "df2", "p", "partial_eta2"),
-                       "n": len(data), "k_groups": len(keep),
-                       "groups": ", ".join(f"{g}:{int(counts[g])}" for g in keep),
-                       "excluded": int((~ok).sum()),
-                       "dropped_small": int(sum(counts[g] for g in small)),
-                       "dropped_groups": ", ".join(f"{g}:{int(counts[g])}" for g in small),
-                       "significant": False, "reason": ""}
+                row = {
+                    "feature": f,
+                    "label": FEATURES.get(f, f),
+                    "visit_month": int(visit),
+                    "score": s,
+                    "score_label": sc.label,
+                    **_nan("F", "df1", "df2", "p", "partial_eta2"),
+                    "n": len(data),
+                    "k_groups": len(keep),
+                    "groups": ", ".join(f"{g}:{int(counts[g])}" for g in keep),
+                    "excluded": int((~ok).sum()),
+                    "dropped_small": int(sum(counts[g] for g in small)),
+                    "dropped_groups": ", ".join(f"{g}:{int(counts[g])}" for g in small),
+                    "significant": False,
+                    "reason": "",
+                }
                 if len(keep) < 2:
-                    row["reason"] = (f"fewer than 2 {sc.label} categories with >= {min_group} "
-                                     f"smiles at month {int(visit)}"
-                                     + (f" (present: {', '.join(f'{g}:{int(counts[g])}' for g in order if g in counts)})"
-                                        if len(counts) else " (no complete observations)"))
+                    row["reason"] = (
+                        f"fewer than 2 {sc.label} categories with >= {min_group} "
+                        f"smiles at month {int(visit)}"
+                        + (
+                            f" (present: {', '.join(f'{g}:{int(counts[g])}' for g in order if g in counts)})"
+                            if len(counts)
+                            else " (no complete observations)"
+                        )
+                    )
                 elif data["y"].nunique() < 2:
                     row["reason"] = "feature has no variance"
                 else:
-                    aov = pg.anova(data=data, dv="y", between="g", ss_type=2, detailed=False,
-                                   effsize="np2")
+                    aov = pg.anova(data=data, dv="y", between="g", ss_type=2, detailed=False, effsize="np2")
                     r0 = aov.iloc[0]
-                    row.update(F=float(r0["F"]), df1=float(r0["ddof1"]), df2=float(r0["ddof2"]),
-                               p=float(_col(aov, "p_unc", "p-unc").iloc[0]),
-                               partial_eta2=float(r0["np2"]))
+                    row.update(
+                        F=float(r0["F"]),
+                        df1=float(r0["ddof1"]),
+                        df2=float(r0["ddof2"]),
+                        p=float(_col(aov, "p_unc", "p-unc").iloc[0]),
+                        partial_eta2=float(r0["np2"]),
+                    )
                     row["significant"] = bool(row["p"] < ALPHA)
                 row["apa"] = _apa_f(row["F"], row["df1"], row["df2"], row["p"], row["partial_eta2"])
                 rows.append(row)
     out = pd.DataFrame(rows)
     if not len(out):
-        out = pd.DataFrame(columns=["feature", "label", "visit_month", "score", "score_label", "F",
-                                    "df1", "df2", "p", "partial_eta2", "n", "k_groups", "groups",
-                                    "excluded", "dropped_small", "dropped_groups", "significant",
-                                    "reason", "apa"])
+        out = pd.DataFrame(
+            columns=[
+                "feature",
+                "label",
+                "visit_month",
+                "score",
+                "score_label",
+                "F",
+                "df1",
+                "df2",
+                "p",
+                "partial_eta2",
+                "n",
+                "k_groups",
+                "groups",
+                "excluded",
+                "dropped_small",
+                "dropped_groups",
+                "significant",
+                "reason",
+                "apa",
+            ]
+        )
     return out
 
 
@@ -245,9 +294,14 @@ def max_smile_index(joined: pd.DataFrame, min_n: int = MIN_SESSIONS) -> int:
     return k
 
 
-def correlation_table(joined: pd.DataFrame, max_k: int | None = None, features=None,
-                      scores=None, min_n: int = MIN_SESSIONS, by_visit: bool = False
-                      ) -> pd.DataFrame:
+def correlation_table(
+    joined: pd.DataFrame,
+    max_k: int | None = None,
+    features=None,
+    scores=None,
+    min_n: int = MIN_SESSIONS,
+    by_visit: bool = False,
+) -> pd.DataFrame:
     """Pearson correlation and simple regression of the k-th smile's features with
     each score, k = 1..K (smile level: one smile per session at each k).
 
@@ -271,9 +325,14 @@ def correlation_table(joined: pd.DataFrame, max_k: int | None = None, features=N
         if max_k < 1:
             raise ValueError("max_k must be >= 1")
         K = min(K, int(max_k))
-    blocks = ([(pd.NA, joined)] if not by_visit else
-              [(int(v), joined[joined["visit_month"] == v])
-               for v in sorted(pd.unique(joined["visit_month"].dropna()))])
+    blocks = (
+        [(pd.NA, joined)]
+        if not by_visit
+        else [
+            (int(v), joined[joined["visit_month"] == v])
+            for v in sorted(pd.unique(joined["visit_month"].dropna()))
+        ]
+    )
     rows = []
     for visit, block in blocks:
         for k in range(1, K + 1):
@@ -285,12 +344,20 @@ def correlation_table(joined: pd.DataFrame, max_k: int | None = None, features=N
                     y_all = pd.to_numeric(kth[s], errors="coerce")
                     ok = x_all.notna() & y_all.notna()
                     x, y = x_all[ok].to_numpy(float), y_all[ok].to_numpy(float)
-                    row = {"smile_index": k, "visit_month": visit, "feature": f,
-                           "label": FEATURES.get(f, f), "score": s,
-                           "score_label": SCALES[s].label if s in SCALES else s,
-                           "n": len(x), "sessions": sessions,
-                           **_nan("r", "p", "slope", "intercept", "slope_p", "slope_se"),
-                           "significant": False, "excluded": int((~ok).sum()), "reason": ""}
+                    row = {
+                        "smile_index": k,
+                        "visit_month": visit,
+                        "feature": f,
+                        "label": FEATURES.get(f, f),
+                        "score": s,
+                        "score_label": SCALES[s].label if s in SCALES else s,
+                        "n": len(x),
+                        "sessions": sessions,
+                        **_nan("r", "p", "slope", "intercept", "slope_p", "slope_se"),
+                        "significant": False,
+                        "excluded": int((~ok).sum()),
+                        "reason": "",
+                    }
                     if len(x) < MIN_PAIRS:
                         row["reason"] = f"fewer than {MIN_PAIRS} complete pairs"
                     elif np.ptp(x) == 0 or np.ptp(y) == 0:
@@ -298,22 +365,44 @@ def correlation_table(joined: pd.DataFrame, max_k: int | None = None, features=N
                     else:
                         r, p = sps.pearsonr(x, y)
                         lr = sps.linregress(x, y)
-                        row.update(r=float(r), p=float(p), slope=float(lr.slope),
-                                   intercept=float(lr.intercept), slope_p=float(lr.pvalue),
-                                   slope_se=float(lr.stderr))
+                        row.update(
+                            r=float(r),
+                            p=float(p),
+                            slope=float(lr.slope),
+                            intercept=float(lr.intercept),
+                            slope_p=float(lr.pvalue),
+                            slope_se=float(lr.stderr),
+                        )
                         row["significant"] = bool(row["p"] < ALPHA)
                     rows.append(row)
-    out = pd.DataFrame(rows, columns=["smile_index", "visit_month", "feature", "label", "score",
-                                      "score_label", "n", "sessions", "r", "p", "slope",
-                                      "intercept", "slope_p", "slope_se", "significant",
-                                      "excluded", "reason"])
+    out = pd.DataFrame(
+        rows,
+        columns=[
+            "smile_index",
+            "visit_month",
+            "feature",
+            "label",
+            "score",
+            "score_label",
+            "n",
+            "sessions",
+            "r",
+            "p",
+            "slope",
+            "intercept",
+            "slope_p",
+            "slope_se",
+            "significant",
+            "excluded",
+            "reason",
+        ],
+    )
     out["visit_month"] = out["visit_month"].astype("Int64")
     return out
 
 
 # -- multiple comparisons -----------------------------------------------------------
-def adjust(table: pd.DataFrame, method: str = "none", alpha: float = ALPHA,
-           p_col: str = "p") -> pd.DataFrame:
+def adjust(table: pd.DataFrame, method: str = "none", alpha: float = ALPHA, p_col: str = "p") -> pd.DataFrame:
     """A copy of ``table`` with ``p_adj``, ``significant_adj`` and ``adjust``
     (the method) columns; the whole table is one family.
 

@@ -91,6 +91,7 @@ does not depend on what it was batched with. The default grid (2,500 CV fits =
 625 networks x 4 epoch counts, plus 25 hold-out networks) at 94 participants
 takes ~15 s on 2 cores (``scripts/bench_mlp.py``).
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -101,6 +102,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -112,18 +114,45 @@ FEATURE_COLUMNS = list(FEATURES)
 N_FEATURES = len(FEATURE_COLUMNS)
 #: the paper's hold-out: 19 of 94 mothers for testing
 HOLDOUT_FRACTION = 19 / 94
-HOLDOUT = -1          # split code of the hold-out fit
+HOLDOUT = -1  # split code of the hold-out fit
 HIDDEN = (32, 32, 8)  # FC32-FC32-FC8, then Linear(1)
 
 _BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8
-_ORDER_CHUNK = 25     # epochs of batch orders drawn at a time per fit
+_ORDER_CHUNK = 25  # epochs of batch orders drawn at a time per fit
 
-TABLE_COLUMNS = ["score", "best_window", "best_epochs", "mae", "mae_sd", "rmse", "rmse_sd",
-                 "baseline_mae", "baseline_rmse", "holdout_mae", "holdout_rmse",
-                 "n_sessions", "n_samples", "excluded"]
-GRID_COLUMNS = ["score", "window", "epochs", "mse", "mse_sd", "mae", "mae_sd", "rmse", "rmse_sd",
-                "baseline_mse", "baseline_mae", "baseline_rmse", "n_sessions", "n_samples",
-                "excluded"]
+TABLE_COLUMNS = [
+    "score",
+    "best_window",
+    "best_epochs",
+    "mae",
+    "mae_sd",
+    "rmse",
+    "rmse_sd",
+    "baseline_mae",
+    "baseline_rmse",
+    "holdout_mae",
+    "holdout_rmse",
+    "n_sessions",
+    "n_samples",
+    "excluded",
+]
+GRID_COLUMNS = [
+    "score",
+    "window",
+    "epochs",
+    "mse",
+    "mse_sd",
+    "mae",
+    "mae_sd",
+    "rmse",
+    "rmse_sd",
+    "baseline_mse",
+    "baseline_mae",
+    "baseline_rmse",
+    "n_sessions",
+    "n_samples",
+    "excluded",
+]
 
 
 @dataclasses.dataclass
@@ -151,8 +180,9 @@ def _sessions(joined: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def window_samples(joined: pd.DataFrame, window: int,
-                   scores: Sequence[str] = SCORE_COLUMNS) -> tuple[pd.DataFrame, int]:
+def window_samples(
+    joined: pd.DataFrame, window: int, scores: Sequence[str] = SCORE_COLUMNS
+) -> tuple[pd.DataFrame, int]:
     """Every run of ``window`` consecutive smiles of every session: (table, windows dropped).
 
     The table has ``participant_id, visit_month, first_smile, last_smile``, the
@@ -176,17 +206,20 @@ def window_samples(joined: pd.DataFrame, window: int,
     finite = np.isfinite(means).all(axis=1)
     dropped = int((~finite).sum())
     starts, means = starts[finite], means[finite]
-    out = pd.DataFrame({
-        "participant_id": df["participant_id"].to_numpy()[starts],
-        "visit_month": df["visit_month"].to_numpy()[starts],
-        "first_smile": df["smile_id"].to_numpy()[starts],
-        "last_smile": df["smile_id"].to_numpy()[starts + window - 1],
-    })
+    out = pd.DataFrame(
+        {
+            "participant_id": df["participant_id"].to_numpy()[starts],
+            "visit_month": df["visit_month"].to_numpy()[starts],
+            "first_smile": df["smile_id"].to_numpy()[starts],
+            "last_smile": df["smile_id"].to_numpy()[starts + window - 1],
+        }
+    )
     for j, c in enumerate(FEATURE_COLUMNS):
         out[c] = means[:, j]
     for s in scores:
-        out[s] = (pd.to_numeric(df[s], errors="coerce").to_numpy(np.float64)[starts]
-                  if s in df.columns else np.nan)
+        out[s] = (
+            pd.to_numeric(df[s], errors="coerce").to_numpy(np.float64)[starts] if s in df.columns else np.nan
+        )
     return out, dropped
 
 
@@ -203,8 +236,9 @@ def participant_folds(participants: Iterable[str], folds: int, seed: int) -> dic
     return {ids[p]: i % folds for i, p in enumerate(perm)}
 
 
-def holdout_participants(participants: Iterable[str], seed: int,
-                         fraction: float = HOLDOUT_FRACTION) -> set[str]:
+def holdout_participants(
+    participants: Iterable[str], seed: int, fraction: float = HOLDOUT_FRACTION
+) -> set[str]:
     """The seed's hold-out test participants: round(P * fraction) of them (>= 1, < P)."""
     ids = sorted(set(map(str, participants)))
     if len(ids) < 2:
@@ -242,7 +276,7 @@ def init_params(key: Sequence[int]) -> np.ndarray:
     for name, (a, b), off in LAYOUT:
         if name.startswith("W"):
             lim = math.sqrt(6.0 / (a + b))
-            out[off:off + a * b] = rng.uniform(-lim, lim, a * b)
+            out[off : off + a * b] = rng.uniform(-lim, lim, a * b)
     return out
 
 
@@ -259,6 +293,7 @@ def batch_orders(key: Sequence[int], n: int, n_epochs: int) -> Iterator[np.ndarr
 @dataclasses.dataclass
 class Fit:
     """One network to train: raw (unstandardised) training and test data."""
+
     key: tuple[int, ...]
     x_train: np.ndarray
     y_train: np.ndarray
@@ -280,9 +315,18 @@ def _standardise(fit: Fit) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, f
     return (fit.x_train - mu) / sd, (fit.y_train - ym) / ys, (fit.x_test - mu) / sd, ym, ys
 
 
-def _epoch(Xe: torch.Tensor, NYW: torch.Tensor, Wl: torch.Tensor, views: list[list[torch.Tensor]],
-           adam: list[list[torch.Tensor]], S: torch.Tensor, mi: list[int], nab: list[int],
-           B: int, lr: float) -> None:
+def _epoch(
+    Xe: torch.Tensor,
+    NYW: torch.Tensor,
+    Wl: torch.Tensor,
+    views: list[list[torch.Tensor]],
+    adam: list[list[torch.Tensor]],
+    S: torch.Tensor,
+    mi: list[int],
+    nab: list[int],
+    B: int,
+    lr: float,
+) -> None:
     """One epoch of every fit in a group: forward, hand-written backward, Adam.
 
     ``Xe``/``NYW``/``Wl``: (G, NB*B, .) this epoch's shuffled inputs, -y*2/n_batch and
@@ -298,16 +342,15 @@ def _epoch(Xe: torch.Tensor, NYW: torch.Tensor, Wl: torch.Tensor, views: list[li
         v = views[mi[k]]
         M = v[0].shape[0]
         b1, W1, b2, W2, b3, W3, b4, W4 = v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]
-        gb1, gW1, gb2, gW2, gb3, gW3, gb4, gW4 = v[8], v[9], v[10], v[11], v[12], v[13], v[14], \
-            v[15]
+        gb1, gW1, gb2, gW2, gb3, gW3, gb4, gW4 = v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]
         A1, A2, A3, D1, D2, D3, D4 = v[16], v[17], v[18], v[19], v[20], v[21], v[22]
-        xb = Xe[:M, k * B:(k + 1) * B]
+        xb = Xe[:M, k * B : (k + 1) * B]
         # forward
         torch.baddbmm(b1, xb, W1, out=A1).clamp_min_(0.0)
         torch.baddbmm(b2, A1, W2, out=A2).clamp_min_(0.0)
         torch.baddbmm(b3, A2, W3, out=A3).clamp_min_(0.0)
         torch.baddbmm(b4, A3, W4, out=D4)
-        torch.addcmul(NYW[:M, k * B:(k + 1) * B], D4, Wl[:M, k * B:(k + 1) * B], out=D4)
+        torch.addcmul(NYW[:M, k * B : (k + 1) * B], D4, Wl[:M, k * B : (k + 1) * B], out=D4)
         # backward (dLoss/dout = 2 (out - y) / batch size), straight into the gradient stacks
         torch.bmm(A3.transpose(1, 2), D4, out=gW4)
         torch.sum(D4, [1], True, out=gb4)
@@ -324,11 +367,23 @@ def _epoch(Xe: torch.Tensor, NYW: torch.Tensor, Wl: torch.Tensor, views: list[li
         torch.bmm(xb.transpose(1, 2), D1, out=gW1)
         torch.sum(D1, [1], True, out=gb1)
         # Adam (PyTorch's fused kernel = torch.optim.Adam's formula), per-bucket step counts
-        S[:nab[k]].add_(1.0)
+        S[: nab[k]].add_(1.0)
         j = 5 * mi[k]
-        torch._fused_adam_(adam[j], adam[j + 1], adam[j + 2], adam[j + 3], [], adam[j + 4],
-                           lr=lr, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
-                           amsgrad=False, maximize=False)
+        torch._fused_adam_(
+            adam[j],
+            adam[j + 1],
+            adam[j + 2],
+            adam[j + 3],
+            [],
+            adam[j + 4],
+            lr=lr,
+            beta1=0.9,
+            beta2=0.999,
+            weight_decay=0.0,
+            eps=1e-8,
+            amsgrad=False,
+            maximize=False,
+        )
 
 
 def _compiled_epoch():
@@ -349,13 +404,21 @@ def _compiled_epoch():
 
 _EPOCH = None
 _EPOCH_LOCK = threading.Lock()
-assert (_BETA1, _BETA2, _EPS) == (0.9, 0.999, 1e-8)   # spelled out in _epoch for TorchScript
+assert (_BETA1, _BETA2, _EPS) == (0.9, 0.999, 1e-8)  # spelled out in _epoch for TorchScript
 
 
-def train_fits(fits: Sequence[Fit], epochs: Sequence[int], *, batch_size: int = 32,
-               lr: float = 1e-3, dtype: torch.dtype = torch.float32, group_size: int = 64,
-               workers: int = 2, progress: Callable[[int], None] | None = None,
-               compiled: bool = True) -> list[np.ndarray]:
+def train_fits(
+    fits: Sequence[Fit],
+    epochs: Sequence[int],
+    *,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    dtype: torch.dtype = torch.float32,
+    group_size: int = 64,
+    workers: int = 2,
+    progress: Callable[[int], None] | None = None,
+    compiled: bool = True,
+) -> list[np.ndarray]:
     """Train every fit; per fit an array (len(epochs), n_test) of test predictions in score
     units after each epoch count (prefixes of one run of max(epochs) epochs).
 
@@ -379,21 +442,28 @@ def train_fits(fits: Sequence[Fit], epochs: Sequence[int], *, batch_size: int = 
     order = sorted(range(len(fits)), key=lambda i: -len(fits[i].y_train))
     size = max(1, group_size)
     n_groups = min(len(order), max(-(-len(order) // size), max(1, workers)))  # >= 1 per worker
-    groups = [list(c) for c in np.array_split(np.array(order, dtype=int), n_groups)] \
-        if order else []
+    groups = [list(c) for c in np.array_split(np.array(order, dtype=int), n_groups)] if order else []
     out: list[np.ndarray] = [np.empty((len(epochs), 0))] * len(fits)
     lock = threading.Lock()
     epoch_fn = _compiled_epoch() if compiled else _epoch
 
     def tick(k: int) -> None:
+        assert progress is not None  # tick is handed on only when there is a progress
         with lock:
             progress(k)
 
     def work(idx: list[int]) -> None:
-        torch.set_flush_denormal(True)       # this worker thread only
-        torch.set_num_threads(1)             # OpenMP thread counts are per calling thread
-        preds = _train_group([fits[i] for i in idx], epochs, batch_size, lr, dtype,
-                             tick if progress is not None else None, epoch_fn)
+        torch.set_flush_denormal(True)  # this worker thread only
+        torch.set_num_threads(1)  # OpenMP thread counts are per calling thread
+        preds = _train_group(
+            [fits[i] for i in idx],
+            epochs,
+            batch_size,
+            lr,
+            dtype,
+            tick if progress is not None else None,
+            epoch_fn,
+        )
         for i, p in zip(idx, preds):
             out[i] = p
 
@@ -408,68 +478,68 @@ def train_fits(fits: Sequence[Fit], epochs: Sequence[int], *, batch_size: int = 
     return out
 
 
-def _train_group(fits: Sequence[Fit], epochs: list[int], B: int, lr: float,
-                 dtype: torch.dtype, progress, epoch_fn) -> list[np.ndarray]:
+def _train_group(
+    fits: Sequence[Fit], epochs: list[int], B: int, lr: float, dtype: torch.dtype, progress, epoch_fn
+) -> list[np.ndarray]:
     """Train one group of stacked networks (sorted by mini-batches per epoch, descending)."""
     G = len(fits)
     n = np.array([len(f.y_train) for f in fits])
     nt = np.array([len(f.y_test) for f in fits])
-    nb = -(-n // B)                                   # mini-batches per epoch, per fit
+    nb = -(-n // B)  # mini-batches per epoch, per fit
     if (np.diff(nb) > 0).any():
         raise ValueError("a group's fits must be sorted by mini-batches per epoch")
     NB, Nmax, Tmax = int(nb[0]), int(n.max()), max(1, int(nt.max()))
     L = NB * B
     active = [int((nb > k).sum()) for k in range(NB)]  # fits with a k-th batch: a prefix
     bucket_nb, bucket_start = np.unique(-nb, return_index=True)
-    bucket_nb = -bucket_nb                            # descending batch counts
+    bucket_nb = -bucket_nb  # descending batch counts
     bucket_end = np.append(bucket_start[1:], G)
 
     xtr = np.zeros((G, Nmax, N_FEATURES))
     ytr = np.zeros((G, Nmax))
     xte = np.zeros((G, Tmax, N_FEATURES))
     ym, ys = np.zeros(G), np.ones(G)
-    wl = np.zeros((G, L))                             # 2 / (size of the sample's batch)
+    wl = np.zeros((G, L))  # 2 / (size of the sample's batch)
     for g, f in enumerate(fits):
-        a, b, c, ym[g], ys[g] = _standardise(f)
-        xtr[g, :n[g]], ytr[g, :n[g]], xte[g, :nt[g]] = a, b, c
+        x_tr, y_tr, x_te, ym[g], ys[g] = _standardise(f)
+        xtr[g, : n[g]], ytr[g, : n[g]], xte[g, : nt[g]] = x_tr, y_tr, x_te
         pos = np.arange(n[g])
-        wl[g, :n[g]] = 2.0 / np.minimum(B, n[g] - (pos // B) * B)
-    t = dict(dtype=dtype)
+        wl[g, : n[g]] = 2.0 / np.minimum(B, n[g] - (pos // B) * B)
+    t: dict[str, Any] = dict(dtype=dtype)
     Xflat = torch.from_numpy(xtr.reshape(G * Nmax, N_FEATURES)).to(**t)
     Yflat = torch.from_numpy(ytr.reshape(G * Nmax, 1)).to(**t)
     Xte = torch.from_numpy(xte).to(**t)
     Wl = torch.from_numpy(wl).to(**t).unsqueeze(-1)
     negWl = -Wl
-    Xe = torch.empty(G, L, N_FEATURES, **t)           # this epoch's shuffled samples
+    Xe = torch.empty(G, L, N_FEATURES, **t)  # this epoch's shuffled samples
     Ye = torch.empty(G, L, 1, **t)
-    NYW = torch.empty(G, L, 1, **t)                   # -y * 2/n_batch for this epoch
+    NYW = torch.empty(G, L, 1, **t)  # -y * 2/n_batch for this epoch
 
     # parameters layer-major: each parameter of all G fits is one contiguous (G, a, b)
     # stack, so a prefix of fits is contiguous too (bmm writes gradients in place)
-    init = np.stack([init_params(f.key) for f in fits])          # (G, N_PARAMS) fit-major
+    init = np.stack([init_params(f.key) for f in fits])  # (G, N_PARAMS) fit-major
     P = torch.empty(G * N_PARAMS, **t)
     Gr, Mo, Vo = torch.zeros_like(P), torch.zeros_like(P), torch.zeros_like(P)
     names = ["b1", "W1", "b2", "W2", "b3", "W3", "b4", "W4"]
     blocks: dict[str, tuple[torch.Tensor, ...]] = {}
     o2 = 0
-    for nm, (a, b), o in LAYOUT:
-        blocks[nm] = tuple(x[o2:o2 + G * a * b].view(G, a, b) for x in (P, Gr, Mo, Vo))
-        blocks[nm][0].copy_(torch.from_numpy(init[:, o:o + a * b].reshape(G, a, b)))
+    for nm, (a, b), off in LAYOUT:
+        blocks[nm] = tuple(x[o2 : o2 + G * a * b].view(G, a, b) for x in (P, Gr, Mo, Vo))
+        blocks[nm][0].copy_(torch.from_numpy(init[:, off : off + a * b].reshape(G, a, b)))
         o2 += G * a * b
-    acts = [torch.empty(G, B, h, **t) for h in HIDDEN] + \
-        [torch.empty(G, B, h, **t) for h in (*HIDDEN, 1)]
-    S = torch.zeros(len(bucket_nb), dtype=torch.float32)        # Adam step per bucket
+    acts = [torch.empty(G, B, h, **t) for h in HIDDEN] + [torch.empty(G, B, h, **t) for h in (*HIDDEN, 1)]
+    S = torch.zeros(len(bucket_nb), dtype=torch.float32)  # Adam step per bucket
     views: list[list[torch.Tensor]] = []
     adam: list[list[torch.Tensor]] = []
     m_index: dict[int, int] = {}
     for M in sorted(set(active)):
         m_index[M] = len(views)
-        views.append([blocks[k][0][:M] for k in names] + [blocks[k][1][:M] for k in names]
-                     + [x[:M] for x in acts])
+        views.append(
+            [blocks[k][0][:M] for k in names] + [blocks[k][1][:M] for k in names] + [x[:M] for x in acts]
+        )
         nbk = int((bucket_start < M).sum())
         for part in range(4):
-            adam.append([blocks[k][part][bucket_start[j]:bucket_end[j]]
-                         for j in range(nbk) for k in names])
+            adam.append([blocks[k][part][bucket_start[j] : bucket_end[j]] for j in range(nbk) for k in names])
         adam.append([S[j] for j in range(nbk) for _ in names])
     mi = [m_index[M] for M in active]
     nab = [int((bucket_nb > k).sum()) for k in range(NB)]
@@ -479,15 +549,16 @@ def _train_group(fits: Sequence[Fit], epochs: list[int], B: int, lr: float,
     preds = [np.empty((len(epochs), nt[g])) for g in range(G)]
     checkpoints = {e: i for i, e in enumerate(epochs)}
     b1, W1, b2, W2, b3, W3, b4, W4 = (blocks[k][0] for k in names)
-    chunk = None
+    chunk: torch.Tensor | None = None
     for e in range(epochs[-1]):
         if e % _ORDER_CHUNK == 0:
             m = min(_ORDER_CHUNK, epochs[-1] - e)
             o = np.zeros((m, G, L), np.int64)
             for g, st in enumerate(streams):
-                o[:, g, :n[g]] = next(st)
-            o += offsets                              # padded slots point at the fit's row 0
+                o[:, g, : n[g]] = next(st)
+            o += offsets  # padded slots point at the fit's row 0
             chunk = torch.from_numpy(o.reshape(m, G * L))
+        assert chunk is not None  # made at e == 0
         flat = chunk[e % _ORDER_CHUNK]
         torch.index_select(Xflat, 0, flat, out=Xe.view(G * L, N_FEATURES))
         torch.index_select(Yflat, 0, flat, out=Ye.view(G * L, 1))
@@ -497,10 +568,10 @@ def _train_group(fits: Sequence[Fit], epochs: list[int], B: int, lr: float,
             z = torch.baddbmm(b1, Xte, W1).clamp_min_(0)
             z = torch.baddbmm(b2, z, W2).clamp_min_(0)
             z = torch.baddbmm(b3, z, W3).clamp_min_(0)
-            z = torch.baddbmm(b4, z, W4)[..., 0].to(torch.float64).numpy()
+            zn = torch.baddbmm(b4, z, W4)[..., 0].to(torch.float64).numpy()
             j = checkpoints[e + 1]
             for g in range(G):
-                preds[g][j] = z[g, :nt[g]] * ys[g] + ym[g]
+                preds[g][j] = zn[g, : nt[g]] * ys[g] + ym[g]
         if progress is not None:
             progress(G)
     return preds
@@ -511,16 +582,26 @@ def _metrics(pred: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     if len(y) == 0:
         return math.nan, math.nan
     err = pred - y
-    return float(np.mean(err ** 2)), float(np.mean(np.abs(err)))
+    return float(np.mean(err**2)), float(np.mean(np.abs(err)))
 
 
-def run_grid(joined: pd.DataFrame, scores: Sequence[str] = SCORE_COLUMNS,
-             windows: Iterable[int] = range(1, 6), epochs: Sequence[int] = (50, 100, 150, 200),
-             seeds: Iterable[int] = range(5), folds: int = 5,
-             progress: Callable[[int, int], None] | None = None, *,
-             batch_size: int = 32, lr: float = 1e-3, holdout: bool = True,
-             criterion: str = "mse", group_size: int = 64, threads: int = 2,
-             dtype: torch.dtype = torch.float32) -> MlpResult:
+def run_grid(
+    joined: pd.DataFrame,
+    scores: Sequence[str] = SCORE_COLUMNS,
+    windows: Iterable[int] = range(1, 6),
+    epochs: Sequence[int] = (50, 100, 150, 200),
+    seeds: Iterable[int] = range(5),
+    folds: int = 5,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    holdout: bool = True,
+    criterion: str = "mse",
+    group_size: int = 64,
+    threads: int = 2,
+    dtype: torch.dtype = torch.float32,
+) -> MlpResult:
     """Table II: the sliding-window MLP over windows x epochs x seeds x grouped folds.
 
     ``joined`` is ``scores.join``'s output (one row per smile with its session's
@@ -571,8 +652,11 @@ def run_grid(joined: pd.DataFrame, scores: Sequence[str] = SCORE_COLUMNS,
         data[w] = (samples[FEATURE_COLUMNS].to_numpy(np.float64), pid, samples)
         for s in scores:
             ok = np.isfinite(samples[s].to_numpy())
-            counts[(s, w)] = (int(samples.loc[ok, KEYS].drop_duplicates().shape[0]),
-                              int(ok.sum()), len(set(pid[ok])))
+            counts[(s, w)] = (
+                int(samples.loc[ok, KEYS].drop_duplicates().shape[0]),
+                int(ok.sum()),
+                len(set(pid[ok])),
+            )
             if not ok.any():
                 notes.append(f"{SCALES[s].label}, window {w}: no samples")
 
@@ -589,8 +673,7 @@ def run_grid(joined: pd.DataFrame, scores: Sequence[str] = SCORE_COLUMNS,
                 continue
             bmse, bmae = _metrics(np.full(te.sum(), y[tr].mean()), y[te])
             meta.append((s, w, seed, split, int(tr.sum()), int(te.sum()), (bmse, bmae)))
-            fits.append(Fit(fit_key(seed, s, w, split), X[tr], y[tr], X[te], y[te],
-                            pid[tr], pid[te]))
+            fits.append(Fit(fit_key(seed, s, w, split), X[tr], y[tr], X[te], y[te], pid[tr], pid[te]))
         return fits, meta
 
     cv_jobs = []
@@ -607,49 +690,80 @@ def run_grid(joined: pd.DataFrame, scores: Sequence[str] = SCORE_COLUMNS,
         progress(0, total)
 
     def tick(k: int) -> None:
+        assert progress is not None  # tick is handed on only when there is a progress
         done[0] += k
         progress(done[0], total)
 
-    train = dict(batch_size=batch_size, lr=lr, dtype=dtype, group_size=group_size,
-                 workers=threads or 1, progress=tick if progress else None)
+    train: dict[str, Any]
+    train = dict(
+        batch_size=batch_size,
+        lr=lr,
+        dtype=dtype,
+        group_size=group_size,
+        workers=threads or 1,
+        progress=tick if progress else None,
+    )
     runs = _runs(cv_meta, cv_fits, train_fits(cv_fits, epochs, **train), epochs)
     grid = _grid(runs, counts, excluded)
     best = _select(grid, criterion, scores)
 
-    if holdout:        # the paper's 75/19 split, for the selected window of each score
+    if holdout:  # the paper's 75/19 split, for the selected window of each score
         ho_jobs = []
         for s, (w, _) in best.items():
             pid = data[w][1]
-            ho_jobs += [(s, w, seed, HOLDOUT, np.isin(pid, sorted(test_of[seed])))
-                        for seed in seeds]
+            ho_jobs += [(s, w, seed, HOLDOUT, np.isin(pid, sorted(test_of[seed]))) for seed in seeds]
         ho_fits, ho_meta = build(ho_jobs)
-        runs = pd.concat([runs, _runs(ho_meta, ho_fits, train_fits(ho_fits, epochs, **train),
-                                      epochs)], ignore_index=True)
+        runs = pd.concat(
+            [runs, _runs(ho_meta, ho_fits, train_fits(ho_fits, epochs, **train), epochs)], ignore_index=True
+        )
         if progress is not None and done[0] < total:
             progress(total, total)
     table = _table(grid, runs, best, counts, excluded, scores, holdout)
     for s in scores:
         if s not in best:
             notes.append(f"{SCALES[s].label}: no window had enough samples for {folds}-fold CV")
-    config = dict(scores=scores, windows=windows, epochs=epochs, seeds=seeds, folds=folds,
-                  batch_size=batch_size, lr=lr, holdout=holdout,
-                  holdout_fraction=HOLDOUT_FRACTION if holdout else None, criterion=criterion,
-                  hidden=HIDDEN, cv_fits=len(cv_fits), participants=len(participants),
-                  threads=threads, group_size=group_size, dtype=str(dtype),
-                  torchscript=_compiled_epoch() is not _epoch)
+    config = dict(
+        scores=scores,
+        windows=windows,
+        epochs=epochs,
+        seeds=seeds,
+        folds=folds,
+        batch_size=batch_size,
+        lr=lr,
+        holdout=holdout,
+        holdout_fraction=HOLDOUT_FRACTION if holdout else None,
+        criterion=criterion,
+        hidden=HIDDEN,
+        cv_fits=len(cv_fits),
+        participants=len(participants),
+        threads=threads,
+        group_size=group_size,
+        dtype=str(dtype),
+        torchscript=_compiled_epoch() is not _epoch,
+    )
     return MlpResult(table, grid, runs, notes, config, time.perf_counter() - t0)
 
 
-RUN_COLUMNS = ["score", "window", "seed", "split", "epochs", "mse", "mae", "baseline_mse",
-               "baseline_mae", "n_train", "n_test"]
+RUN_COLUMNS = [
+    "score",
+    "window",
+    "seed",
+    "split",
+    "epochs",
+    "mse",
+    "mae",
+    "baseline_mse",
+    "baseline_mae",
+    "n_train",
+    "n_test",
+]
 
 
 def _runs(meta, fits, preds, epochs) -> pd.DataFrame:
     rows, it = [], iter(zip(fits, preds))
     for s, w, seed, split, ntr, nte, base in meta:
         if base is None:
-            rows += [(s, w, seed, split, e, math.nan, math.nan, math.nan, math.nan, ntr, nte)
-                     for e in epochs]
+            rows += [(s, w, seed, split, e, math.nan, math.nan, math.nan, math.nan, ntr, nte) for e in epochs]
             continue
         f, p = next(it)
         for j, e in enumerate(epochs):
@@ -672,8 +786,13 @@ def _select(grid: pd.DataFrame, criterion: str, scores) -> dict[str, tuple[int, 
 
 def _per_seed(runs: pd.DataFrame) -> pd.DataFrame:
     """Per (score, window, epochs, seed): fold means of MSE/MAE; RMSE = sqrt(mean MSE)."""
-    ps = (runs.groupby(["score", "window", "epochs", "seed"], sort=True)
-          [["mse", "mae", "baseline_mse", "baseline_mae"]].mean().reset_index())
+    ps = (
+        runs.groupby(["score", "window", "epochs", "seed"], sort=True)[
+            ["mse", "mae", "baseline_mse", "baseline_mae"]
+        ]
+        .mean()
+        .reset_index()
+    )
     ps["rmse"] = np.sqrt(ps["mse"])
     ps["baseline_rmse"] = np.sqrt(ps["baseline_mse"])
     return ps
@@ -682,19 +801,30 @@ def _per_seed(runs: pd.DataFrame) -> pd.DataFrame:
 def _grid(runs: pd.DataFrame, counts, excluded) -> pd.DataFrame:
     cv = runs[runs["split"] != HOLDOUT]
     ps = _per_seed(cv)
-    agg = ps.groupby(["score", "window", "epochs"], sort=False).agg(
-        mse=("mse", "mean"), mse_sd=("mse", "std"), mae=("mae", "mean"), mae_sd=("mae", "std"),
-        rmse=("rmse", "mean"), rmse_sd=("rmse", "std"), baseline_mse=("baseline_mse", "mean"),
-        baseline_mae=("baseline_mae", "mean"), baseline_rmse=("baseline_rmse", "mean"),
-    ).reset_index()
+    agg = (
+        ps.groupby(["score", "window", "epochs"], sort=False)
+        .agg(
+            mse=("mse", "mean"),
+            mse_sd=("mse", "std"),
+            mae=("mae", "mean"),
+            mae_sd=("mae", "std"),
+            rmse=("rmse", "mean"),
+            rmse_sd=("rmse", "std"),
+            baseline_mse=("baseline_mse", "mean"),
+            baseline_mae=("baseline_mae", "mean"),
+            baseline_rmse=("baseline_rmse", "mean"),
+        )
+        .reset_index()
+    )
     agg["n_sessions"] = [counts[(s, w)][0] for s, w in zip(agg["score"], agg["window"])]
     agg["n_samples"] = [counts[(s, w)][1] for s, w in zip(agg["score"], agg["window"])]
     agg["excluded"] = [excluded[s] for s in agg["score"]]
     return agg[GRID_COLUMNS]
 
 
-def _table(grid: pd.DataFrame, runs: pd.DataFrame, best: dict, counts, excluded,
-           scores: Sequence[str], holdout: bool) -> pd.DataFrame:
+def _table(
+    grid: pd.DataFrame, runs: pd.DataFrame, best: dict, counts, excluded, scores: Sequence[str], holdout: bool
+) -> pd.DataFrame:
     ho = _per_seed(runs[runs["split"] == HOLDOUT]) if holdout else None
     rows = []
     for s in scores:
@@ -702,22 +832,36 @@ def _table(grid: pd.DataFrame, runs: pd.DataFrame, best: dict, counts, excluded,
         if s in best:
             w, e = best[s]
             b = grid[(grid["score"] == s) & (grid["window"] == w) & (grid["epochs"] == e)].iloc[0]
-            row.update(best_window=w, best_epochs=e, mse=b["mse"],
-                       **{c: b[c] for c in ("mae", "mae_sd", "rmse", "rmse_sd",
-                                            "baseline_mae", "baseline_rmse")})
-            row.update(n_sessions=counts[(s, w)][0], n_samples=counts[(s, w)][1],
-                       n_participants=counts[(s, w)][2])
+            row.update(
+                best_window=w,
+                best_epochs=e,
+                mse=b["mse"],
+                **{c: b[c] for c in ("mae", "mae_sd", "rmse", "rmse_sd", "baseline_mae", "baseline_rmse")},
+            )
+            row.update(
+                n_sessions=counts[(s, w)][0], n_samples=counts[(s, w)][1], n_participants=counts[(s, w)][2]
+            )
             if ho is not None:
                 h = ho[(ho["score"] == s) & (ho["window"] == w) & (ho["epochs"] == e)]
-                row.update(holdout_mae=h["mae"].mean(), holdout_rmse=h["rmse"].mean(),
-                           holdout_mae_sd=h["mae"].std(), holdout_rmse_sd=h["rmse"].std(),
-                           holdout_baseline_mae=h["baseline_mae"].mean(),
-                           holdout_baseline_rmse=h["baseline_rmse"].mean())
+                row.update(
+                    holdout_mae=h["mae"].mean(),
+                    holdout_rmse=h["rmse"].mean(),
+                    holdout_mae_sd=h["mae"].std(),
+                    holdout_rmse_sd=h["rmse"].std(),
+                    holdout_baseline_mae=h["baseline_mae"].mean(),
+                    holdout_baseline_rmse=h["baseline_rmse"].mean(),
+                )
         row["excluded"] = excluded[s]
         rows.append(row)
     table = pd.DataFrame(rows)
-    extras = ["mse", "n_participants", "holdout_mae_sd", "holdout_rmse_sd",
-              "holdout_baseline_mae", "holdout_baseline_rmse"]
+    extras = [
+        "mse",
+        "n_participants",
+        "holdout_mae_sd",
+        "holdout_rmse_sd",
+        "holdout_baseline_mae",
+        "holdout_baseline_rmse",
+    ]
     for c in TABLE_COLUMNS + extras:
         if c not in table.columns:
             table[c] = np.nan

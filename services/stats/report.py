@@ -4,6 +4,7 @@ APA conventions (7th ed.): statistics in italics; no leading zero for values
 that cannot exceed 1 (p, r, ηp²); exact p to three decimals, "p < .001"
 below that; t(df) with fractional Welch df to two decimals.
 """
+
 from __future__ import annotations
 
 import html
@@ -66,8 +67,15 @@ def fig_ttests(t3: pd.DataFrame) -> bytes:
     y = np.arange(len(t3))[::-1]
     sig = t3["p"] < 0.05
     ax.axvline(0, color="0.6", lw=1)
-    ax.scatter(t3["cohens_d"], y, s=60, c=np.where(sig, "#1f77b4", "white"), edgecolors="#1f77b4",
-               zorder=3, label="p < .05 (filled)")
+    ax.scatter(
+        t3["cohens_d"],
+        y,
+        s=60,
+        c=np.where(sig, "#1f77b4", "white"),
+        edgecolors="#1f77b4",
+        zorder=3,
+        label="p < .05 (filled)",
+    )
     if {"ci95_low", "ci95_high"} <= set(t3.columns):
         ax.hlines(y, t3["ci95_low"], t3["ci95_high"], color="#1f77b4", lw=1.5, label="95% CI")
     ax.set_yticks(y, [FEATURES.get(f, f) for f in t3["feature"]])
@@ -92,7 +100,7 @@ def fig_anova(t4: pd.DataFrame) -> bytes:
         m = sub.pivot_table(index="feature", columns="score", values="partial_eta2")
         m = m.reindex(index=list(FEATURES), columns=[c for c in SCALES if SCALES[c].categories])
         im = ax.imshow(m.to_numpy(float), vmin=0, vmax=vmax, cmap="viridis", aspect="auto")
-        for (i, f) in enumerate(m.index):
+        for i, f in enumerate(m.index):
             for j, s in enumerate(m.columns):
                 row = sub[(sub["feature"] == f) & (sub["score"] == s)]
                 if len(row) and row["p"].iloc[0] < 0.05:
@@ -123,7 +131,7 @@ def fig_correlations(corr: pd.DataFrame) -> bytes:
         ax.set_title(SCALES[s].label)
         ax.set_xlabel("smile index k")
         ax.set_ylabel("Pearson r")
-    for ax in axes[len(scores):]:
+    for ax in axes[len(scores) :]:
         ax.set_visible(False)
     if scores:
         axes[0].legend(fontsize=7, ncol=2)
@@ -159,76 +167,142 @@ def _significant(t: pd.DataFrame) -> pd.Series:
 def dyad_section(anova: pd.DataFrame, corr: pd.DataFrame) -> list[str]:
     """Per-dyad measures (contingency, synchrony, shared smiling) against the scores."""
     ok = anova.dropna(subset=["F"])
-    a = pd.DataFrame({
-        "Dyad measure": ok["label"], "Month": ok["visit_month"],
-        "Variable": [SCALES[s].label for s in ok["score"]],
-        "ANOVA": [apa_f(F, x, y, p, e) for F, x, y, p, e in
-                  zip(ok["F"], ok["df1"], ok["df2"], ok["p"], ok["partial_eta2"])]})
+    a = pd.DataFrame(
+        {
+            "Dyad measure": ok["label"],
+            "Month": ok["visit_month"],
+            "Variable": [SCALES[s].label for s in ok["score"]],
+            "ANOVA": [
+                apa_f(F, x, y, p, e)
+                for F, x, y, p, e in zip(ok["F"], ok["df1"], ok["df2"], ok["p"], ok["partial_eta2"])
+            ],
+        }
+    )
     okc = corr.dropna(subset=["r"])
-    c = pd.DataFrame({"Dyad measure": okc["label"],
-                      "Score": [SCALES[s].label for s in okc["score"]],
-                      "Correlation": [apa_r(r, int(n), p) for r, n, p in
-                                      zip(okc["r"], okc["n"], okc["p"])]})
-    return ["<h2>Parent–infant dyads</h2>",
-            htmlpage.table(a, "Table V. One-way ANOVA of each dyad measure across questionnaire "
-                           "categories, per visit (one dyad = one observation).", "table5",
-                           _significant(ok)),
-            htmlpage.table(c, "Table VI. Pearson correlation of each dyad measure with each score "
-                           "(visits pooled).", "table6", _significant(okc))]
+    c = pd.DataFrame(
+        {
+            "Dyad measure": okc["label"],
+            "Score": [SCALES[s].label for s in okc["score"]],
+            "Correlation": [apa_r(r, int(n), p) for r, n, p in zip(okc["r"], okc["n"], okc["p"])],
+        }
+    )
+    return [
+        "<h2>Parent–infant dyads</h2>",
+        htmlpage.table(
+            a,
+            "Table V. One-way ANOVA of each dyad measure across questionnaire "
+            "categories, per visit (one dyad = one observation).",
+            "table5",
+            _significant(ok),
+        ),
+        htmlpage.table(
+            c,
+            "Table VI. Pearson correlation of each dyad measure with each score (visits pooled).",
+            "table6",
+            _significant(okc),
+        ),
+    ]
 
 
-def html_report(t2: pd.DataFrame | None, t3: pd.DataFrame, t4: pd.DataFrame, corr: pd.DataFrame,
-                figures: dict[str, bytes], notes: list[str], meta: dict,
-                dyads: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> str:
+def html_report(
+    t2: pd.DataFrame | None,
+    t3: pd.DataFrame,
+    t4: pd.DataFrame,
+    corr: pd.DataFrame,
+    figures: dict[str, bytes],
+    notes: list[str],
+    meta: dict,
+    dyads: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+) -> str:
     """One self-contained page (figures inline), readable offline."""
-    parts = ["<h1>Maternal smiles and mental health: cohort report</h1>",
-             htmlpage.para(meta.get("summary", ""), "note")]
+    parts = [
+        "<h1>Maternal smiles and mental health: cohort report</h1>",
+        htmlpage.para(meta.get("summary", ""), "note"),
+    ]
     if t2 is not None and len(t2):
-        show = pd.DataFrame({
-            "Score": [f"{SCALES[s].label} [{SCALES[s].lo:g}, {SCALES[s].hi:g}]" for s in t2["score"]],
-            "Best window": t2["best_window"], "Best epochs": t2["best_epochs"],
-            "MAE": t2["mae"].map(lambda v: f"{v:.2f}"), "RMSE": t2["rmse"].map(lambda v: f"{v:.2f}"),
-            "Baseline MAE": t2["baseline_mae"].map(lambda v: f"{v:.2f}"),
-            "Baseline RMSE": t2["baseline_rmse"].map(lambda v: f"{v:.2f}")})
+        show = pd.DataFrame(
+            {
+                "Score": [f"{SCALES[s].label} [{SCALES[s].lo:g}, {SCALES[s].hi:g}]" for s in t2["score"]],
+                "Best window": t2["best_window"],
+                "Best epochs": t2["best_epochs"],
+                "MAE": t2["mae"].map(lambda v: f"{v:.2f}"),
+                "RMSE": t2["rmse"].map(lambda v: f"{v:.2f}"),
+                "Baseline MAE": t2["baseline_mae"].map(lambda v: f"{v:.2f}"),
+                "Baseline RMSE": t2["baseline_rmse"].map(lambda v: f"{v:.2f}"),
+            }
+        )
         for extra in ("holdout_mae", "holdout_rmse"):
             if extra in t2:
                 show["Hold-out " + extra.split("_")[1].upper()] = t2[extra].map(lambda v: f"{v:.2f}")
-        parts += ["<h2>Sliding-window MLP</h2>",
-                  htmlpage.table(show, "Table II. Best window size and epochs per score, cross-validated "
-                         "MAE and RMSE (mean over seeds), against predicting the training mean. "
-                         "The hold-out columns test the chosen setting on ~19/94 of the mothers; "
-                         "the choice was made by cross-validation that saw them, so they are "
-                         "optimistic.", "table2"), htmlpage.img(figures["table2"], "MLP against baseline")]
-    show3 = pd.DataFrame({
-        "Smile feature": [FEATURES.get(f, f) for f in t3["feature"]],
-        "M (SD), 6 months": [f"{m:.3f} ({s:.3f})" for m, s in zip(t3["mean_6"], t3["sd_6"])],
-        "M (SD), 12 months": [f"{m:.3f} ({s:.3f})" for m, s in zip(t3["mean_12"], t3["sd_12"])],
-        "Unequal-variance t-test": [apa_t(t, df, p, d) for t, df, p, d in
-                                    zip(t3["t"], t3["df"], t3["p"], t3["cohens_d"])]})
+        parts += [
+            "<h2>Sliding-window MLP</h2>",
+            htmlpage.table(
+                show,
+                "Table II. Best window size and epochs per score, cross-validated "
+                "MAE and RMSE (mean over seeds), against predicting the training mean. "
+                "The hold-out columns test the chosen setting on ~19/94 of the mothers; "
+                "the choice was made by cross-validation that saw them, so they are "
+                "optimistic.",
+                "table2",
+            ),
+            htmlpage.img(figures["table2"], "MLP against baseline"),
+        ]
+    show3 = pd.DataFrame(
+        {
+            "Smile feature": [FEATURES.get(f, f) for f in t3["feature"]],
+            "M (SD), 6 months": [f"{m:.3f} ({s:.3f})" for m, s in zip(t3["mean_6"], t3["sd_6"])],
+            "M (SD), 12 months": [f"{m:.3f} ({s:.3f})" for m, s in zip(t3["mean_12"], t3["sd_12"])],
+            "Unequal-variance t-test": [
+                apa_t(t, df, p, d) for t, df, p, d in zip(t3["t"], t3["df"], t3["p"], t3["cohens_d"])
+            ],
+        }
+    )
     if _adjusted(t3):
         show3["Adjusted p"] = t3["p_adj"].map(apa_p)
-    parts += ["<h2>Visits compared</h2>",
-              htmlpage.table(show3, "Table III. Welch t-tests of smile features between the 6- and "
-                     "12-month visits (smiles as observations; bold: p < .05, adjusted when "
-                     "a correction is applied).", "table3", _significant(t3)),
-              htmlpage.img(figures["table3"], "Cohen's d per feature")]
+    parts += [
+        "<h2>Visits compared</h2>",
+        htmlpage.table(
+            show3,
+            "Table III. Welch t-tests of smile features between the 6- and "
+            "12-month visits (smiles as observations; bold: p < .05, adjusted when "
+            "a correction is applied).",
+            "table3",
+            _significant(t3),
+        ),
+        htmlpage.img(figures["table3"], "Cohen's d per feature"),
+    ]
     ok4 = t4.dropna(subset=["F"])
-    show4 = pd.DataFrame({
-        "Smile feature": [FEATURES.get(f, f) for f in ok4["feature"]],
-        "Month": ok4["visit_month"], "Variable": [SCALES[s].label for s in ok4["score"]],
-        "ANOVA": [apa_f(F, a, b, p, e) for F, a, b, p, e in
-                  zip(ok4["F"], ok4["df1"], ok4["df2"], ok4["p"], ok4["partial_eta2"])]})
+    show4 = pd.DataFrame(
+        {
+            "Smile feature": [FEATURES.get(f, f) for f in ok4["feature"]],
+            "Month": ok4["visit_month"],
+            "Variable": [SCALES[s].label for s in ok4["score"]],
+            "ANOVA": [
+                apa_f(F, a, b, p, e)
+                for F, a, b, p, e in zip(ok4["F"], ok4["df1"], ok4["df2"], ok4["p"], ok4["partial_eta2"])
+            ],
+        }
+    )
     if _adjusted(ok4):
         show4["Adjusted p"] = ok4["p_adj"].map(apa_p)
-    parts += ["<h2>Questionnaire categories</h2>",
-              htmlpage.table(show4, "Table IV. One-way ANOVA of each smile feature across questionnaire "
-                     "categories, per visit (all tests; bold: p < .05, adjusted when a "
-                     "correction is applied).", "table4", _significant(ok4)),
-              htmlpage.img(figures["table4"], "partial eta squared")]
-    parts += ["<h2>Smile by smile</h2>",
-              "<p>Pearson correlation of the k-th smile's features with each score "
-              "(the full table, with regression slopes, is fig2_correlations.csv).</p>",
-              htmlpage.img(figures["fig2"], "correlation against smile index")]
+    parts += [
+        "<h2>Questionnaire categories</h2>",
+        htmlpage.table(
+            show4,
+            "Table IV. One-way ANOVA of each smile feature across questionnaire "
+            "categories, per visit (all tests; bold: p < .05, adjusted when a "
+            "correction is applied).",
+            "table4",
+            _significant(ok4),
+        ),
+        htmlpage.img(figures["table4"], "partial eta squared"),
+    ]
+    parts += [
+        "<h2>Smile by smile</h2>",
+        "<p>Pearson correlation of the k-th smile's features with each score "
+        "(the full table, with regression slopes, is fig2_correlations.csv).</p>",
+        htmlpage.img(figures["fig2"], "correlation against smile index"),
+    ]
     if dyads is not None:
         parts += dyad_section(*dyads)
     if notes:
@@ -247,16 +321,22 @@ def write_all(out: Path, t2, t3, t4, corr, notes, meta, dyads=None) -> dict[str,
         figures["table2"] = fig_mlp(t2)
     files = {}
     da, dc = dyads if dyads is not None else (None, None)
-    for name, df in (("table2_mlp.csv", t2), ("table3_ttests.csv", t3), ("table4_anova.csv", t4),
-                     ("fig2_correlations.csv", corr), ("table5_dyads_anova.csv", da),
-                     ("table6_dyads_correlations.csv", dc)):
+    for name, df in (
+        ("table2_mlp.csv", t2),
+        ("table3_ttests.csv", t3),
+        ("table4_anova.csv", t4),
+        ("fig2_correlations.csv", corr),
+        ("table5_dyads_anova.csv", da),
+        ("table6_dyads_correlations.csv", dc),
+    ):
         if df is not None:
             files[name] = out / name
-            df.to_csv(files[name], index=False)   # full precision: floats round-trip
+            df.to_csv(files[name], index=False)  # full precision: floats round-trip
     for name, png in figures.items():
         files[f"{name}.png"] = out / f"{name}.png"
         files[f"{name}.png"].write_bytes(png)
     files["report.html"] = out / "report.html"
-    files["report.html"].write_text(html_report(t2, t3, t4, corr, figures, notes, meta, dyads),
-                                    encoding="utf-8")
+    files["report.html"].write_text(
+        html_report(t2, t3, t4, corr, figures, notes, meta, dyads), encoding="utf-8"
+    )
     return files

@@ -12,6 +12,7 @@ and column, rows counted from 1 below the header as a spreadsheet shows them
 minus one) and never drop rows silently. Missing scores are allowed: each
 analysis reports how many observations it excluded.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,14 +46,30 @@ class Scale:
         return out
 
 
-SCALES: dict[str, Scale] = {s.column: s for s in (
-    Scale("phq9", "PHQ-9", 0, 27, (("minimal", 0, 4), ("mild", 5, 9), ("moderate", 10, 14),
-                                   ("moderately severe", 15, 19), ("severe", 20, 27)), 3.19, 4.16),
-    Scale("aces", "ACEs", 0, 10, (("low", 0, 0), ("intermediate", 1, 3), ("high", 4, 10)), 2.07, 2.55),
-    Scale("pss", "PSS", 0, 40, (("low", 0, 13), ("moderate", 14, 26), ("high", 27, 40)), 12.52, 6.66),
-    Scale("pearls", "PEARLS", 0, 10, None, 0.47, 0.90),
-    Scale("social_support", "Social Support", 0, 100, None, 82.80, 15.97),
-)}
+SCALES: dict[str, Scale] = {
+    s.column: s
+    for s in (
+        Scale(
+            "phq9",
+            "PHQ-9",
+            0,
+            27,
+            (
+                ("minimal", 0, 4),
+                ("mild", 5, 9),
+                ("moderate", 10, 14),
+                ("moderately severe", 15, 19),
+                ("severe", 20, 27),
+            ),
+            3.19,
+            4.16,
+        ),
+        Scale("aces", "ACEs", 0, 10, (("low", 0, 0), ("intermediate", 1, 3), ("high", 4, 10)), 2.07, 2.55),
+        Scale("pss", "PSS", 0, 40, (("low", 0, 13), ("moderate", 14, 26), ("high", 27, 40)), 12.52, 6.66),
+        Scale("pearls", "PEARLS", 0, 10, None, 0.47, 0.90),
+        Scale("social_support", "Social Support", 0, 100, None, 82.80, 15.97),
+    )
+}
 SCORE_COLUMNS = list(SCALES)
 CATEGORICAL = [c for c, s in SCALES.items() if s.categories is not None]
 
@@ -106,8 +123,10 @@ def _keys(df: pd.DataFrame, problems: list[str], what: str) -> pd.DataFrame:
     visit = _numeric(out, "visit_month", problems, what)
     bad = visit.notna() & ~visit.isin(VISITS)
     for i in np.flatnonzero(bad.to_numpy())[:5]:
-        problems.append(f"{what} {_where(i)}, column 'visit_month': {visit.iloc[i]:g} "
-                        f"is not one of {', '.join(map(str, VISITS))}")
+        problems.append(
+            f"{what} {_where(i)}, column 'visit_month': {visit.iloc[i]:g} "
+            f"is not one of {', '.join(map(str, VISITS))}"
+        )
     for i in np.flatnonzero(visit.isna().to_numpy())[:5]:
         problems.append(f"{what} {_where(i)}, column 'visit_month': missing")
     out["visit_month"] = visit
@@ -130,17 +149,20 @@ def validate_scores(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         v = _numeric(out, col, problems, what)
         bad = v.notna() & ((v < sc.lo) | (v > sc.hi))
         for i in np.flatnonzero(bad.to_numpy())[:5]:
-            problems.append(f"{what} {_where(i)}, column {col!r}: {v.iloc[i]:g} is outside "
-                            f"{sc.label}'s range [{sc.lo:g}, {sc.hi:g}]")
+            problems.append(
+                f"{what} {_where(i)}, column {col!r}: {v.iloc[i]:g} is outside "
+                f"{sc.label}'s range [{sc.lo:g}, {sc.hi:g}]"
+            )
         out[col] = v.astype(float)
     dup = out.duplicated(KEYS, keep=False) & out["visit_month"].notna()
     if dup.any():
-        first = {}
+        first: dict[tuple[object, object], int] = {}
         for i in np.flatnonzero(dup.to_numpy()):
             k = (out["participant_id"].iloc[i], out["visit_month"].iloc[i])
             if k in first:
-                problems.append(f"{what} {_where(i)}: participant {k[0]!r} visit {k[1]:g} "
-                                f"repeats {_where(first[k])}")
+                problems.append(
+                    f"{what} {_where(i)}: participant {k[0]!r} visit {k[1]:g} repeats {_where(first[k])}"
+                )
             else:
                 first[k] = i
     if problems:
@@ -149,8 +171,10 @@ def validate_scores(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     for col in SCORE_COLUMNS:
         n = int(out[col].isna().sum())
         if n:
-            notes.append(f"{SCALES[col].label}: {n} missing values (those sessions are excluded "
-                         "from analyses of this score)")
+            notes.append(
+                f"{SCALES[col].label}: {n} missing values (those sessions are excluded "
+                "from analyses of this score)"
+            )
     out["visit_month"] = out["visit_month"].astype(int)
     return out[KEYS + SCORE_COLUMNS + [c for c in out.columns if c not in KEYS + SCORE_COLUMNS]], notes
 
@@ -171,9 +195,11 @@ def validate_smiles(df: pd.DataFrame) -> pd.DataFrame:
         problems.append(f"{what} {_where(i)}, column 'smile_id': must be a whole number >= 1")
     dup = out.duplicated(KEYS + ["smile_id"], keep="first") & ~bad
     for i in np.flatnonzero(dup.to_numpy())[:5]:
-        problems.append(f"{what} {_where(i)}: smile_id {out['smile_id'].iloc[i]:g} repeats within "
-                        f"participant {out['participant_id'].iloc[i]!r} visit "
-                        f"{out['visit_month'].iloc[i]:g}")
+        problems.append(
+            f"{what} {_where(i)}: smile_id {out['smile_id'].iloc[i]:g} repeats within "
+            f"participant {out['participant_id'].iloc[i]!r} visit "
+            f"{out['visit_month'].iloc[i]:g}"
+        )
     if problems:
         raise TableError("; ".join(problems))
     out["visit_month"] = out["visit_month"].astype(int)
@@ -194,13 +220,18 @@ def join(smiles: pd.DataFrame, scores: pd.DataFrame) -> tuple[pd.DataFrame, list
     no_smiles = sorted(sess_sc - sess_sm)
     no_scores = sorted(sess_sm - sess_sc)
     if no_smiles:
-        notes.append(f"{len(no_smiles)} scored session(s) have no smiles: "
-                     + ", ".join(f"{p} (month {v})" for p, v in no_smiles[:10])
-                     + (" ..." if len(no_smiles) > 10 else ""))
+        notes.append(
+            f"{len(no_smiles)} scored session(s) have no smiles: "
+            + ", ".join(f"{p} (month {v})" for p, v in no_smiles[:10])
+            + (" ..." if len(no_smiles) > 10 else "")
+        )
     if no_scores:
-        notes.append(f"{len(no_scores)} session(s) with smiles have no scores (excluded from "
-                     "score analyses): " + ", ".join(f"{p} (month {v})" for p, v in no_scores[:10])
-                     + (" ..." if len(no_scores) > 10 else ""))
+        notes.append(
+            f"{len(no_scores)} session(s) with smiles have no scores (excluded from "
+            "score analyses): "
+            + ", ".join(f"{p} (month {v})" for p, v in no_scores[:10])
+            + (" ..." if len(no_scores) > 10 else "")
+        )
     return smiles.merge(scores, on=KEYS, how="left", validate="many_to_one"), notes
 
 
@@ -216,8 +247,10 @@ def validate_dyads(df: pd.DataFrame) -> pd.DataFrame:
         out[col] = _numeric(out, col, problems, what).astype(float)
     dup = out.duplicated(KEYS, keep="first")
     for i in np.flatnonzero(dup.to_numpy())[:5]:
-        problems.append(f"{what} {_where(i)}: participant {out['participant_id'].iloc[i]!r} visit "
-                        f"{out['visit_month'].iloc[i]:g} repeats")
+        problems.append(
+            f"{what} {_where(i)}: participant {out['participant_id'].iloc[i]!r} visit "
+            f"{out['visit_month'].iloc[i]:g} repeats"
+        )
     if problems:
         raise TableError("; ".join(problems))
     out["visit_month"] = out["visit_month"].astype(int)

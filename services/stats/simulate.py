@@ -119,6 +119,7 @@ inflates the SE of the mean difference (1.08 for unloaded features, 1.32 for
 the loaded ones, 1.21 for the total at the defaults; Monte Carlo agrees within
 ~5%, slightly conservative for the loaded features).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -130,7 +131,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -142,23 +143,29 @@ from .scores import FEATURES, KEYS, SCALES, SCORE_COLUMNS, VISITS
 
 #: Table III of the seed paper: Cohen's d, 12-month minus 6-month (12 larger).
 TABLE_III_D: dict[str, float] = {
-    "max_onset_speed": 0.51, "max_offset_speed": 0.37,
-    "onset_amplitude": 0.49, "offset_amplitude": 0.29,
-    "onset_duration_s": 0.05, "offset_duration_s": 0.05,
-    "apex_duration_s": 0.19, "total_duration_s": 0.22,
+    "max_onset_speed": 0.51,
+    "max_offset_speed": 0.37,
+    "onset_amplitude": 0.49,
+    "offset_amplitude": 0.29,
+    "onset_duration_s": 0.05,
+    "offset_duration_s": 0.05,
+    "apex_duration_s": 0.19,
+    "total_duration_s": 0.22,
 }
 #: The features Fig. 2 found correlated with the scores (total is implied).
 FIG2_FEATURES = ("onset_amplitude", "onset_duration_s", "offset_duration_s")
 
 #: Observed (Pearson) correlations between the scales, in SCORE_COLUMNS order.
-SCORE_CORRELATION = np.array([
-    # phq9  aces   pss  pearls  social_support
-    [1.00, 0.30, 0.60, 0.25, -0.40],
-    [0.30, 1.00, 0.25, 0.30, -0.20],
-    [0.60, 0.25, 1.00, 0.25, -0.40],
-    [0.25, 0.30, 0.25, 1.00, -0.15],
-    [-0.40, -0.20, -0.40, -0.15, 1.00],
-])
+SCORE_CORRELATION = np.array(
+    [
+        # phq9  aces   pss  pearls  social_support
+        [1.00, 0.30, 0.60, 0.25, -0.40],
+        [0.30, 1.00, 0.25, 0.30, -0.20],
+        [0.60, 0.25, 1.00, 0.25, -0.40],
+        [0.25, 0.30, 0.25, 1.00, -0.15],
+        [-0.40, -0.20, -0.40, -0.15, 1.00],
+    ]
+)
 #: Observed test-retest r between the visits (ACEs: see ACES_MEAN_ABS_CHANGE).
 RETEST_R = {"phq9": 0.80, "pss": 0.80, "pearls": 0.80, "social_support": 0.80}
 #: The paper: "ACEs changing by an average of only 0.89 points".
@@ -200,6 +207,7 @@ APEX_RHO_DEFAULT = -0.30
 
 # -- effects --------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Effects:
     """What is planted.  Every field can be switched off.
@@ -213,31 +221,41 @@ class Effects:
     participant_icc: latent share of a feature's variance that is the
         participant's (stable) smiling style: nuisance clustering, not an effect.
     """
+
     visit_d: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(TABLE_III_D))
     score_r_max: Mapping[str, float] = dataclasses.field(
-        default_factory=lambda: {f: 0.35 for f in FIG2_FEATURES})
+        default_factory=lambda: {f: 0.35 for f in FIG2_FEATURES}
+    )
     anchor: str = "phq9"
     ramp_k: int = 5
     participant_icc: float = 0.05
     name: str = "paper"
 
     @classmethod
-    def paper(cls) -> "Effects":
+    def paper(cls) -> Effects:
         """Table III's d's and Fig. 2's growing correlations (the default)."""
         return cls()
 
     @classmethod
-    def null(cls, participant_icc: float = 0.05) -> "Effects":
+    def null(cls, participant_icc: float = 0.05) -> Effects:
         """Nothing planted: no visit difference, no feature-score relation."""
         return cls(visit_d={}, score_r_max={}, participant_icc=participant_icc, name="null")
 
     @classmethod
-    def strong(cls) -> "Effects":
+    def strong(cls) -> Effects:
         """Large feature-PHQ-9 correlations from the 2nd smile on (for the MLP)."""
-        return cls(score_r_max={"onset_amplitude": 0.80, "onset_duration_s": 0.70,
-                                "offset_duration_s": 0.70, "offset_amplitude": 0.60,
-                                "max_onset_speed": 0.50},
-                   ramp_k=2, participant_icc=0.0, name="strong")
+        return cls(
+            score_r_max={
+                "onset_amplitude": 0.80,
+                "onset_duration_s": 0.70,
+                "offset_duration_s": 0.70,
+                "offset_amplitude": 0.60,
+                "max_onset_speed": 0.50,
+            },
+            ramp_k=2,
+            participant_icc=0.0,
+            name="strong",
+        )
 
     def check(self) -> None:
         bad = [f for f in self.visit_d if f not in FEATURES]
@@ -248,8 +266,10 @@ class Effects:
                 raise ValueError(f"visit_d[{f!r}] = {d}: must be in [0, 3) (12 months larger)")
         bad = [f for f in self.score_r_max if f not in PRIMARY]
         if bad:
-            raise ValueError(f"score_r_max: {bad} cannot be loaded (choose from {PRIMARY}; "
-                             "total_duration_s is the sum of the three phase durations)")
+            raise ValueError(
+                f"score_r_max: {bad} cannot be loaded (choose from {PRIMARY}; "
+                "total_duration_s is the sum of the three phase durations)"
+            )
         for f, r in self.score_r_max.items():
             if not (math.isfinite(r) and -1 < r < 1):
                 raise ValueError(f"score_r_max[{f!r}] = {r}: must be in (-1, 1)")
@@ -261,11 +281,17 @@ class Effects:
             raise ValueError(f"participant_icc = {self.participant_icc}: must be in [0, 1)")
 
     def key(self) -> str:
-        return json.dumps({"visit_d": dict(sorted(self.visit_d.items())),
-                           "score_r_max": dict(sorted(self.score_r_max.items())),
-                           "anchor": self.anchor, "ramp_k": int(self.ramp_k),
-                           "participant_icc": float(self.participant_icc), "name": self.name},
-                          sort_keys=True)
+        return json.dumps(
+            {
+                "visit_d": dict(sorted(self.visit_d.items())),
+                "score_r_max": dict(sorted(self.score_r_max.items())),
+                "anchor": self.anchor,
+                "ramp_k": int(self.ramp_k),
+                "participant_icc": float(self.participant_icc),
+                "name": self.name,
+            },
+            sort_keys=True,
+        )
 
 
 class Cohort(NamedTuple):
@@ -290,15 +316,15 @@ def expected_d_se(n6: int, n12: int, d: float) -> float:
 
 # -- score marginals and copula ---------------------------------------------------
 
-_CUT_LIMIT = 8.5          # latent cutpoints beyond this carry < 1e-16 probability
+_CUT_LIMIT = 8.5  # latent cutpoints beyond this carry < 1e-16 probability
 _HERMITE_TERMS = 300
 
 
 @dataclasses.dataclass(frozen=True)
 class _Marginal:
-    values: np.ndarray    # lo..hi
+    values: np.ndarray  # lo..hi
     pmf: np.ndarray
-    cuts: np.ndarray      # latent cutpoints between consecutive values (may be +-inf)
+    cuts: np.ndarray  # latent cutpoints between consecutive values (may be +-inf)
     mean: float
     sd: float
     params: dict
@@ -310,7 +336,7 @@ def _nb_trunc_pmf(m: float, k: float, hi: int) -> np.ndarray:
     return p / p.sum()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _marginal(col: str) -> _Marginal:
     sc = SCALES[col]
     lo, hi = int(sc.lo), int(sc.hi)
@@ -324,10 +350,14 @@ def _marginal(col: str) -> _Marginal:
         mu = float(p @ x)
         return mu, math.sqrt(float(p @ (x - mu) ** 2))
 
-    k0 = target_mean ** 2 / max(sc.sd ** 2 - target_mean, 1e-3)
+    k0 = target_mean**2 / max(sc.sd**2 - target_mean, 1e-3)
     sol = optimize.least_squares(
         lambda th: np.subtract(moments(th), (target_mean, sc.sd)),
-        x0=[math.log(target_mean), math.log(k0)], xtol=1e-13, ftol=1e-13, gtol=1e-13)
+        x0=[math.log(target_mean), math.log(k0)],
+        xtol=1e-13,
+        ftol=1e-13,
+        gtol=1e-13,
+    )
     m, k = math.exp(sol.x[0]), math.exp(sol.x[1])
     p = _nb_trunc_pmf(m, k, span)
     if reverse:
@@ -340,9 +370,15 @@ def _marginal(col: str) -> _Marginal:
     sd = math.sqrt(float(p @ (values - mean) ** 2))
     if abs(mean - sc.mean) > 1e-6 or abs(sd - sc.sd) > 1e-6:
         raise RuntimeError(f"could not match {sc.label}'s mean/SD ({mean}, {sd})")
-    params = {"family": ("100 - " if reverse else "") + "negative binomial truncated to range",
-              "nb_mean": m, "nb_size": k, "mean": mean, "sd": sd,
-              "p_min": float(p[0]), "p_max": float(p[-1])}
+    params = {
+        "family": ("100 - " if reverse else "") + "negative binomial truncated to range",
+        "nb_mean": m,
+        "nb_size": k,
+        "mean": mean,
+        "sd": sd,
+        "p_min": float(p[0]),
+        "p_max": float(p[-1]),
+    }
     return _Marginal(values, p, cuts, mean, sd, params)
 
 
@@ -362,7 +398,7 @@ def _hermite_coefs(mg: _Marginal) -> np.ndarray:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _coefs(col: str) -> np.ndarray:
     return _hermite_coefs(_marginal(col))
 
@@ -371,15 +407,14 @@ def _observed_r(c1: str, c2: str, rho: float) -> float:
     """Pearson r of two scores whose copula latents correlate rho."""
     a, b = _coefs(c1), _coefs(c2)
     n = np.arange(1, _HERMITE_TERMS + 1)
-    cov = float(np.sum(rho ** n * a * b))
+    cov = float(np.sum(rho**n * a * b))
     return cov / (_marginal(c1).sd * _marginal(c2).sd)
 
 
 def _solve(f, target: float, lo: float, hi: float, what: str) -> float:
     flo, fhi = f(lo) - target, f(hi) - target
     if flo * fhi > 0:
-        raise ValueError(f"{what}: target {target:g} is not reachable "
-                         f"(range {f(lo):.3f} .. {f(hi):.3f})")
+        raise ValueError(f"{what}: target {target:g} is not reachable (range {f(lo):.3f} .. {f(hi):.3f})")
     return float(optimize.brentq(lambda x: f(x) - target, lo, hi, xtol=1e-12))
 
 
@@ -408,13 +443,14 @@ def _mean_abs_change(col: str, rho: float) -> float:
             continue
         g = (a + b) / 2 + (b - a) / 2 * xg
         w = wg * (b - a) / 2 * stats.norm.pdf(g)
-        pj = (special.ndtr((upper[None, :] - rho * g[:, None]) / s)
-              - special.ndtr((lower[None, :] - rho * g[:, None]) / s))
+        pj = special.ndtr((upper[None, :] - rho * g[:, None]) / s) - special.ndtr(
+            (lower[None, :] - rho * g[:, None]) / s
+        )
         total += float(w @ (pj @ np.abs(v - mg.values)))
     return total
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _score_model() -> dict:
     k = len(SCORE_COLUMNS)
     latent = np.eye(k)
@@ -422,30 +458,48 @@ def _score_model() -> dict:
         for j in range(i + 1, k):
             ci, cj = SCORE_COLUMNS[i], SCORE_COLUMNS[j]
             latent[i, j] = latent[j, i] = _solve(
-                lambda r: _observed_r(ci, cj, r), SCORE_CORRELATION[i, j], -0.99, 0.99,
-                f"correlation {ci}-{cj}")
+                lambda r, ci=ci, cj=cj: _observed_r(ci, cj, r),
+                SCORE_CORRELATION[i, j],
+                -0.99,
+                0.99,
+                f"correlation {ci}-{cj}",
+            )
     latent, adjusted = _nearest_correlation(latent)
     retest_latent = {}
     for c in SCORE_COLUMNS:
         if c == "aces":
-            retest_latent[c] = _solve(lambda r: -_mean_abs_change("aces", r),
-                                      -ACES_MEAN_ABS_CHANGE, 0.0, 0.995, "ACEs mean change")
+            retest_latent[c] = _solve(
+                lambda r: -_mean_abs_change("aces", r), -ACES_MEAN_ABS_CHANGE, 0.0, 0.995, "ACEs mean change"
+            )
         else:
-            retest_latent[c] = _solve(lambda r, c=c: _observed_r(c, c, r), RETEST_R[c],
-                                      0.0, 0.995, f"{c} test-retest")
+            retest_latent[c] = _solve(
+                lambda r, c=c: _observed_r(c, c, r), RETEST_R[c], 0.0, 0.995, f"{c} test-retest"
+            )
     d = np.array([retest_latent[c] for c in SCORE_COLUMNS])
     innov = latent - np.outer(d, d) * latent
     w, v = np.linalg.eigh(innov)
     if w.min() < -1e-9:
         raise RuntimeError("retest innovation covariance is not positive semi-definite")
     innov_sqrt = v @ np.diag(np.sqrt(np.maximum(w, 0))) @ v.T
-    observed_latent = np.array([[_observed_r(SCORE_COLUMNS[i], SCORE_COLUMNS[j], latent[i, j])
-                                 if i != j else 1.0 for j in range(k)] for i in range(k)])
-    return {"latent": latent, "adjusted": adjusted, "retest_latent": d,
-            "innov_sqrt": innov_sqrt, "chol": np.linalg.cholesky(latent),
-            "observed": observed_latent,
-            "retest_observed": {c: _observed_r(c, c, retest_latent[c]) for c in SCORE_COLUMNS},
-            "aces_mean_abs_change": _mean_abs_change("aces", retest_latent["aces"])}
+    observed_latent = np.array(
+        [
+            [
+                _observed_r(SCORE_COLUMNS[i], SCORE_COLUMNS[j], latent[i, j]) if i != j else 1.0
+                for j in range(k)
+            ]
+            for i in range(k)
+        ]
+    )
+    return {
+        "latent": latent,
+        "adjusted": adjusted,
+        "retest_latent": d,
+        "innov_sqrt": innov_sqrt,
+        "chol": np.linalg.cholesky(latent),
+        "observed": observed_latent,
+        "retest_observed": {c: _observed_r(c, c, retest_latent[c]) for c in SCORE_COLUMNS},
+        "aces_mean_abs_change": _mean_abs_change("aces", retest_latent["aces"]),
+    }
 
 
 def _to_score(col: str, g: np.ndarray) -> np.ndarray:
@@ -454,6 +508,7 @@ def _to_score(col: str, g: np.ndarray) -> np.ndarray:
 
 
 # -- smile-feature model ------------------------------------------------------------
+
 
 def feature_correlation(apex_rho: float = APEX_RHO_DEFAULT) -> np.ndarray:
     """The within-smile latent correlation matrix R_W of the primary features."""
@@ -507,8 +562,13 @@ def _loading(f: str, r: float, anchor: str) -> float:
     feature and the anchor score (closed form, see _feature_score_r)."""
     if r == 0:
         return 0.0
-    return _solve(lambda b: _feature_score_r(FEATURE_MODEL[f][1], anchor, b), r,
-                  -0.999999, 0.999999, f"r({f}, {anchor})")
+    return _solve(
+        lambda b: _feature_score_r(FEATURE_MODEL[f][1], anchor, b),
+        r,
+        -0.999999,
+        0.999999,
+        f"r({f}, {anchor})",
+    )
 
 
 def _shifted_mean(mg: _Marginal, shift: float) -> float:
@@ -535,16 +595,20 @@ def _duration_cov(b: dict[str, float], r_w: np.ndarray) -> np.ndarray:
     out = np.empty((3, 3))
     for i, f in enumerate(DURATIONS):
         for j, g in enumerate(DURATIONS):
-            rho = (b[f] * b[g] + math.sqrt((1 - b[f] ** 2) * (1 - b[g] ** 2)) * r_w[idx[i], idx[j]]
-                   if i != j else 1.0)
+            rho = (
+                b[f] * b[g] + math.sqrt((1 - b[f] ** 2) * (1 - b[g] ** 2)) * r_w[idx[i], idx[j]]
+                if i != j
+                else 1.0
+            )
             _, sf, mf, _ = _lognormal(f)
             _, sg, mg_, _ = _lognormal(g)
             out[i, j] = mf * mg_ * (math.exp(sf * sg * rho) - 1)
     return out
 
 
-def _total_d(apex_rho: float, loadings: list[dict[str, float]], w: np.ndarray,
-             mult: dict[str, float]) -> float:
+def _total_d(
+    apex_rho: float, loadings: list[dict[str, float]], w: np.ndarray, mult: dict[str, float]
+) -> float:
     r_w = feature_correlation(apex_rho)
     c = np.array([mult[f] for f in DURATIONS])
     m = np.array([_lognormal(f)[2] for f in DURATIONS])
@@ -581,22 +645,42 @@ def _plan(effects_key: str, smiles_mean: float, smiles_sd: float) -> dict:
         raise ValueError("total_duration_s's d cannot be planted without a duration effect")
     if planted_total:
         lo, hi = _apex_rho_range()
-        apex_rho = _solve(lambda x: _total_d(x, loadings, w, mult), visit_d[TOTAL], lo, hi,
-                          "total_duration_s d (via the apex-onset/offset latent correlation)")
+        apex_rho = _solve(
+            lambda x: _total_d(x, loadings, w, mult),
+            visit_d[TOTAL],
+            lo,
+            hi,
+            "total_duration_s d (via the apex-onset/offset latent correlation)",
+        )
     else:
         apex_rho = APEX_RHO_DEFAULT
     r_w = feature_correlation(apex_rho)
     if np.linalg.eigvalsh(r_w).min() <= 0:
         raise ValueError("feature correlation matrix is not positive definite")
-    return {"ks": ks, "w": w, "r_max": r_max, "r_k": r_k, "b_k": b_k, "loadings": loadings,
-            "visit_d": visit_d, "mult": mult, "apex_rho": apex_rho, "r_w": r_w,
-            "planted_total": planted_total,
-            "total_d": _total_d(apex_rho, loadings, w, mult), "anchor": anchor,
-            "ramp_k": ramp, "icc": e["participant_icc"], "effects": e,
-            "smiles_mean": smiles_mean, "smiles_sd": smiles_sd}
+    return {
+        "ks": ks,
+        "w": w,
+        "r_max": r_max,
+        "r_k": r_k,
+        "b_k": b_k,
+        "loadings": loadings,
+        "visit_d": visit_d,
+        "mult": mult,
+        "apex_rho": apex_rho,
+        "r_w": r_w,
+        "planted_total": planted_total,
+        "total_d": _total_d(apex_rho, loadings, w, mult),
+        "anchor": anchor,
+        "ramp_k": ramp,
+        "icc": e["participant_icc"],
+        "effects": e,
+        "smiles_mean": smiles_mean,
+        "smiles_sd": smiles_sd,
+    }
 
 
 # -- implied population values (closed form) ------------------------------------------
+
 
 def _se_inflation(plan: dict) -> dict[str, float]:
     """Per feature: sqrt(Var(mean12 - mean6) clustered / the same for independent
@@ -627,11 +711,11 @@ def _se_inflation(plan: dict) -> dict[str, float]:
                 bf = np.asarray(plan["b_k"][f])[kk]
                 bg = np.asarray(plan["b_k"][g])[kk]
                 rw = r_w[PRIMARY.index(f), PRIMARY.index(g)]
-                qq = np.sqrt(np.outer(1 - bf ** 2, 1 - bg ** 2))
+                qq = np.sqrt(np.outer(1 - bf**2, 1 - bg**2))
                 bb = np.outer(bf, bg)
-                within = bb + qq * icc * rw                      # two smiles, one visit
-                same = np.diag(bb) + np.diag(qq) * rw            # one smile
-                across = bb * rho_a + qq * icc * rw              # two visits
+                within = bb + qq * icc * rw  # two smiles, one visit
+                same = np.diag(bb) + np.diag(qq) * rw  # one smile
+                across = bb * rho_a + qq * icc * rw  # two visits
                 base = mf * mg_
                 c_same = base * (np.exp(sf * sg * within) - 1)
                 np.fill_diagonal(c_same, base * (np.exp(sf * sg * same) - 1))
@@ -639,9 +723,9 @@ def _se_inflation(plan: dict) -> dict[str, float]:
                 for v in VISITS:
                     cc = plan["mult"][f] * plan["mult"][g] if v == 12 else 1.0
                     var_t[v] += cc * float(np.sum(both * c_same))
-                    var[v] += cc * float(np.diag(c_same) @ p_ge) / en   # marginal variance
+                    var[v] += cc * float(np.diag(c_same) @ p_ge) / en  # marginal variance
                 cov_x += plan["mult"][g] * float(np.sum(cross * c_x))
-        clustered = (var_t[6] + var_t[12] - 2 * cov_x) / en ** 2
+        clustered = (var_t[6] + var_t[12] - 2 * cov_x) / en**2
         independent = (var[6] + var[12]) / en
         out[feat] = math.sqrt(clustered / independent)
     return out
@@ -676,16 +760,19 @@ def _implied(plan: dict) -> dict:
     for col in SCORE_COLUMNS:
         mg = _marginal(col)
         rho_as = lat[ai, SCORE_COLUMNS.index(col)]
-        per_f = {}
+        per_f: dict[str, Any] = {}  # feature -> [r per smile]; TOTAL -> {visit: [r per smile]}
         for f in PRIMARY:
             s = FEATURE_MODEL[f][1]
             per_f[f] = [_feature_score_r(s, col, b * rho_as) for b in plan["b_k"][f]]
         for visit in VISITS:
             tot = []
             for b in plan["loadings"]:
-                cov = sum((mult[f] if visit == 12 else 1.0) * _lognormal(f)[2]
-                          * (_shifted_mean(mg, FEATURE_MODEL[f][1] * b[f] * rho_as) - mg.mean)
-                          for f in DURATIONS)
+                cov = sum(
+                    (mult[f] if visit == 12 else 1.0)
+                    * _lognormal(f)[2]
+                    * (_shifted_mean(mg, FEATURE_MODEL[f][1] * b[f] * rho_as) - mg.mean)
+                    for f in DURATIONS
+                )
                 tot.append(cov / (math.sqrt(total_var(b, visit)) * mg.sd))
             per_f.setdefault(TOTAL, {})[str(visit)] = tot
         corr[col] = per_f
@@ -699,13 +786,16 @@ def _implied(plan: dict) -> dict:
         mg = _marginal(col)
         rho_as = lat[ai, SCORE_COLUMNS.index(col)]
         cats = [(lo_v, hi_v) for _, lo_v, hi_v in sc.categories]
-        props = []
+        shares = []
         for lo_v, hi_v in cats:
             sel = (mg.values >= lo_v) & (mg.values <= hi_v)
-            props.append(float(mg.pmf[sel].sum()))
-        props = np.array(props)
-        entry = {"categories": [n for n, _, _ in sc.categories], "proportions": props.tolist(),
-                 "features": {}}
+            shares.append(float(mg.pmf[sel].sum()))
+        props = np.array(shares)
+        entry = {
+            "categories": [n for n, _, _ in sc.categories],
+            "proportions": props.tolist(),
+            "features": {},
+        }
         for f in FEATURES:
             per_visit = {}
             for visit in VISITS:
@@ -713,10 +803,10 @@ def _implied(plan: dict) -> dict:
                     means = np.zeros(len(cats))
                     for wk, b in zip(w, plan["loadings"]):
                         for g in DURATIONS:
-                            means += wk * np.array(_category_means(
-                                g, b[g] * rho_as, mg, cats, mult[g] if visit == 12 else 1.0))
-                    grand = float(dur_mean @ np.array(
-                        [mult[g] if visit == 12 else 1.0 for g in DURATIONS]))
+                            means += wk * np.array(
+                                _category_means(g, b[g] * rho_as, mg, cats, mult[g] if visit == 12 else 1.0)
+                            )
+                    grand = float(dur_mean @ np.array([mult[g] if visit == 12 else 1.0 for g in DURATIONS]))
                     var = sum(wk * total_var(b, visit) for wk, b in zip(w, plan["loadings"]))
                 else:
                     m_f = mult[f] if visit == 12 else 1.0
@@ -726,8 +816,10 @@ def _implied(plan: dict) -> dict:
                     grand = m_f * _lognormal(f)[2]
                     var = (m_f * _lognormal(f)[3]) ** 2
                 eta2 = float(props @ (means - grand) ** 2) / var
-                per_visit[str(visit)] = {"category_means": means.tolist(),
-                                         "eta2": eta2 if eta2 > 1e-12 else 0.0}
+                per_visit[str(visit)] = {
+                    "category_means": means.tolist(),
+                    "eta2": eta2 if eta2 > 1e-12 else 0.0,
+                }
             entry["features"][f] = per_visit
         anova[col] = entry
     return {"correlation": corr, "anova": anova}
@@ -735,9 +827,16 @@ def _implied(plan: dict) -> dict:
 
 # -- simulation -------------------------------------------------------------------
 
-def simulate(participants: int, seed: int, effects: Effects | None = None, *,
-             missing_rate: float = 0.0, smiles_mean: float = 5.0,
-             smiles_sd: float = 5.0) -> Cohort:
+
+def simulate(
+    participants: int,
+    seed: int,
+    effects: Effects | None = None,
+    *,
+    missing_rate: float = 0.0,
+    smiles_mean: float = 5.0,
+    smiles_sd: float = 5.0,
+) -> Cohort:
     """A cohort of ``participants`` mothers, each with a 6- and a 12-month visit.
 
     ``effects`` None means ``Effects()`` (the paper's effects); use
@@ -755,13 +854,13 @@ def simulate(participants: int, seed: int, effects: Effects | None = None, *,
     plan = _plan(effects.key(), float(smiles_mean), float(smiles_sd))
     sm = _score_model()
     rng_scores, rng_missing, rng_counts, rng_person, rng_smiles = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5))
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)
+    )
 
     # scores: latent copula at 6 months, autoregressive to 12 months
     n_sc = len(SCORE_COLUMNS)
     g6 = rng_scores.standard_normal((participants, n_sc)) @ sm["chol"].T
-    g12 = (g6 * sm["retest_latent"]
-           + rng_scores.standard_normal((participants, n_sc)) @ sm["innov_sqrt"].T)
+    g12 = g6 * sm["retest_latent"] + rng_scores.standard_normal((participants, n_sc)) @ sm["innov_sqrt"].T
     width = max(3, len(str(participants)))
     pids = np.array([f"P{i + 1:0{width}d}" for i in range(participants)])
     latent = {6: g6, 12: g12}
@@ -798,19 +897,18 @@ def simulate(participants: int, seed: int, effects: Effects | None = None, *,
     e = rng_smiles.standard_normal((len(sm_p), len(PRIMARY))) @ chol_w.T
     wlat = math.sqrt(icc) * u[sm_p] + math.sqrt(1 - icc) * e
     kk = np.minimum(sm_k, plan["ramp_k"]) - 1
-    smiles = pd.DataFrame({"participant_id": pids[sm_p], "visit_month": sm_v,
-                           "smile_id": sm_k})
+    smiles = pd.DataFrame({"participant_id": pids[sm_p], "visit_month": sm_v, "smile_id": sm_k})
     for j, f in enumerate(PRIMARY):
         b = np.asarray(plan["b_k"][f])[kk]
         z = b * g_anchor + np.sqrt(1 - b * b) * wlat[:, j]
         mu, s, _, _ = _lognormal(f)
         smiles[f] = np.exp(mu + s * z) * np.where(sm_v == 12, plan["mult"][f], 1.0)
-    smiles[TOTAL] = (smiles["onset_duration_s"] + smiles["apex_duration_s"]
-                     + smiles["offset_duration_s"])
+    smiles[TOTAL] = smiles["onset_duration_s"] + smiles["apex_duration_s"] + smiles["offset_duration_s"]
     smiles = smiles[KEYS + ["smile_id"] + list(FEATURES)]
 
-    truth = _truth(plan, effects, participants, seed, missing_rate, smiles_mean, smiles_sd,
-                   scores, smiles, counts, mask)
+    truth = _truth(
+        plan, effects, participants, seed, missing_rate, smiles_mean, smiles_sd, scores, smiles, counts, mask
+    )
     return Cohort(scores, smiles, truth)
 
 
@@ -825,8 +923,9 @@ def _population(effects_key: str, smiles_mean: float, smiles_sd: float) -> str:
     return json.dumps({**_implied(plan), "se_inflation": _se_inflation(plan)})
 
 
-def _truth(plan, effects, participants, seed, missing_rate, smiles_mean, smiles_sd,
-           scores, smiles, counts, mask) -> dict:
+def _truth(
+    plan, effects, participants, seed, missing_rate, smiles_mean, smiles_sd, scores, smiles, counts, mask
+) -> dict:
     sm = _score_model()
     imp = json.loads(_population(effects.key(), float(smiles_mean), float(smiles_sd)))
     n_smiles = {str(v): int((smiles["visit_month"] == v).sum()) for v in VISITS}
@@ -834,14 +933,18 @@ def _truth(plan, effects, participants, seed, missing_rate, smiles_mean, smiles_
     ramp = plan["ramp_k"]
     k_labels = [str(k) if k < ramp else f">={k}" for k in ks]
     return {
-        "generator": "services.stats.simulate", "version": 1,
-        "seed": int(seed), "participants": participants,
+        "generator": "services.stats.simulate",
+        "version": 1,
+        "seed": int(seed),
+        "participants": participants,
         "seed_streams": ["scores", "missing", "counts", "participant_effects", "smiles"],
-        "counts": {"sessions": 2 * participants, "smiles": n_smiles,
-                   "smiles_total": int(len(smiles)),
-                   "sessions_without_smiles": int((counts == 0).sum()),
-                   "missing_scores": {c: int(mask[:, j].sum())
-                                      for j, c in enumerate(SCORE_COLUMNS)}},
+        "counts": {
+            "sessions": 2 * participants,
+            "smiles": n_smiles,
+            "smiles_total": int(len(smiles)),
+            "sessions_without_smiles": int((counts == 0).sum()),
+            "missing_scores": {c: int(mask[:, j].sum()) for j, c in enumerate(SCORE_COLUMNS)},
+        },
         "effects": {"name": effects.name, **plan["effects"]},
         "scores": {
             "columns": SCORE_COLUMNS,
@@ -856,13 +959,23 @@ def _truth(plan, effects, participants, seed, missing_rate, smiles_mean, smiles_
             "missing_rate": float(missing_rate),
             "missing_mechanism": "MCAR, each score cell independently",
         },
-        "smile_counts": {"distribution": "negative binomial", "mean": float(smiles_mean),
-                         "sd": float(smiles_sd), "same_at_both_visits": True,
-                         "share_of_smiles_at_index_k": dict(zip(k_labels, map(_f, plan["w"])))},
+        "smile_counts": {
+            "distribution": "negative binomial",
+            "mean": float(smiles_mean),
+            "sd": float(smiles_sd),
+            "same_at_both_visits": True,
+            "share_of_smiles_at_index_k": dict(zip(k_labels, map(_f, plan["w"]))),
+        },
         "features": {
-            "lognormal_6mo": {f: {"median": FEATURE_MODEL[f][0], "log_sd": FEATURE_MODEL[f][1],
-                                  "mean": _lognormal(f)[2], "sd": _lognormal(f)[3]}
-                              for f in PRIMARY},
+            "lognormal_6mo": {
+                f: {
+                    "median": FEATURE_MODEL[f][0],
+                    "log_sd": FEATURE_MODEL[f][1],
+                    "mean": _lognormal(f)[2],
+                    "sd": _lognormal(f)[3],
+                }
+                for f in PRIMARY
+            },
             "derived": {TOTAL: "onset_duration_s + apex_duration_s + offset_duration_s"},
             "latent_order": PRIMARY,
             "latent_correlation": plan["r_w"].tolist(),
@@ -872,27 +985,31 @@ def _truth(plan, effects, participants, seed, missing_rate, smiles_mean, smiles_
         },
         "visit_effect": {
             "contrast": "12-month minus 6-month, Cohen's d with pooled SD over smiles",
-            "d": {f: (plan["visit_d"][f] if f != TOTAL or plan["planted_total"]
-                      else _f(plan["total_d"])) for f in FEATURES},
-            "d_planted": {f: (f != TOTAL and plan["visit_d"][f] != 0)
-                          or (f == TOTAL and bool(plan["planted_total"])) for f in FEATURES},
+            "d": {
+                f: (plan["visit_d"][f] if f != TOTAL or plan["planted_total"] else _f(plan["total_d"]))
+                for f in FEATURES
+            },
+            "d_planted": {
+                f: (f != TOTAL and plan["visit_d"][f] != 0) or (f == TOTAL and bool(plan["planted_total"]))
+                for f in FEATURES
+            },
             "multiplier_12mo": {f: _f(plan["mult"][f]) for f in PRIMARY},
             "total_d_implied": _f(plan["total_d"]),
             "variance_ratio_6_over_12": {f: _f(1 / plan["mult"][f] ** 2) for f in PRIMARY},
             "se_inflation": imp["se_inflation"],
             "se_inflation_note": "true SE of d ~ expected_d_se(n6, n12, d) * se_inflation: "
-                                 "smiles of one mother are correlated (shared score latent, "
-                                 "random effect) and her smile count varies",
+            "smiles of one mother are correlated (shared score latent, "
+            "random effect) and her smile count varies",
         },
         "score_effect": {
-            "anchor": plan["anchor"], "ramp_k": ramp,
+            "anchor": plan["anchor"],
+            "ramp_k": ramp,
             "rule": "r_k = r_max * min(1, k / ramp_k): observed Pearson r between the feature "
-                    "of the k-th smile of a session and the anchor score of that visit",
+            "of the k-th smile of a session and the anchor score of that visit",
             "k": k_labels,
             "r_max": {f: r for f, r in plan["r_max"].items() if r},
             "r_k": {f: list(map(_f, plan["r_k"][f])) for f in PRIMARY if plan["r_max"][f]},
-            "latent_loading_k": {f: list(map(_f, plan["b_k"][f]))
-                                 for f in PRIMARY if plan["r_max"][f]},
+            "latent_loading_k": {f: list(map(_f, plan["b_k"][f])) for f in PRIMARY if plan["r_max"][f]},
             "implied_r_k": imp["correlation"],
         },
         "anova": imp["anova"],
@@ -901,13 +1018,13 @@ def _truth(plan, effects, participants, seed, missing_rate, smiles_mean, smiles_
 
 # -- output -------------------------------------------------------------------------
 
+
 def write(cohort: Cohort, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write scores.csv, smiles.csv and truth.json into out_dir (created);
     each file appears whole or not at all (temporary name, then rename)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"scores": out / "scores.csv", "smiles": out / "smiles.csv",
-             "truth": out / "truth.json"}
+    paths = {"scores": out / "scores.csv", "smiles": out / "smiles.csv", "truth": out / "truth.json"}
     payloads = {
         "scores": lambda p: cohort.scores.to_csv(p, index=False),
         "smiles": lambda p: cohort.smiles.to_csv(p, index=False),
@@ -925,8 +1042,9 @@ def write(cohort: Cohort, out_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m services.stats.simulate",
-                                 description="Simulate a cohort with known planted effects.")
+    ap = argparse.ArgumentParser(
+        prog="python -m services.stats.simulate", description="Simulate a cohort with known planted effects."
+    )
     ap.add_argument("out_dir")
     ap.add_argument("--participants", type=int, default=94)
     ap.add_argument("--seed", type=int, default=0)
@@ -934,8 +1052,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--missing-rate", type=float, default=0.0)
     a = ap.parse_args(argv)
     try:
-        cohort = simulate(a.participants, a.seed, getattr(Effects, a.effects)(),
-                          missing_rate=a.missing_rate)
+        cohort = simulate(a.participants, a.seed, getattr(Effects, a.effects)(), missing_rate=a.missing_rate)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

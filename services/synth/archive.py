@@ -23,6 +23,7 @@ rebuilding the same model with the same code gives the same key (publish skips
 the upload) and any change gives a new one. `fetch` checks the digest of what
 it downloads against the key.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,26 +59,45 @@ class ArchiveCorrupt(storage.StoreError):
     """What the store returned is not the archive its key names."""
 
 
-def model_config_yaml(batch_size: int = DEFAULT_BATCH_SIZE,
-                      max_batch_delay_ms: int = DEFAULT_MAX_BATCH_DELAY_MS, workers: int = 1,
-                      threads: int = 1, response_timeout_s: int = DEFAULT_RESPONSE_TIMEOUT_S) -> str:
-    for n, v in (("batch_size", batch_size), ("workers", workers), ("threads", threads),
-                 ("response_timeout_s", response_timeout_s)):
+def model_config_yaml(
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_batch_delay_ms: int = DEFAULT_MAX_BATCH_DELAY_MS,
+    workers: int = 1,
+    threads: int = 1,
+    response_timeout_s: int = DEFAULT_RESPONSE_TIMEOUT_S,
+) -> str:
+    for n, v in (
+        ("batch_size", batch_size),
+        ("workers", workers),
+        ("threads", threads),
+        ("response_timeout_s", response_timeout_s),
+    ):
         if int(v) < 1:
             raise ValueError(f"{n} must be >= 1, got {v}")
     if int(max_batch_delay_ms) < 0:
         raise ValueError(f"max_batch_delay_ms must be >= 0, got {max_batch_delay_ms}")
-    return (f"# written by services/synth/archive.py\n"
-            f"minWorkers: {int(workers)}\nmaxWorkers: {int(workers)}\n"
-            f"batchSize: {int(batch_size)}\nmaxBatchDelay: {int(max_batch_delay_ms)}\n"
-            f"responseTimeout: {int(response_timeout_s)}\n"
-            f"handler:\n  threads: {int(threads)}\n")
+    return (
+        f"# written by services/synth/archive.py\n"
+        f"minWorkers: {int(workers)}\nmaxWorkers: {int(workers)}\n"
+        f"batchSize: {int(batch_size)}\nmaxBatchDelay: {int(max_batch_delay_ms)}\n"
+        f"responseTimeout: {int(response_timeout_s)}\n"
+        f"handler:\n  threads: {int(threads)}\n"
+    )
 
 
-def build(model_file: str | os.PathLike, out_dir: str | os.PathLike, name: str = "synth", *,
-          batch_size: int = DEFAULT_BATCH_SIZE, max_batch_delay_ms: int = DEFAULT_MAX_BATCH_DELAY_MS,
-          workers: int = 1, threads: int = 1, response_timeout_s: int = DEFAULT_RESPONSE_TIMEOUT_S,
-          version: str = "1.0", check: bool = True) -> Path:
+def build(
+    model_file: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    name: str = "synth",
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_batch_delay_ms: int = DEFAULT_MAX_BATCH_DELAY_MS,
+    workers: int = 1,
+    threads: int = 1,
+    response_timeout_s: int = DEFAULT_RESPONSE_TIMEOUT_S,
+    version: str = "1.0",
+    check: bool = True,
+) -> Path:
     """Package `model_file` (train.export's format) as out_dir/<name>.mar.
 
     check=True loads the model once here (Synthesizer.load) so a bad file fails
@@ -87,6 +107,7 @@ def build(model_file: str | os.PathLike, out_dir: str | os.PathLike, name: str =
         raise FileNotFoundError(f"synth model file {model_file} does not exist")
     if check:
         from services.synth.generate import Synthesizer
+
         Synthesizer.load(model_file)
     with tempfile.TemporaryDirectory(prefix="synth-mar-") as tmp:
         stage = Path(tmp)
@@ -102,10 +123,12 @@ def build(model_file: str | os.PathLike, out_dir: str | os.PathLike, name: str =
         except OSError:
             shutil.copy2(model_file, stage / SERIALIZED_NAME)
         cfg = stage / "model-config.yaml"
-        cfg.write_text(model_config_yaml(batch_size, max_batch_delay_ms, workers, threads,
-                                         response_timeout_s))
-        return T.build_mar(name, version, stage / SERIALIZED_NAME, stage / HANDLER_NAME,
-                           [pkg], out_dir, config_file=cfg)
+        cfg.write_text(
+            model_config_yaml(batch_size, max_batch_delay_ms, workers, threads, response_timeout_s)
+        )
+        return T.build_mar(
+            name, version, stage / SERIALIZED_NAME, stage / HANDLER_NAME, [pkg], out_dir, config_file=cfg
+        )
 
 
 def archive_digest(mar_path: str | os.PathLike) -> str:
@@ -164,10 +187,12 @@ def fetch(store: storage.ObjectStore, key: str, model_store_dir: str | os.PathLi
         except ArchiveCorrupt:
             pass
     if not store.exists(key):
-        raise ArchiveNotFound(f"model archive {key!r} is not in the object store (bucket "
-                              f"{store.bucket!r}); build and publish it first "
-                              f"(services.synth.archive.build + publish; `dyadlab up` does it "
-                              f"from DYADLAB_SYNTH_MODEL)")
+        raise ArchiveNotFound(
+            f"model archive {key!r} is not in the object store (bucket "
+            f"{store.bucket!r}); build and publish it first "
+            f"(services.synth.archive.build + publish; `dyadlab up` does it "
+            f"from DYADLAB_SYNTH_MODEL)"
+        )
     store.get_file(key, dest)
     digest = archive_digest(dest)
     if not digest.startswith(m["sha"]):

@@ -5,6 +5,7 @@ inference API.
 TorchServe's key_file.json is re-read after PERMISSION_DENIED (a restarted
 TorchServe has new keys); its failures become the statuses a synth caller
 should see (see `Model`)."""
+
 from __future__ import annotations
 
 import base64
@@ -23,10 +24,9 @@ from dyadlab.torchserve import InferenceClient
 from services.synth import landmarks as L
 from services.synth.images import decode_png_rgb, png
 
-PREDICTIONS = prom.Counter("dyadlab_synth_predictions_total", "TorchServe predictions",
-                           ["mode", "outcome"])
+PREDICTIONS = prom.Counter("dyadlab_synth_predictions_total", "TorchServe predictions", ["mode", "outcome"])
 
-DEFAULT_SIZE = 64                 # the model's crop side until a probe says otherwise
+DEFAULT_SIZE = 64  # the model's crop side until a probe says otherwise
 _SIZE_IN_MESSAGE = re.compile(r"must be (\d+)x(\d+)")
 
 
@@ -50,7 +50,7 @@ class Model:
         try:
             return json.loads(Path(self.key_file).read_text())["inference"]["key"]
         except (OSError, ValueError, KeyError, TypeError):
-            return None        # no key yet (TorchServe starting): the call says PERMISSION_DENIED
+            return None  # no key yet (TorchServe starting): the call says PERMISSION_DENIED
 
     def _get_client(self, fresh: bool = False) -> InferenceClient:
         with self._lock:
@@ -71,58 +71,73 @@ class Model:
         code, details = e.code(), (e.details() or "").strip()
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             self.on_down()
-            what = ("did not answer within the deadline" if code == grpc.StatusCode.DEADLINE_EXCEEDED
-                    else "is not answering")
-            return rpc.UserError(grpc.StatusCode.UNAVAILABLE,
-                                 f"TorchServe at {self.addr} {what} ({details[:200] or code.name}); "
-                                 "is it running (`dyadlab up`)?")
+            what = (
+                "did not answer within the deadline"
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED
+                else "is not answering"
+            )
+            return rpc.UserError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"TorchServe at {self.addr} {what} ({details[:200] or code.name}); "
+                "is it running (`dyadlab up`)?",
+            )
         if "not found" in details.lower() or code == grpc.StatusCode.NOT_FOUND:
             self.on_down()
-            return rpc.UserError(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"model {model!r} is not loaded in TorchServe at {self.addr}: "
-                                 "train one (`dyadlab synth train`) and publish its archive")
+            return rpc.UserError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {model!r} is not loaded in TorchServe at {self.addr}: "
+                "train one (`dyadlab synth train`) and publish its archive",
+            )
         if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
             self.on_down()
-            return rpc.UserError(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"TorchServe at {self.addr} refused the inference key "
-                                 f"(key file: {self.key_file or 'none configured'})")
+            return rpc.UserError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"TorchServe at {self.addr} refused the inference key "
+                f"(key file: {self.key_file or 'none configured'})",
+            )
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             if _SIZE_IN_MESSAGE.search(details):
-                self._sizes.pop(model, None)     # the model was replaced: learn its size again
-            return rpc.UserError(grpc.StatusCode.INTERNAL,
-                                 f"model {model!r} rejected the service's request: {details[:300]}")
+                self._sizes.pop(model, None)  # the model was replaced: learn its size again
+            return rpc.UserError(
+                grpc.StatusCode.INTERNAL, f"model {model!r} rejected the service's request: {details[:300]}"
+            )
         if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
             # e.g. "Worker died." or a full queue: TorchServe restarts workers,
             # so the same request can succeed when retried
-            return rpc.UserError(grpc.StatusCode.UNAVAILABLE,
-                                 f"TorchServe is temporarily unable to predict ({code.name}: "
-                                 f"{details[:200]}); retry")
-        return rpc.UserError(grpc.StatusCode.INTERNAL,
-                             f"TorchServe error {code.name}: {details[:300]}")
+            return rpc.UserError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"TorchServe is temporarily unable to predict ({code.name}: {details[:200]}); retry",
+            )
+        return rpc.UserError(grpc.StatusCode.INTERNAL, f"TorchServe error {code.name}: {details[:300]}")
 
     def predict(self, model: str, fields: dict[str, bytes], mode: str) -> dict:
         """One prediction -> the handler's JSON reply."""
         if self.off:
-            raise rpc.UserError(grpc.StatusCode.FAILED_PRECONDITION,
-                                "TorchServe is not running in this stack (DYADLAB_TORCHSERVE=off, or "
-                                "`dyadlab up` found no java, torchserve or synth model: see its notes "
-                                "and DYADLAB_SYNTH_MODEL)")
+            raise rpc.UserError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "TorchServe is not running in this stack (DYADLAB_TORCHSERVE=off, or "
+                "`dyadlab up` found no java, torchserve or synth model: see its notes "
+                "and DYADLAB_SYNTH_MODEL)",
+            )
         for attempt in (0, 1):
             try:
                 raw = self._get_client(fresh=attempt > 0).predict(model, fields, timeout=self.timeout_s)
                 break
             except grpc.RpcError as e:
-                if attempt == 0 and e.code() in (grpc.StatusCode.PERMISSION_DENIED,
-                                                 grpc.StatusCode.UNAUTHENTICATED):
-                    continue       # TorchServe restarted with new keys: re-read the key file once
+                if attempt == 0 and e.code() in (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                ):
+                    continue  # TorchServe restarted with new keys: re-read the key file once
                 PREDICTIONS.labels(mode, e.code().name).inc()
                 raise self._error(e, model) from None
         PREDICTIONS.labels(mode, "OK").inc()
         try:
             out = json.loads(raw)
         except ValueError:
-            raise rpc.UserError(grpc.StatusCode.INTERNAL,
-                                f"model {model!r} answered something that is not JSON") from None
+            raise rpc.UserError(
+                grpc.StatusCode.INTERNAL, f"model {model!r} answered something that is not JSON"
+            ) from None
         if not isinstance(out, dict):
             raise rpc.UserError(grpc.StatusCode.INTERNAL, f"model {model!r}: unexpected reply")
         return out
@@ -132,12 +147,17 @@ class Model:
         out = self.predict(model, {"mode": b"judge", "crop": png(crop)}, "judge")
         return _va_pair(out.get("va"), model)
 
-    def transform(self, model: str, crop: np.ndarray, lm: np.ndarray, va: tuple[float, float],
-                  judge: bool = True) -> dict:
+    def transform(
+        self, model: str, crop: np.ndarray, lm: np.ndarray, va: tuple[float, float], judge: bool = True
+    ) -> dict:
         """-> {"image": (S, S, 3) uint8, "landmarks": (68, 2) crop px, "judged_input", "judged_output"}."""
-        fields = {"mode": b"transform", "crop": png(crop),
-                  "landmarks": json.dumps([round(float(x), 4) for x in L.to_vector(lm)]).encode(),
-                  "valence": repr(float(va[0])).encode(), "arousal": repr(float(va[1])).encode()}
+        fields = {
+            "mode": b"transform",
+            "crop": png(crop),
+            "landmarks": json.dumps([round(float(x), 4) for x in L.to_vector(lm)]).encode(),
+            "valence": repr(float(va[0])).encode(),
+            "arousal": repr(float(va[1])).encode(),
+        }
         if judge:
             fields["judge"] = b"1"
         out = self.predict(model, fields, "transform")
@@ -145,9 +165,10 @@ class Model:
             img = decode_png_rgb(base64.b64decode(out["image_png_b64"], validate=True))
             lm_out = L.to_points(np.asarray(out["landmarks"], np.float32))
         except (KeyError, ValueError, TypeError):
-            raise rpc.UserError(grpc.StatusCode.INTERNAL,
-                                f"model {model!r}: transform reply lacks a valid image or landmarks") from None
-        res = {"image": img, "landmarks": lm_out}
+            raise rpc.UserError(
+                grpc.StatusCode.INTERNAL, f"model {model!r}: transform reply lacks a valid image or landmarks"
+            ) from None
+        res: dict[str, np.ndarray | tuple[float, float]] = {"image": img, "landmarks": lm_out}
         if judge:
             res["judged_input"] = _va_pair(out.get("judged_input"), model)
             res["judged_output"] = _va_pair(out.get("judged_output"), model)
@@ -175,7 +196,7 @@ class Model:
         """None when a real prediction succeeds, else why not."""
         try:
             known = model in self._sizes
-            s = self.size(model)           # a judge prediction when the size is not known yet
+            s = self.size(model)  # a judge prediction when the size is not known yet
             if known:
                 self.judge(model, np.full((s, s, 3), 128, np.uint8))
             return None

@@ -2,6 +2,7 @@
 
 A request that can never succeed as sent is INVALID_ARGUMENT, with a message
 that names the field (`bad`)."""
+
 from __future__ import annotations
 
 import math

@@ -28,6 +28,7 @@ when the first 8 hex digits of sha1(name) fall below ``val_fraction`` of
 2^32. It does not depend on the seed, the order or which other images are
 present, so every model trained on the set is judged on the same faces.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,14 @@ TABLE_II: dict[str, tuple[float, float]] = {
     "contempt": (-0.5548, 0.5880),
 }
 CLASSES = tuple(TABLE_II)
-SYNONYMS = {"happiness": "happy", "sadness": "sad", "angry": "anger", "surprised": "surprise",
-            "fearful": "fear", "disgusted": "disgust"}
+SYNONYMS = {
+    "happiness": "happy",
+    "sadness": "sad",
+    "angry": "anger",
+    "surprised": "surprise",
+    "fearful": "fear",
+    "disgusted": "disgust",
+}
 
 
 class DataError(ValueError):
@@ -76,8 +83,9 @@ def canonical_label(raw: str) -> str | None:
     return s if s in TABLE_II else None
 
 
-def read_discrete(csv_path: str | os.PathLike, image_col: str = "image",
-                  label_col: str = "emotion") -> tuple[pd.DataFrame, dict]:
+def read_discrete(
+    csv_path: str | os.PathLike, image_col: str = "image", label_col: str = "emotion"
+) -> tuple[pd.DataFrame, dict]:
     """Legend CSV -> (table, report). See the module docstring for the rules."""
     df = pd.read_csv(csv_path, dtype=str)
     missing = [c for c in (image_col, label_col) if c not in df.columns]
@@ -96,8 +104,12 @@ def read_discrete(csv_path: str | os.PathLike, image_col: str = "image",
     df = df[n_labels == 1].reset_index(drop=True)
     df["valence"] = [TABLE_II[c][0] for c in df["label"]]
     df["arousal"] = [TABLE_II[c][1] for c in df["label"]]
-    report = {"rows": int(len(df)), "conflicting_dropped": len(conflicting), "unlabelled_dropped": unlabelled,
-              "classes": {c: int((df["label"] == c).sum()) for c in CLASSES}}
+    report = {
+        "rows": int(len(df)),
+        "conflicting_dropped": len(conflicting),
+        "unlabelled_dropped": unlabelled,
+        "classes": {c: int((df["label"] == c).sum()) for c in CLASSES},
+    }
     return df[["image", "label", "valence", "arousal"]], report
 
 
@@ -106,25 +118,37 @@ def read_continuous(csv_path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     df = pd.read_csv(csv_path)
     image_col = next((c for c in ("image", "subDirectory_filePath", "path", "file") if c in df.columns), None)
     if image_col is None or not {"valence", "arousal"} <= set(df.columns):
-        raise DataError(f"{Path(csv_path).name}: needs an image column (image or subDirectory_filePath) "
-                        f"and valence, arousal; has {list(df.columns)}")
+        raise DataError(
+            f"{Path(csv_path).name}: needs an image column (image or subDirectory_filePath) "
+            f"and valence, arousal; has {list(df.columns)}"
+        )
     va = df[["valence", "arousal"]].apply(pd.to_numeric, errors="coerce")
     ok = va.notna().all(axis=1) & (va.abs() <= 1).all(axis=1)
-    out = pd.DataFrame({"image": df.loc[ok, image_col].astype(str).values, "label": "",
-                        "valence": va.loc[ok, "valence"].values, "arousal": va.loc[ok, "arousal"].values})
+    out = pd.DataFrame(
+        {
+            "image": df.loc[ok, image_col].astype(str).values,
+            "label": "",
+            "valence": va.loc[ok, "valence"].values,
+            "arousal": va.loc[ok, "arousal"].values,
+        }
+    )
     out = out.drop_duplicates("image").reset_index(drop=True)
-    return out, {"rows": int(len(out)), "out_of_range_dropped": int((~ok).sum()),
-                 "duplicates_dropped": int(ok.sum()) - len(out)}
+    return out, {
+        "rows": int(len(out)),
+        "out_of_range_dropped": int((~ok).sum()),
+        "duplicates_dropped": int(ok.sum()) - len(out),
+    }
 
 
 def in_validation(name: str, val_fraction: float) -> bool:
-    return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) < val_fraction * 2 ** 32
+    return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) < val_fraction * 2**32
 
 
 # -- faces -------------------------------------------------------------------------------
 def _load_image(path: Path) -> np.ndarray:
     """uint8 RGB (H, W, 3) from any image file OpenCV reads (grey replicated)."""
     import cv2
+
     buf = np.fromfile(path, np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
     if img is None:
@@ -141,6 +165,7 @@ def _load_image(path: Path) -> np.ndarray:
 def crop_face(image: np.ndarray, size: int, cnn_fallback: bool = True):
     """(crop uint8 (size, size, 3), landmarks (68, 2) crop pixels, stage) or None."""
     from dyadlab.face.still import find_face
+
     face = find_face(image, cnn_fallback=cnn_fallback)
     if face is None:
         return None
@@ -164,6 +189,7 @@ class FaceSet:
     """Aligned faces: ``images`` (N, S, S, 3) uint8, ``landmarks`` (N, 68, 2)
     float32 crop pixels, ``va`` (N, 2) float32, ``label`` (N,) class index
     (-1 for continuous-VA data), ``val`` (N,) bool, ``names`` (N,) str."""
+
     images: np.ndarray
     landmarks: np.ndarray
     va: np.ndarray
@@ -178,20 +204,36 @@ class FaceSet:
 
     def split(self, val: bool) -> FaceSet:
         m = self.val == val
-        return FaceSet(self.images[m], self.landmarks[m], self.va[m], self.label[m], self.val[m],
-                       self.names[m], self.meta)
+        return FaceSet(
+            self.images[m],
+            self.landmarks[m],
+            self.va[m],
+            self.label[m],
+            self.val[m],
+            self.names[m],
+            self.meta,
+        )
 
     def to_bytes(self) -> bytes:
         bio = io.BytesIO()
-        np.savez(bio, images=self.images, landmarks=self.landmarks, va=self.va, label=self.label,
-                 val=self.val, names=self.names.astype(str), meta=np.array(json.dumps(self.meta)))
+        np.savez(
+            bio,
+            images=self.images,
+            landmarks=self.landmarks,
+            va=self.va,
+            label=self.label,
+            val=self.val,
+            names=self.names.astype(str),
+            meta=np.array(json.dumps(self.meta)),
+        )
         return bio.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> FaceSet:
         z = np.load(io.BytesIO(data), allow_pickle=False)
-        return cls(z["images"], z["landmarks"], z["va"], z["label"], z["val"], z["names"],
-                   json.loads(str(z["meta"])))
+        return cls(
+            z["images"], z["landmarks"], z["va"], z["label"], z["val"], z["names"], json.loads(str(z["meta"]))
+        )
 
 
 def cache_key(images_dir: Path, table: pd.DataFrame, size: int, val_fraction: float) -> str:
@@ -204,9 +246,15 @@ def cache_key(images_dir: Path, table: pd.DataFrame, size: int, val_fraction: fl
     return f"synth/faces/{h.hexdigest()[:32]}-{size}px.npz"
 
 
-def prepare(images_dir: str | os.PathLike, table: pd.DataFrame, store, size: int = 64,
-            val_fraction: float = 0.1, workers: int = 2,
-            progress: Callable[[int, int], None] | None = None) -> FaceSet:
+def prepare(
+    images_dir: str | os.PathLike,
+    table: pd.DataFrame,
+    store,
+    size: int = 64,
+    val_fraction: float = 0.1,
+    workers: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+) -> FaceSet:
     """Detect, align and crop every labelled image (cached in `store`)."""
     images_dir = Path(images_dir)
     present = table[[(images_dir / n).is_file() for n in table["image"]]].reset_index(drop=True)
@@ -218,7 +266,7 @@ def prepare(images_dir: str | os.PathLike, table: pd.DataFrame, store, size: int
         return FaceSet.from_bytes(store.get_bytes(key))
 
     paths = [str(images_dir / n) for n in present["image"]]
-    chunks = [paths[i:i + 64] for i in range(0, len(paths), 64)]
+    chunks = [paths[i : i + 64] for i in range(0, len(paths), 64)]
     results: list = []
     # spawn, not fork: a forked worker hangs for ever (on a futex) once the
     # parent has used dlib's CNN detector, e.g. crop_face on a faceless image.
@@ -240,16 +288,30 @@ def prepare(images_dir: str | os.PathLike, table: pd.DataFrame, store, size: int
         label=np.array([class_index.get(c, -1) for c in sub["label"]], np.int64),
         val=np.array([in_validation(n, val_fraction) for n in sub["image"]]),
         names=sub["image"].to_numpy(str),
-        meta={"prep_version": PREP_VERSION, "size": size, "val_fraction": val_fraction,
-              "images": len(paths), "faces": len(keep), "no_face": len(paths) - len(keep),
-              "stages": {str(k): int(v) for k, v in stages.items()}})
+        meta={
+            "prep_version": PREP_VERSION,
+            "size": size,
+            "val_fraction": val_fraction,
+            "images": len(paths),
+            "faces": len(keep),
+            "no_face": len(paths) - len(keep),
+            "stages": {str(k): int(v) for k, v in stages.items()},
+        },
+    )
     store.put_bytes(key, fs.to_bytes())
     return fs
 
 
-def load(images_dir: str | os.PathLike, labels_csv: str | os.PathLike, store, size: int = 64,
-         val_fraction: float = 0.1, continuous: bool | None = None, workers: int = 2,
-         progress=None) -> FaceSet:
+def load(
+    images_dir: str | os.PathLike,
+    labels_csv: str | os.PathLike,
+    store,
+    size: int = 64,
+    val_fraction: float = 0.1,
+    continuous: bool | None = None,
+    workers: int = 2,
+    progress=None,
+) -> FaceSet:
     """The whole path: read labels (discrete legend or continuous VA CSV, by
     its columns unless `continuous` says), then `prepare`."""
     cols = set(pd.read_csv(labels_csv, nrows=0).columns)
@@ -265,6 +327,7 @@ def load(images_dir: str | os.PathLike, labels_csv: str | os.PathLike, store, si
 def to_tensor_images(images: np.ndarray):
     """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 in [-1, 1]."""
     import torch
+
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
@@ -276,17 +339,26 @@ def to_uint8_images(t) -> np.ndarray:
 def normalised_landmarks(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(N, 68, 2) crop pixels -> (N, 136) normalised, (N, 2) centres, (N,) RMS radii."""
     out = [L.normalise_landmarks(p, return_params=True) for p in points]
-    return (np.stack([o[0] for o in out]), np.stack([o[1] for o in out]),
-            np.array([o[2] for o in out], np.float32))
+    return (
+        np.stack([o[0] for o in out]),
+        np.stack([o[1] for o in out]),
+        np.array([o[2] for o in out], np.float32),
+    )
 
 
-def draw_batch(lm136: np.ndarray, size: int, centers: np.ndarray | None = None,
-               radii: np.ndarray | None = None):
+def draw_batch(
+    lm136: np.ndarray, size: int, centers: np.ndarray | None = None, radii: np.ndarray | None = None
+):
     """(B, 136) normalised landmarks -> (B, 1, S, S) float tensor in [-1, 1]
     (white +1, contours darker), each face placed at its own centre/radius."""
     import torch
-    imgs = [L.draw_landmarks(v, size, None if centers is None else centers[i],
-                             None if radii is None else float(radii[i])) for i, v in enumerate(lm136)]
+
+    imgs = [
+        L.draw_landmarks(
+            v, size, None if centers is None else centers[i], None if radii is None else float(radii[i])
+        )
+        for i, v in enumerate(lm136)
+    ]
     return torch.from_numpy(np.stack(imgs)[:, None]).float().div(127.5).sub(1.0)
 
 

@@ -22,7 +22,10 @@
 `python -m services.synth.evaluate MODEL --faces STORE_KEY` prints the tables
 as JSON and Markdown.
 """
+
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from scipy import linalg
@@ -30,7 +33,10 @@ from scipy import linalg
 from services.synth import data as D
 from services.synth.generate import Synthesizer
 
-MIN_CLASS = 100      # real faces a class needs to be a Fréchet reference
+if TYPE_CHECKING:
+    from services.synth.model import VAJudge
+
+MIN_CLASS = 100  # real faces a class needs to be a Fréchet reference
 EVAL_CLASSES = ("neutral", "happy", "sad", "surprise", "anger", "disgust")
 
 
@@ -40,7 +46,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():          # near-singular: regularise as pytorch-fid does
+    if not np.isfinite(covmean).all():  # near-singular: regularise as pytorch-fid does
         eps = 1e-6 * np.eye(len(s1))
         covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
     covmean = covmean.real
@@ -52,7 +58,7 @@ def rmse(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _batched(fn, *arrays, batch: int = 128):
-    outs = [fn(*(x[i:i + batch] for x in arrays)) for i in range(0, len(arrays[0]), batch)]
+    outs = [fn(*(x[i : i + batch] for x in arrays)) for i in range(0, len(arrays[0]), batch)]
     if isinstance(outs[0], tuple):
         return tuple(np.concatenate(p) for p in zip(*outs))
     return np.concatenate(outs)
@@ -60,9 +66,15 @@ def _batched(fn, *arrays, batch: int = 128):
 
 def judge_features(syn: Synthesizer, crops: np.ndarray, batch: int = 256) -> np.ndarray:
     import torch
+
+    judge = cast("VAJudge", syn.J)  # a Synthesizer's judge network is a VAJudge
     with torch.no_grad():
-        return np.concatenate([syn.J.features(D.to_tensor_images(crops[i:i + batch])).numpy()
-                               for i in range(0, len(crops), batch)])
+        return np.concatenate(
+            [
+                judge.features(D.to_tensor_images(crops[i : i + batch])).numpy()
+                for i in range(0, len(crops), batch)
+            ]
+        )
 
 
 def mouth_geometry(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,14 +91,16 @@ def landmark_sanity(syn: Synthesizer, val: D.FaceSet, valences=(-0.8, 0.0, 0.8))
     widths, lifts = [], []
     for v in valences:
         out = syn.landmarks(lm, np.tile([[v, 0.0]], (len(lm), 1)).astype(np.float32))
-        w, l = mouth_geometry(D.L.to_points(out))
+        w, lift = mouth_geometry(D.L.to_points(out))
         widths.append(w)
-        lifts.append(l)
+        lifts.append(lift)
     both = (widths[-1] > widths[0]) & (lifts[-1] > lifts[0])
-    return {"valence": list(valences),
-            "mouth_width_iod": [float(w.mean()) for w in widths],
-            "corner_lift_iod": [float(l.mean()) for l in lifts],
-            "share_wider_and_lifted": float(both.mean())}
+    return {
+        "valence": list(valences),
+        "mouth_width_iod": [float(w.mean()) for w in widths],
+        "corner_lift_iod": [float(lift.mean()) for lift in lifts],
+        "share_wider_and_lifted": float(both.mean()),
+    }
 
 
 def evaluate(syn: Synthesizer, faces: D.FaceSet, max_per_class: int = 300, seed: int = 0) -> dict:
@@ -121,15 +135,16 @@ def evaluate(syn: Synthesizer, faces: D.FaceSet, max_per_class: int = 300, seed:
             ref_lm = D.normalised_landmarks(faces.landmarks[real])[0]
             row["fd_landmarks_generated"] = frechet_distance(D.normalised_landmarks(lms)[0], ref_lm)
             row["fd_landmarks_baseline"] = frechet_distance(
-                D.normalised_landmarks(val.landmarks[src])[0], ref_lm)
+                D.normalised_landmarks(val.landmarks[src])[0], ref_lm
+            )
             ref_f = judge_features(syn, faces.images[real])
             row["fd_judge_generated"] = frechet_distance(judge_features(syn, imgs), ref_f)
             row["fd_judge_baseline"] = frechet_distance(judge_features(syn, val.images[src]), ref_f)
         per_class[cname] = row
     res["per_class"] = per_class
     g, b = np.concatenate(gen_err), np.concatenate(base_err)
-    res["va_rmse_generated"] = float(np.sqrt((g ** 2).mean()))
-    res["va_rmse_baseline"] = float(np.sqrt((b ** 2).mean()))
+    res["va_rmse_generated"] = float(np.sqrt((g**2).mean()))
+    res["va_rmse_baseline"] = float(np.sqrt((b**2).mean()))
     for key in ("fd_landmarks", "fd_judge"):
         rows = [r for r in per_class.values() if f"{key}_generated" in r]
         res[f"{key}_generated"] = float(np.mean([r[f"{key}_generated"] for r in rows]))
@@ -140,28 +155,47 @@ def evaluate(syn: Synthesizer, faces: D.FaceSet, max_per_class: int = 300, seed:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"Validation faces: {res['n_val']} (training faces: {res['n_train']})", "",
-             f"Judge RMSE on validation VA: {res['judge_rmse_val']:.3f} "
-             f"(valence {res['judge_rmse_val_valence']:.3f}, arousal {res['judge_rmse_val_arousal']:.3f})", "",
-             "| target | n | VA RMSE generated | VA RMSE no-change | FD landmarks gen / no-change | FD judge gen / no-change |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Validation faces: {res['n_val']} (training faces: {res['n_train']})",
+        "",
+        f"Judge RMSE on validation VA: {res['judge_rmse_val']:.3f} "
+        f"(valence {res['judge_rmse_val_valence']:.3f}, arousal {res['judge_rmse_val_arousal']:.3f})",
+        "",
+        "| target | n | VA RMSE generated | VA RMSE no-change | FD landmarks gen / no-change | FD judge gen / no-change |",
+        "|---|---|---|---|---|---|",
+    ]
     for c, r in res["per_class"].items():
-        fdl = (f"{r['fd_landmarks_generated']:.3f} / {r['fd_landmarks_baseline']:.3f}"
-               if "fd_landmarks_generated" in r else "–")
-        fdj = (f"{r['fd_judge_generated']:.2f} / {r['fd_judge_baseline']:.2f}"
-               if "fd_judge_generated" in r else "–")
-        lines.append(f"| {c} | {r['n']} | {r['rmse_generated']:.3f} | {r['rmse_baseline']:.3f} | {fdl} | {fdj} |")
-    lines.append(f"| **all** | | **{res['va_rmse_generated']:.3f}** | **{res['va_rmse_baseline']:.3f}** | "
-                 f"{res['fd_landmarks_generated']:.3f} / {res['fd_landmarks_baseline']:.3f} | "
-                 f"{res['fd_judge_generated']:.2f} / {res['fd_judge_baseline']:.2f} |")
+        fdl = (
+            f"{r['fd_landmarks_generated']:.3f} / {r['fd_landmarks_baseline']:.3f}"
+            if "fd_landmarks_generated" in r
+            else "–"
+        )
+        fdj = (
+            f"{r['fd_judge_generated']:.2f} / {r['fd_judge_baseline']:.2f}"
+            if "fd_judge_generated" in r
+            else "–"
+        )
+        lines.append(
+            f"| {c} | {r['n']} | {r['rmse_generated']:.3f} | {r['rmse_baseline']:.3f} | {fdl} | {fdj} |"
+        )
+    lines.append(
+        f"| **all** | | **{res['va_rmse_generated']:.3f}** | **{res['va_rmse_baseline']:.3f}** | "
+        f"{res['fd_landmarks_generated']:.3f} / {res['fd_landmarks_baseline']:.3f} | "
+        f"{res['fd_judge_generated']:.2f} / {res['fd_judge_baseline']:.2f} |"
+    )
     s = res["landmark_sanity"]
-    lines += ["", "Landmark sanity (G_l, arousal 0):", "",
-              "| target valence | " + " | ".join(f"{v:+.1f}" for v in s["valence"]) + " |",
-              "|---|" + "---|" * len(s["valence"]),
-              "| mouth width (IOD) | " + " | ".join(f"{w:.3f}" for w in s["mouth_width_iod"]) + " |",
-              "| lip-corner lift (IOD) | " + " | ".join(f"{w:+.3f}" for w in s["corner_lift_iod"]) + " |",
-              "", f"Faces whose mouth both widens and lifts from -0.8 to +0.8: "
-                  f"{100 * s['share_wider_and_lifted']:.0f} %"]
+    lines += [
+        "",
+        "Landmark sanity (G_l, arousal 0):",
+        "",
+        "| target valence | " + " | ".join(f"{v:+.1f}" for v in s["valence"]) + " |",
+        "|---|" + "---|" * len(s["valence"]),
+        "| mouth width (IOD) | " + " | ".join(f"{w:.3f}" for w in s["mouth_width_iod"]) + " |",
+        "| lip-corner lift (IOD) | " + " | ".join(f"{w:+.3f}" for w in s["corner_lift_iod"]) + " |",
+        "",
+        f"Faces whose mouth both widens and lifts from -0.8 to +0.8: "
+        f"{100 * s['share_wider_and_lifted']:.0f} %",
+    ]
     return "\n".join(lines)
 
 
@@ -171,6 +205,7 @@ def main(argv=None) -> int:
 
     from dyadlab.config import Settings
     from dyadlab.storage import open_store
+
     ap = argparse.ArgumentParser(prog="python -m services.synth.evaluate")
     ap.add_argument("model", help="exported model file")
     ap.add_argument("--faces", required=True, help="store key of the prepared faces (synth/faces/...npz)")

@@ -22,6 +22,7 @@ in crop pixels (same centre/radius as the input face).
 Everything runs in eval mode under ``torch.no_grad``; invalid inputs raise
 ValueError with a message that says what is wrong.
 """
+
 from __future__ import annotations
 
 import io
@@ -50,8 +51,7 @@ def _array(name: str, value, dtype=None) -> np.ndarray:
 class Synthesizer:
     """The three serving networks of one exported model (CPU, eval mode)."""
 
-    def __init__(self, cfg: S.Config, G_l: torch.nn.Module, G_i: torch.nn.Module,
-                 judge: torch.nn.Module):
+    def __init__(self, cfg: S.Config, G_l: torch.nn.Module, G_i: torch.nn.Module, judge: torch.nn.Module):
         self.config = cfg
         self.G_l = G_l.eval()
         self.G_i = G_i.eval()
@@ -80,8 +80,11 @@ class Synthesizer:
         if missing:
             raise ValueError(f"synth model file lacks {missing}")
         cfg = S.Config.from_dict(blob["config"])
-        nets = {"G_l": S.build("landmark", cfg)["G"], "G_i": S.build("image", cfg)["G"],
-                "judge": S.build("judge", cfg)["J"]}
+        nets = {
+            "G_l": S.build("landmark", cfg)["G"],
+            "G_i": S.build("image", cfg)["G"],
+            "judge": S.build("judge", cfg)["J"],
+        }
         for k, net in nets.items():
             try:
                 net.load_state_dict(blob[k])
@@ -99,8 +102,9 @@ class Synthesizer:
         a = np.asarray(crops)
         s = self.size
         if a.ndim != 4 or a.shape[1:] != (s, s, 3):
-            raise ValueError(f"{name} must be (B, {s}, {s}, 3) RGB crops of this model's size, "
-                             f"got shape {a.shape}")
+            raise ValueError(
+                f"{name} must be (B, {s}, {s}, 3) RGB crops of this model's size, got shape {a.shape}"
+            )
         if a.dtype != np.uint8:
             raise ValueError(f"{name} must be uint8, got {a.dtype}")
         return np.ascontiguousarray(a)
@@ -109,8 +113,7 @@ class Synthesizer:
     def check_va(va, batch: int) -> np.ndarray:
         v = _array("va", va, np.float32)
         if v.shape != (batch, 2):
-            raise ValueError(f"va must be (B, 2) = (valence, arousal) with B = {batch}, "
-                             f"got shape {v.shape}")
+            raise ValueError(f"va must be (B, 2) = (valence, arousal) with B = {batch}, got shape {v.shape}")
         if not np.isfinite(v).all():
             raise ValueError("va contains NaN or infinity")
         if (np.abs(v) > 1).any():
@@ -124,8 +127,9 @@ class Synthesizer:
         if p.ndim == 2 and p.shape[1] == 2 * N_POINTS:
             p = L.to_points(p).astype(np.float32)
         if p.shape != (batch, N_POINTS, 2):
-            raise ValueError(f"crop_landmarks must be (B, 68, 2) crop pixels with B = {batch}, "
-                             f"got shape {p.shape}")
+            raise ValueError(
+                f"crop_landmarks must be (B, 68, 2) crop pixels with B = {batch}, got shape {p.shape}"
+            )
         if not np.isfinite(p).all():
             raise ValueError("crop_landmarks contain NaN or infinity")
         return p
@@ -152,8 +156,9 @@ class Synthesizer:
         c_l = self.G_l(torch.from_numpy(lm), c).numpy()
         lm_image = D.draw_batch(c_l, s, centres, radii)
         fake = self.G_i(D.to_tensor_images(x), lm_image, c)
-        target = np.stack([L.denormalise(v, s, centres[i], float(radii[i]))
-                           for i, v in enumerate(c_l)]).astype(np.float32)
+        target = np.stack(
+            [L.denormalise(v, s, centres[i], float(radii[i])) for i, v in enumerate(c_l)]
+        ).astype(np.float32)
         return D.to_uint8_images(fake), target
 
     @torch.no_grad()

@@ -46,6 +46,7 @@ Every reply also carries ``"batch"``: how many requests shared its forward pass.
 Threads: torch.set_num_threads(DYADLAB_SYNTH_THREADS, else the model-config's
 ``handler: {threads: N}``, else 1) -- one worker per core is the scaling unit.
 """
+
 from __future__ import annotations
 
 import base64
@@ -54,6 +55,7 @@ import logging
 import math
 import os
 import time
+from typing import Any, Literal, cast, overload
 
 import numpy as np
 
@@ -77,6 +79,7 @@ class SynthHandler:
         import torch
 
         from services.synth.generate import Synthesizer
+
         self.context = context
         props = context.system_properties
         manifest = context.manifest
@@ -93,10 +96,21 @@ class SynthHandler:
         t0 = time.perf_counter()
         self.synth = Synthesizer.load(path)
         self.initialized = True
-        log.info("synth model %s loaded: size %d, %d thread(s), %.2f s", serialized,
-                 self.synth.size, torch.get_num_threads(), time.perf_counter() - t0)
+        log.info(
+            "synth model %s loaded: size %d, %d thread(s), %.2f s",
+            serialized,
+            self.synth.size,
+            torch.get_num_threads(),
+            time.perf_counter() - t0,
+        )
 
     # -- request parsing ------------------------------------------------------------
+    @overload
+    @staticmethod
+    def _field(req: dict, name: str, required: Literal[True] = True) -> bytes: ...
+    @overload
+    @staticmethod
+    def _field(req: dict, name: str, required: bool) -> bytes | None: ...
     @staticmethod
     def _field(req: dict, name: str, required: bool = True) -> bytes | None:
         v = req.get(name)
@@ -108,7 +122,7 @@ class SynthHandler:
             return v.encode()
         if isinstance(v, (bytes, bytearray, memoryview)):
             return bytes(v)
-        if isinstance(v, (int, float, list)):        # REST JSON bodies arrive decoded
+        if isinstance(v, (int, float, list)):  # REST JSON bodies arrive decoded
             return json.dumps(v).encode()
         raise ValueError(f"field {name!r}: unsupported type {type(v).__name__}")
 
@@ -131,6 +145,7 @@ class SynthHandler:
 
     def _crop(self, req: dict) -> np.ndarray:
         import cv2
+
         raw = self._field(req, "crop")
         if len(raw) > MAX_CROP_BYTES:
             raise ValueError(f"crop is {len(raw)} bytes; at most {MAX_CROP_BYTES}")
@@ -147,8 +162,7 @@ class SynthHandler:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         s = self.synth.size
         if img.shape[:2] != (s, s):
-            raise ValueError(f"crop must be {s}x{s} (this model's size), got "
-                             f"{img.shape[1]}x{img.shape[0]}")
+            raise ValueError(f"crop must be {s}x{s} (this model's size), got {img.shape[1]}x{img.shape[0]}")
         return img
 
     def _landmarks(self, req: dict) -> np.ndarray:
@@ -157,8 +171,9 @@ class SynthHandler:
             v = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise ValueError("landmarks must be a JSON list of 136 numbers") from None
-        if not isinstance(v, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                              for x in v):
+        if not isinstance(v, list) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v
+        ):
             raise ValueError("landmarks must be a JSON list of 136 numbers")
         if len(v) != 136:
             raise ValueError(f"landmarks must have 136 numbers [x_0..x_67, y_0..y_67], got {len(v)}")
@@ -178,17 +193,18 @@ class SynthHandler:
         mode = self._text(raw_mode, "mode").lower() if raw_mode else "transform"
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; one of {list(MODES)}")
-        out = {"mode": mode, "crop": self._crop(req)}
+        out: dict[str, Any] = {"mode": mode, "crop": self._crop(req)}
         if mode == "transform":
             out["landmarks"] = self._landmarks(req)
             out["va"] = (self._float(req, "valence"), self._float(req, "arousal"))
             j = self._field(req, "judge", required=False)
-            out["judge"] = bool(j) and self._text(j, "judge").lower() in ("1", "true", "yes")
+            out["judge"] = bool(j and self._text(j, "judge").lower() in ("1", "true", "yes"))
         return out
 
     # -- TorchServe's steps ------------------------------------------------------------
     def preprocess(self, data: list) -> tuple[list[dict | None], list[str | None]]:
-        parsed, errors = [], []
+        parsed: list[dict | None] = []
+        errors: list[str | None] = []
         for req in data:
             try:
                 parsed.append(self.parse(req))
@@ -203,31 +219,37 @@ class SynthHandler:
         every image to be judged."""
         syn = self.synth
         results: list[dict | None] = [None if p is None else {} for p in parsed]
+        # by request index, the requests that parsed and their (same) result dicts
+        reqs = {i: p for i, p in enumerate(parsed) if p is not None}
+        res = {i: r for i, r in enumerate(results) if r is not None}
         tr = [i for i, p in enumerate(parsed) if p is not None and p["mode"] == "transform"]
         if tr:
-            images, target = syn.transform(np.stack([parsed[i]["crop"] for i in tr]),
-                                           np.stack([parsed[i]["landmarks"] for i in tr]),
-                                           np.array([parsed[i]["va"] for i in tr], np.float32))
+            images, target = syn.transform(
+                np.stack([reqs[i]["crop"] for i in tr]),
+                np.stack([reqs[i]["landmarks"] for i in tr]),
+                np.array([reqs[i]["va"] for i in tr], np.float32),
+            )
             for k, i in enumerate(tr):
-                results[i]["image"] = images[k]
-                results[i]["landmarks"] = target[k]
-        to_judge = []                     # (request index, result key, image)
+                res[i]["image"] = images[k]
+                res[i]["landmarks"] = target[k]
+        to_judge = []  # (request index, result key, image)
         for i, p in enumerate(parsed):
             if p is None:
                 continue
             if p["mode"] == "judge":
                 to_judge.append((i, "va", p["crop"]))
             elif p["judge"]:
-                to_judge += [(i, "judged_input", p["crop"]), (i, "judged_output", results[i]["image"])]
+                to_judge += [(i, "judged_input", p["crop"]), (i, "judged_output", res[i]["image"])]
         if to_judge:
             va = syn.judge(np.stack([img for _, _, img in to_judge]))
             for (i, key, _), v in zip(to_judge, va):
-                results[i][key] = [round(float(v[0]), 6), round(float(v[1]), 6)]
+                res[i][key] = [round(float(v[0]), 6), round(float(v[1]), 6)]
         return results
 
     @staticmethod
     def _png(rgb: np.ndarray) -> bytes:
         import cv2
+
         ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         if not ok:
             raise RuntimeError("PNG encoding failed")
@@ -241,6 +263,7 @@ class SynthHandler:
                     self.context.set_response_status(BAD_REQUEST, err, idx)
                 out.append(json.dumps({"error": err, "code": BAD_REQUEST}).encode())
                 continue
+            assert r is not None  # a request without an error parsed: it has a result
             body: dict = {"batch": len(results)}
             if "image" in r:
                 lm = r["landmarks"]
@@ -260,7 +283,7 @@ class SynthHandler:
         self.context = context
         parsed, errors = self.preprocess(data)
         if data and all(e is not None for e in errors):
-            raise self._bad_request(errors)
+            raise self._bad_request(cast("list[str]", errors))  # all str: checked just above
         return self.postprocess(self.inference(parsed), errors)
 
     @staticmethod
@@ -271,9 +294,10 @@ class SynthHandler:
             msg = errors[0]
         else:
             msg = f"{len(errors)} bad requests in one batch: " + "; ".join(
-                f"[{i}] {e}" for i, e in enumerate(errors))
+                f"[{i}] {e}" for i, e in enumerate(errors)
+            )
         try:
             from ts.utils.util import PredictionException
-        except ImportError:                     # outside TorchServe (unit tests)
+        except ImportError:  # outside TorchServe (unit tests)
             return ValueError(msg)
         return PredictionException(msg, BAD_REQUEST)

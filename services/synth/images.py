@@ -4,6 +4,7 @@ model, and finding + aligning the one face in a photograph.
 Faces are found with the shared still-image detector (`dyadlab.face.still`)
 and aligned with `landmarks.align_face`. An image that cannot be read, or
 has no face, is INVALID_ARGUMENT (the message names the input)."""
+
 from __future__ import annotations
 
 import io
@@ -34,13 +35,17 @@ def decode_png_rgb(data: bytes) -> np.ndarray:
 def decode_image(data: bytes, what: str) -> np.ndarray:
     """Any still image Pillow reads -> uint8 RGB (EXIF orientation applied)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
+
     if not data:
         raise bad(f"{what} is empty (0 bytes)")
+    im: Image.Image  # the opened file, then images made from it
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise bad(f"{what} is {im.width}x{im.height} pixels; at most "
-                          f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels")
+                raise bad(
+                    f"{what} is {im.width}x{im.height} pixels; at most "
+                    f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels"
+                )
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 a = np.asarray(im, np.float64)
@@ -56,10 +61,13 @@ def decode_image(data: bytes, what: str) -> np.ndarray:
 def find_and_align(rgb: np.ndarray, size: int, what: str) -> tuple[np.ndarray, np.ndarray, str]:
     """(aligned crop (S, S, 3), landmarks (68, 2) crop px, detector stage)."""
     from dyadlab.face.still import find_face
+
     face = find_face(rgb, cnn_fallback=True)
     if face is None:
-        raise bad(f"no face found in {what} ({rgb.shape[1]}x{rgb.shape[0]} pixels); "
-                  "give a photograph with one clearly visible, roughly frontal face")
+        raise bad(
+            f"no face found in {what} ({rgb.shape[1]}x{rgb.shape[0]} pixels); "
+            "give a photograph with one clearly visible, roughly frontal face"
+        )
     try:
         crop, lm = L.align_face(rgb, face.landmarks, size)
     except ValueError:

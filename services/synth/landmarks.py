@@ -36,15 +36,16 @@ canonical ones of aligned crops (`CANON_CENTER`, `CANON_RMS`, fractions of the
 side measured on the expression set), so generated landmarks can be drawn
 without a source face.
 """
+
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
 N_POINTS = 68
-IOD_FRACTION = 0.32     # eye-centre distance / crop side (frontal faces)
-EYE_Y = 0.30            # eye midpoint height / crop side
-EM_PER_IOD = 1.04       # median eye-midpoint-to-mouth-corners distance / IOD
+IOD_FRACTION = 0.32  # eye-centre distance / crop side (frontal faces)
+EYE_Y = 0.30  # eye midpoint height / crop side
+EM_PER_IOD = 1.04  # median eye-midpoint-to-mouth-corners distance / IOD
 # Median centroid (x, y) and RMS radius of the 68 points in aligned crops, as
 # fractions of the crop side (measured on the expression set's found faces).
 CANON_CENTER = (0.5, 0.508)
@@ -52,12 +53,14 @@ CANON_RMS = 0.287
 
 # Horizontal mirror of the iBUG-68 scheme: MIRROR[i] is the point that lands
 # where point i was (and vice versa) when the face is flipped left/right.
-_PAIRS = ([(i, 16 - i) for i in range(8)]                                   # jaw
-          + [(17 + i, 26 - i) for i in range(5)]                            # brows
-          + [(31, 35), (32, 34)]                                            # nostrils
-          + [(36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46)]    # eyes
-          + [(48, 54), (49, 53), (50, 52), (55, 59), (56, 58)]              # outer lips
-          + [(60, 64), (61, 63), (65, 67)])                                 # inner lips
+_PAIRS = (
+    [(i, 16 - i) for i in range(8)]  # jaw
+    + [(17 + i, 26 - i) for i in range(5)]  # brows
+    + [(31, 35), (32, 34)]  # nostrils
+    + [(36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46)]  # eyes
+    + [(48, 54), (49, 53), (50, 52), (55, 59), (56, 58)]  # outer lips
+    + [(60, 64), (61, 63), (65, 67)]
+)  # inner lips
 MIRROR = np.arange(N_POINTS)
 for _a, _b in _PAIRS:
     MIRROR[_a], MIRROR[_b] = _b, _a
@@ -65,15 +68,15 @@ MIRROR.setflags(write=False)
 
 # Polylines drawn by `draw_landmarks`: (indices, closed).
 CONTOURS = (
-    (range(0, 17), False),    # jaw
-    (range(17, 22), False),   # right brow
-    (range(22, 27), False),   # left brow
-    (range(27, 31), False),   # nose bridge
-    (range(31, 36), False),   # nostrils
-    (range(36, 42), True),    # right eye
-    (range(42, 48), True),    # left eye
-    (range(48, 60), True),    # outer lips
-    (range(60, 68), True),    # inner lips
+    (range(0, 17), False),  # jaw
+    (range(17, 22), False),  # right brow
+    (range(22, 27), False),  # left brow
+    (range(27, 31), False),  # nose bridge
+    (range(31, 36), False),  # nostrils
+    (range(36, 42), True),  # right eye
+    (range(42, 48), True),  # left eye
+    (range(48, 60), True),  # outer lips
+    (range(60, 68), True),  # inner lips
 )
 
 
@@ -105,7 +108,7 @@ def _points(lm) -> np.ndarray:
 def alignment_matrix(points: np.ndarray, size: int) -> np.ndarray:
     """2x3 similarity transform from image pixels to the aligned size x size crop."""
     p = _points(points)
-    right_eye, left_eye = p[36:42].mean(axis=0), p[42:48].mean(axis=0)   # subject's right = image left
+    right_eye, left_eye = p[36:42].mean(axis=0), p[42:48].mean(axis=0)  # subject's right = image left
     eye_mid = (right_eye + left_eye) / 2
     eye_vec = left_eye - right_eye
     iod = float(np.hypot(*eye_vec))
@@ -145,8 +148,7 @@ def align_face(image: np.ndarray, points: np.ndarray, size: int = 64) -> tuple[n
         pts = np.stack([(pts[:, 0] + 0.5) * fx - 0.5, (pts[:, 1] + 0.5) * fy - 0.5], axis=1)
         M = alignment_matrix(pts, size)
     lm = transform_points(pts, M)
-    crop = cv2.warpAffine(img, M, (size, size), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE)
+    crop = cv2.warpAffine(img, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     if crop.ndim == 2:
         crop = np.repeat(crop[:, :, None], 3, axis=2)
     elif crop.shape[2] == 4:
@@ -194,7 +196,7 @@ def flip_points(points: np.ndarray, width: int) -> np.ndarray:
 
 
 # -- drawing ------------------------------------------------------------------------------
-_SHIFT = 4   # sub-pixel drawing precision: 1/16 px
+_SHIFT = 4  # sub-pixel drawing precision: 1/16 px
 
 
 def draw_points(points: np.ndarray, size: int, lines: bool = True) -> np.ndarray:
@@ -213,8 +215,9 @@ def draw_points(points: np.ndarray, size: int, lines: bool = True) -> np.ndarray
     return img
 
 
-def draw_landmarks(lm136, size: int = 64, center=None, scale: float | None = None,
-                   lines: bool = True) -> np.ndarray:
+def draw_landmarks(
+    lm136, size: int = 64, center=None, scale: float | None = None, lines: bool = True
+) -> np.ndarray:
     """The image converter's landmark input: normalised landmarks (136-vector)
     placed in a size x size crop (`denormalise`: canonical face position and
     size unless `center` / `scale` are given), drawn as dark contours (jaw,

@@ -34,6 +34,7 @@ converters), λ_rec = 10, λ_ffc = 10, λ_l = 10; and StarGAN's λ_gp = 10.
 Every option of a loss (``adv``, ``saturating``, ``alpha``, ``lambdas``,
 ``gp``) is keyword-only; only the tensors are positional.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,11 +65,12 @@ class Lambdas:
     The landmark objectives read lambda_e, lambda_rec and lambda_ffc, the
     image objectives lambda_e, lambda_l and lambda_rec, both D objectives
     lambda_gp under ``adv="wgan-gp"``. The defaults are the paper's."""
-    lambda_e: float = 5.0       # λ_e: emotion (VA) regression, L_e (Eqs. 2, 7)
-    lambda_rec: float = 10.0    # λ_rec: cycle reconstruction, L_rec (Eqs. 3, 9)
-    lambda_ffc: float = 10.0    # λ_ffc: face-feature centres, L_ffc (Eq. 4)
-    lambda_l: float = 10.0      # λ_l: landmark regression by D_i, L_l (Eq. 8)
-    lambda_gp: float = 10.0     # λ_gp: gradient penalty (StarGAN; WGAN-GP only)
+
+    lambda_e: float = 5.0  # λ_e: emotion (VA) regression, L_e (Eqs. 2, 7)
+    lambda_rec: float = 10.0  # λ_rec: cycle reconstruction, L_rec (Eqs. 3, 9)
+    lambda_ffc: float = 10.0  # λ_ffc: face-feature centres, L_ffc (Eq. 4)
+    lambda_l: float = 10.0  # λ_l: landmark regression by D_i, L_l (Eq. 8)
+    lambda_gp: float = 10.0  # λ_gp: gradient penalty (StarGAN; WGAN-GP only)
 
 
 #: the paper's weights (Sec. IV-A)
@@ -85,8 +87,9 @@ def gan_d_loss(real_src: torch.Tensor, fake_src: torch.Tensor) -> torch.Tensor:
     map (B,1,h,w)); each expectation is the mean over all elements (batch and
     patches). Computed stably as BCE-with-logits (real -> 1, fake -> 0).
     """
-    return (F.binary_cross_entropy_with_logits(real_src, torch.ones_like(real_src))
-            + F.binary_cross_entropy_with_logits(fake_src, torch.zeros_like(fake_src)))
+    return F.binary_cross_entropy_with_logits(
+        real_src, torch.ones_like(real_src)
+    ) + F.binary_cross_entropy_with_logits(fake_src, torch.zeros_like(fake_src))
 
 
 def gan_g_loss(fake_src: torch.Tensor, *, saturating: bool = False) -> torch.Tensor:
@@ -111,8 +114,7 @@ def wgan_g_loss(fake_src: torch.Tensor) -> torch.Tensor:
     return -fake_src.mean()
 
 
-def interpolate(real: torch.Tensor, fake: torch.Tensor, *,
-                alpha: torch.Tensor | None = None) -> torch.Tensor:
+def interpolate(real: torch.Tensor, fake: torch.Tensor, *, alpha: torch.Tensor | None = None) -> torch.Tensor:
     """x̂ = α·real + (1-α)·fake with one α ~ U[0,1] per sample (StarGAN),
     detached from both inputs and marked ``requires_grad`` for the penalty."""
     if alpha is None:
@@ -128,8 +130,14 @@ def gradient_penalty(src: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     with ``requires_grad``. The gradient norm is taken per sample over all
     of its elements; the mean is over the batch.
     """
-    grad, = torch.autograd.grad(outputs=src, inputs=x_hat, grad_outputs=torch.ones_like(src),
-                                create_graph=True, retain_graph=True, only_inputs=True)
+    (grad,) = torch.autograd.grad(
+        outputs=src,
+        inputs=x_hat,
+        grad_outputs=torch.ones_like(src),
+        create_graph=True,
+        retain_graph=True,
+        only_inputs=True,
+    )
     norm = grad.flatten(1).norm(2, dim=1)
     return ((norm - 1) ** 2).mean()
 
@@ -187,7 +195,7 @@ def landmark_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def group_centres(lm: torch.Tensor) -> torch.Tensor:
     """(B, 136) ``[x_0..x_67, y_0..y_67]`` -> (B, 7, 2) centres h_j: the mean
     (x, y) of each group's points, groups in ``LANDMARK_GROUPS`` order."""
-    pts = torch.stack([lm[:, :N_POINTS], lm[:, N_POINTS:]], dim=-1)        # (B, 68, 2)
+    pts = torch.stack([lm[:, :N_POINTS], lm[:, N_POINTS:]], dim=-1)  # (B, 68, 2)
     return torch.stack([pts[:, list(idx)].mean(dim=1) for idx in LANDMARK_GROUPS.values()], dim=1)
 
 
@@ -209,8 +217,9 @@ def ffc_loss(fake_lm: torch.Tensor, real_lm: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # full objectives (Eqs. 5 and 10)
 # ---------------------------------------------------------------------------
-def _objective(adv_term: torch.Tensor, /, **weighted: tuple[float, torch.Tensor]
-               ) -> tuple[torch.Tensor, dict[str, float]]:
+def _objective(
+    adv_term: torch.Tensor, /, **weighted: tuple[float, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, float]]:
     """adv_term + Σ λ·term over ``weighted`` (name=(λ, term)), added in that
     order. Returns (total, {"adv": value, name: value, ...}) for logging."""
     total = adv_term
@@ -220,9 +229,15 @@ def _objective(adv_term: torch.Tensor, /, **weighted: tuple[float, torch.Tensor]
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
-def _d_objective(adv_term: torch.Tensor, /, *, adv: str, gp: torch.Tensor | None,
-                 lambda_gp: float, **weighted: tuple[float, torch.Tensor]
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+def _d_objective(
+    adv_term: torch.Tensor,
+    /,
+    *,
+    adv: str,
+    gp: torch.Tensor | None,
+    lambda_gp: float,
+    **weighted: tuple[float, torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, float]]:
     """A discriminator's ``_objective``, + λ_gp·GP last when adv="wgan-gp"."""
     if adv == "wgan-gp":
         if gp is None:
@@ -231,55 +246,92 @@ def _d_objective(adv_term: torch.Tensor, /, *, adv: str, gp: torch.Tensor | None
     return _objective(adv_term, **weighted)
 
 
-def landmark_d_objective(real_src, fake_src, real_va_pred, real_va, *,
-                         lambdas: Lambdas = PAPER_LAMBDAS, adv: str = "gan",
-                         gp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def landmark_d_objective(
+    real_src,
+    fake_src,
+    real_va_pred,
+    real_va,
+    *,
+    lambdas: Lambdas = PAPER_LAMBDAS,
+    adv: str = "gan",
+    gp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """L_{D_l} = -L_adv + λ_e L_e^real  (+ λ_gp GP when adv="wgan-gp").
 
     Returns (total, {term: value}) for logging. ``gp`` is required for
     WGAN-GP and ignored otherwise.
     """
-    return _d_objective(d_adversarial(real_src, fake_src, adv=adv),
-                        adv=adv, gp=gp, lambda_gp=lambdas.lambda_gp,
-                        e_real=(lambdas.lambda_e, emotion_loss(real_va_pred, real_va)))
+    return _d_objective(
+        d_adversarial(real_src, fake_src, adv=adv),
+        adv=adv,
+        gp=gp,
+        lambda_gp=lambdas.lambda_gp,
+        e_real=(lambdas.lambda_e, emotion_loss(real_va_pred, real_va)),
+    )
 
 
-def landmark_g_objective(fake_src, fake_va_pred, c_e, x_rec, x, fake_lm, *,
-                         lambdas: Lambdas = PAPER_LAMBDAS,
-                         adv: str = "gan") -> tuple[torch.Tensor, dict[str, float]]:
+def landmark_g_objective(
+    fake_src, fake_va_pred, c_e, x_rec, x, fake_lm, *, lambdas: Lambdas = PAPER_LAMBDAS, adv: str = "gan"
+) -> tuple[torch.Tensor, dict[str, float]]:
     """L_{G_l} = L_adv + λ_e L_e^fake + λ_rec L_rec + λ_ffc L_ffc.
 
     fake_src, fake_va_pred = D_l(G_l(x, c_e)); x_rec = G_l(G_l(x, c_e), c'_e);
     fake_lm = G_l(x, c_e) (compared with x by the face-feature-centre loss).
     """
-    return _objective(g_adversarial(fake_src, adv=adv),
-                      e_fake=(lambdas.lambda_e, emotion_loss(fake_va_pred, c_e)),
-                      rec=(lambdas.lambda_rec, reconstruction_loss(x_rec, x)),
-                      ffc=(lambdas.lambda_ffc, ffc_loss(fake_lm, x)))
+    return _objective(
+        g_adversarial(fake_src, adv=adv),
+        e_fake=(lambdas.lambda_e, emotion_loss(fake_va_pred, c_e)),
+        rec=(lambdas.lambda_rec, reconstruction_loss(x_rec, x)),
+        ffc=(lambdas.lambda_ffc, ffc_loss(fake_lm, x)),
+    )
 
 
-def image_d_objective(real_src, fake_src, real_va_pred, real_va, real_lm_pred, real_lm, *,
-                      lambdas: Lambdas = PAPER_LAMBDAS, adv: str = "gan",
-                      gp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def image_d_objective(
+    real_src,
+    fake_src,
+    real_va_pred,
+    real_va,
+    real_lm_pred,
+    real_lm,
+    *,
+    lambdas: Lambdas = PAPER_LAMBDAS,
+    adv: str = "gan",
+    gp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """L_{D_i} = -L_adv + λ_e L_e^real + λ_l L_l^real  (+ λ_gp GP for WGAN-GP).
 
     real_src, real_va_pred, real_lm_pred = D_i(x); fake_src = D_i(G_i(...)).
     """
-    return _d_objective(d_adversarial(real_src, fake_src, adv=adv),
-                        adv=adv, gp=gp, lambda_gp=lambdas.lambda_gp,
-                        e_real=(lambdas.lambda_e, emotion_loss(real_va_pred, real_va)),
-                        l_real=(lambdas.lambda_l, landmark_loss(real_lm_pred, real_lm)))
+    return _d_objective(
+        d_adversarial(real_src, fake_src, adv=adv),
+        adv=adv,
+        gp=gp,
+        lambda_gp=lambdas.lambda_gp,
+        e_real=(lambdas.lambda_e, emotion_loss(real_va_pred, real_va)),
+        l_real=(lambdas.lambda_l, landmark_loss(real_lm_pred, real_lm)),
+    )
 
 
-def image_g_objective(fake_src, fake_va_pred, c_e, fake_lm_pred, c_l, x_rec, x, *,
-                      lambdas: Lambdas = PAPER_LAMBDAS,
-                      adv: str = "gan") -> tuple[torch.Tensor, dict[str, float]]:
+def image_g_objective(
+    fake_src,
+    fake_va_pred,
+    c_e,
+    fake_lm_pred,
+    c_l,
+    x_rec,
+    x,
+    *,
+    lambdas: Lambdas = PAPER_LAMBDAS,
+    adv: str = "gan",
+) -> tuple[torch.Tensor, dict[str, float]]:
     """L_{G_i} = L_adv + λ_e L_e^fake + λ_l L_l^fake + λ_rec L_rec.
 
     fake_src, fake_va_pred, fake_lm_pred = D_i(G_i(x, c_l, c_e)); c_l the
     target landmarks (B, 136); x_rec = G_i(G_i(x, c_l, c_e), c'_l, c'_e).
     """
-    return _objective(g_adversarial(fake_src, adv=adv),
-                      e_fake=(lambdas.lambda_e, emotion_loss(fake_va_pred, c_e)),
-                      l_fake=(lambdas.lambda_l, landmark_loss(fake_lm_pred, c_l)),
-                      rec=(lambdas.lambda_rec, reconstruction_loss(x_rec, x)))
+    return _objective(
+        g_adversarial(fake_src, adv=adv),
+        e_fake=(lambdas.lambda_e, emotion_loss(fake_va_pred, c_e)),
+        l_fake=(lambdas.lambda_l, landmark_loss(fake_lm_pred, c_l)),
+        rec=(lambdas.lambda_rec, reconstruction_loss(x_rec, x)),
+    )

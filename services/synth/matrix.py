@@ -7,6 +7,7 @@ can carry the VA judge's reading of the generated face.
 
 Drawn with matplotlib's Agg backend (no display needed).
 """
+
 from __future__ import annotations
 
 import io
@@ -29,15 +30,22 @@ def _fmt(x: float) -> str:
     return f"{x:+.2f}".replace("+0.00", "0").replace("-0.00", "0")
 
 
-def render(cells: np.ndarray, valences: Sequence[float], arousals: Sequence[float],
-           source: np.ndarray | None = None, judged: np.ndarray | None = None,
-           title: str = "avImage", dpi: int = 100) -> bytes:
+def render(
+    cells: np.ndarray,
+    valences: Sequence[float],
+    arousals: Sequence[float],
+    source: np.ndarray | None = None,
+    judged: np.ndarray | None = None,
+    title: str = "avImage",
+    dpi: int = 100,
+) -> bytes:
     """PNG bytes of the matrix.
 
     cells: (R, C, P, P, 3) uint8 -- row r = arousals[r], column c = valences[c];
     source: optional (S, S, 3) input face; judged: optional (R, C, 2) VA of each cell.
     """
     import matplotlib
+
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
@@ -51,7 +59,7 @@ def render(cells: np.ndarray, valences: Sequence[float], arousals: Sequence[floa
     for r in range(R):
         for c in range(C):
             y, x = r * (P + gap), c * (P + gap)
-            mosaic[y:y + P, x:x + P] = cells[r, c]
+            mosaic[y : y + P, x : x + P] = cells[r, c]
 
     # Figure size: the mosaic at one pixel per pixel, plus room for labels.
     left_in, bottom_in, top_in, right_in = 0.9, 0.75, 0.45, 0.25
@@ -69,17 +77,24 @@ def render(cells: np.ndarray, valences: Sequence[float], arousals: Sequence[floa
     ax.set_yticks(centres_y, [_fmt(a) for a in arousals])
     ax.set_xlabel("valence  (negative \u2192 positive)")
     ax.set_ylabel("arousal  (low \u2192 high)")
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+    for spine in ("top", "right"):
+        ax.spines[spine].set_visible(False)
     ax.set_title(title, fontsize=11)
     if judged is not None:
         fs = max(5, min(8, P // 16))
         for r in range(R):
             for c in range(C):
                 v, a = judged[r][c]
-                ax.text(centres_x[c], r * (P + gap) + P - 2, f"{v:+.2f},{a:+.2f}", ha="center",
-                        va="bottom", fontsize=fs, color="white",
-                        bbox={"boxstyle": "square,pad=0.1", "fc": "black", "alpha": 0.45, "lw": 0})
+                ax.text(
+                    centres_x[c],
+                    r * (P + gap) + P - 2,
+                    f"{v:+.2f},{a:+.2f}",
+                    ha="center",
+                    va="bottom",
+                    fontsize=fs,
+                    color="white",
+                    bbox={"boxstyle": "square,pad=0.1", "fc": "black", "alpha": 0.45, "lw": 0},
+                )
     if source is not None:
         side = src_in - 0.35
         sx = (left_in + W / dpi + right_in + 0.1) / fig_w

@@ -31,6 +31,7 @@ discriminator ``repeat_num=6``); 64x64 is the CPU configuration
 Every module has ``count_params()``; ``count_params(module)`` works on any
 ``nn.Module``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 N_POINTS = 68
-LANDMARK_DIM = 2 * N_POINTS   # 136
+LANDMARK_DIM = 2 * N_POINTS  # 136
 VA_DIM = 2
 
 
@@ -168,8 +169,12 @@ class ResidualBlock(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.main = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, 1, 1, bias=False), _inorm(dim), nn.ReLU(inplace=True),
-            nn.Conv2d(dim, dim, 3, 1, 1, bias=False), _inorm(dim))
+            nn.Conv2d(dim, dim, 3, 1, 1, bias=False),
+            _inorm(dim),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(dim, dim, 3, 1, 1, bias=False),
+            _inorm(dim),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.main(x)
@@ -196,16 +201,22 @@ class ImageGenerator(_Counted):
             raise ValueError(f"image_size must be divisible by 4, got {image_size}")
         self.image_size = image_size
         in_ch = 3 + 1 + VA_DIM
-        layers: list[nn.Module] = [nn.Conv2d(in_ch, conv_dim, 7, 1, 3, bias=False),
-                                   _inorm(conv_dim), nn.ReLU(inplace=True)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_ch, conv_dim, 7, 1, 3, bias=False),
+            _inorm(conv_dim),
+            nn.ReLU(inplace=True),
+        ]
         d = conv_dim
         for _ in range(2):
             layers += [nn.Conv2d(d, d * 2, 4, 2, 1, bias=False), _inorm(d * 2), nn.ReLU(inplace=True)]
             d *= 2
         layers += [ResidualBlock(d) for _ in range(repeat_num)]
         for _ in range(2):
-            layers += [nn.ConvTranspose2d(d, d // 2, 4, 2, 1, bias=False), _inorm(d // 2),
-                       nn.ReLU(inplace=True)]
+            layers += [
+                nn.ConvTranspose2d(d, d // 2, 4, 2, 1, bias=False),
+                _inorm(d // 2),
+                nn.ReLU(inplace=True),
+            ]
             d //= 2
         layers += [nn.Conv2d(d, 3, 7, 1, 3, bias=False), nn.Tanh()]
         self.main = nn.Sequential(*layers)
@@ -235,10 +246,9 @@ class ImageDiscriminator(_Counted):
 
     def __init__(self, image_size: int = 64, conv_dim: int = 32, repeat_num: int = 5):
         super().__init__()
-        k = image_size // 2 ** repeat_num
-        if k < 1 or image_size % 2 ** repeat_num:
-            raise ValueError(f"image_size {image_size} must be a multiple of 2**repeat_num "
-                             f"({2 ** repeat_num})")
+        k = image_size // 2**repeat_num
+        if k < 1 or image_size % 2**repeat_num:
+            raise ValueError(f"image_size {image_size} must be a multiple of 2**repeat_num ({2**repeat_num})")
         layers: list[nn.Module] = [nn.Conv2d(3, conv_dim, 4, 2, 1), nn.LeakyReLU(0.01)]
         d = conv_dim
         for _ in range(1, repeat_num):
@@ -271,8 +281,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -299,13 +310,16 @@ class VAJudge(_Counted):
 
     def __init__(self, base: int = 64, blocks: tuple[int, ...] = (2, 2, 2, 2), in_channels: int = 3):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, base, 7, 2, 3, bias=False),
-                                  nn.BatchNorm2d(base), nn.ReLU(inplace=True),
-                                  nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, base, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(base),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        )
         stages = []
         c_in = base
         for i, n in enumerate(blocks):
-            c_out = base * 2 ** i
+            c_out = base * 2**i
             stage = [BasicBlock(c_in, c_out, 1 if i == 0 else 2)]
             stage += [BasicBlock(c_out, c_out) for _ in range(n - 1)]
             stages.append(nn.Sequential(*stage))
@@ -313,7 +327,7 @@ class VAJudge(_Counted):
         self.stages = nn.Sequential(*stages)
         self.feature_dim = c_in
         self.head = nn.Linear(c_in, VA_DIM)
-        for m in self.modules():                     # torchvision's ResNet init
+        for m in self.modules():  # torchvision's ResNet init
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):

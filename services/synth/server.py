@@ -35,6 +35,7 @@ calls FAILED_PRECONDITION) come from `dyadlab.config`; `dyadlab up` sets
 DYADLAB_SYNTH_TS_MODEL, the TorchServe model name (default "synth"). The
 service's own knobs (DYADLAB_SYNTH_*) are listed in ``service.py``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,6 +43,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -57,12 +59,13 @@ log = logging.getLogger("dyadlab.synth")
 class SynthService:
     """The rpc.Service: the servicer, the extractor channel and the health
     monitor around a `Synth` (the RPCs' work)."""
+
     name = "dyadlab.v1.Synth"
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.channel: grpc.aio.Channel | None = None
-        self._health = None
+        self._health: Callable[[bool], Awaitable[None]] | None = None  # bind_health's setter
         self._loop: asyncio.AbstractEventLoop | None = None
         self._monitor: asyncio.Task | None = None
         self._serving: bool | None = None
@@ -85,10 +88,13 @@ class SynthService:
     async def _set(self, why: str | None) -> None:
         """SERVING when `why` is None (a prediction succeeded), else NOT_SERVING."""
         ok = why is None
+        assert self._health is not None  # rpc.serve binds it before start()
         await self._health(ok)
         if ok != self._serving:
-            log.info("torchserve " + ("answers: SERVING" if ok else "not usable: NOT_SERVING"),
-                     extra={"addr": self.synth.ts_addr, **({} if ok else {"reason": why[:300]})})
+            log.info(
+                "torchserve " + ("answers: SERVING" if ok else "not usable: NOT_SERVING"),
+                extra={"addr": self.synth.ts_addr, **({} if why is None else {"reason": why[:300]})},
+            )
         self._serving = ok
 
     async def _watch(self, first: str | None) -> None:
@@ -115,7 +121,6 @@ class SynthService:
         self.synth.close()
 
 
-
 class _Servicer(synth_pb2_grpc.SynthServicer):
     def __init__(self, svc: SynthService):
         self.svc = svc
@@ -137,17 +142,22 @@ class _Servicer(synth_pb2_grpc.SynthServicer):
         yield synth_pb2.TransferEvent(progress=rpc.progress("faces", 2, 2, ""))
         opts = extractor_pb2.ExtractOptions()
         opts.CopyFrom(request.extract)
-        opts.skip_speech = True              # only the faces are needed
+        opts.skip_speech = True  # only the faces are needed
         stub = extractor_pb2_grpc.ExtractorStub(svc.channel)
-        call = stub.Extract(extractor_pb2.ExtractRequest(video=request.video, options=opts),
-                            timeout=rpc.downstream_timeout(context, svc.settings.rpc_timeout_s))
+        call = stub.Extract(
+            extractor_pb2.ExtractRequest(video=request.video, options=opts),
+            timeout=rpc.downstream_timeout(context, svc.settings.rpc_timeout_s),
+        )
         async for kind, value in rpc.relay_progress(call, "extract", peer="extractor"):
             if kind == "progress":
                 yield synth_pb2.TransferEvent(progress=rpc.progress(*value))
             else:
                 extract = value
-        notes = [f"real face {f.face_id} ({ROLE_NAME.get(f.role, 'role unknown')}): tracked in "
-                 f"{f.frames_tracked} of {extract.video.frames} frames" for f in extract.faces]
+        notes = [
+            f"real face {f.face_id} ({ROLE_NAME.get(f.role, 'role unknown')}): tracked in "
+            f"{f.frames_tracked} of {extract.video.frames} frames"
+            for f in extract.faces
+        ]
         cancelled = threading.Event()
 
         def report_or_stop(report):
@@ -155,19 +165,20 @@ class _Servicer(synth_pb2_grpc.SynthServicer):
                 if cancelled.is_set():
                     raise rpc.Cancelled("the Transfer's caller went away; work stopped")
                 report(stage, done, total, message)
+
             return r
 
         try:
             async for kind, value in rpc.progress_stream(
-                    lambda report: synth.run_transfer(request, inp, extract, notes,
-                                                      report_or_stop(report))):
+                lambda report: synth.run_transfer(request, inp, extract, notes, report_or_stop(report))
+            ):
                 if kind == "progress":
                     yield synth_pb2.TransferEvent(progress=rpc.progress(*value))
                 else:
                     value.seconds = time.perf_counter() - t0
                     yield synth_pb2.TransferEvent(result=value)
         finally:
-            cancelled.set()      # the caller went away (or we are done): the worker stops at its next step
+            cancelled.set()  # the caller went away (or we are done): the worker stops at its next step
 
 
 def main() -> None:

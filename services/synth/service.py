@@ -28,6 +28,7 @@ Store keys are content addresses, written once complete (the store publishes
 atomically): synth/faces/<sha256>.png, synth/matrices/<sha256>.png,
 synth/transfers/<sha256>.csv, then synth/transfers/<sha256>.mp4 last.
 """
+
 from __future__ import annotations
 
 import collections
@@ -80,8 +81,13 @@ class Synth:
         self.probe_s = settings.synth_probe_s
         self.concurrency = settings.synth_concurrency
         self.default_model = settings.synth_ts_model
-        self.model = Model(self.ts_addr, self.ts_key_file, settings.synth_predict_timeout_s,
-                           on_down=on_down, off=settings.torchserve == "off")
+        self.model = Model(
+            self.ts_addr,
+            self.ts_key_file,
+            settings.synth_predict_timeout_s,
+            on_down=on_down,
+            off=settings.torchserve == "off",
+        )
         self.pool = cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="predict")
 
     def close(self) -> None:
@@ -93,8 +99,10 @@ class Synth:
         which = img.WhichOneof("source")
         if which == "data":
             if len(img.data) > MAX_INLINE_BYTES:
-                raise bad(f"{what}: inline images are limited to {MAX_INLINE_BYTES >> 20} MiB; "
-                          "put larger ones in the store and send a reference")
+                raise bad(
+                    f"{what}: inline images are limited to {MAX_INLINE_BYTES >> 20} MiB; "
+                    "put larger ones in the store and send a reference"
+                )
             return bytes(img.data)
         if which != "ref" or not img.ref.key:
             raise bad(f"{what} is missing (give a store reference or the image bytes)")
@@ -108,8 +116,9 @@ class Synth:
         return find_and_align(rgb, size, what)
 
     def put_png(self, prefix: str, data: bytes) -> common_pb2.ObjectRef:
-        return object_ref(storage.put_content_bytes(self.store, data, "image.png", prefix,
-                                                    content_type="image/png"))
+        return object_ref(
+            storage.put_content_bytes(self.store, data, "image.png", prefix, content_type="image/png")
+        )
 
     def map_pool(self, fn, items: list, report=None) -> list:
         """fn over items on the prediction pool (results in order)."""
@@ -148,7 +157,8 @@ class Synth:
             landmarks=[float(v) for v in L.to_vector(pts)],
             judged_input=synth_pb2.VA(valence=out["judged_input"][0], arousal=out["judged_input"][1]),
             judged_output=synth_pb2.VA(valence=out["judged_output"][0], arousal=out["judged_output"][1]),
-            model_size=size)
+            model_size=size,
+        )
         if stage != "as_is":
             res.notes.append(f"face found at detector stage {stage!r}")
         return res
@@ -174,15 +184,25 @@ class Synth:
         grid = [(a, v) for a in aros for v in vals]
         outs = self.map_pool(lambda av: self.model.transform(model, crop, lm, (av[1], av[0]), True), grid)
         cells = np.stack([TR.upscale(o["image"], cell) for o in outs]).reshape(
-            len(aros), len(vals), cell, cell, 3)
+            len(aros), len(vals), cell, cell, 3
+        )
         judged = np.array([o["judged_output"] for o in outs]).reshape(len(aros), len(vals), 2)
-        data = MX.render(cells, vals, aros, source=TR.upscale(crop, cell), judged=judged,
-                         title=f"avImage ({model}, {size} px)")
+        data = MX.render(
+            cells,
+            vals,
+            aros,
+            source=TR.upscale(crop, cell),
+            judged=judged,
+            title=f"avImage ({model}, {size} px)",
+        )
         res = synth_pb2.MatrixResponse(image=self.put_png("synth/matrices", data), model_size=size)
         for (a, v), o in zip(grid, outs):
-            res.cells.append(synth_pb2.MatrixCell(
-                target=synth_pb2.VA(valence=v, arousal=a),
-                judged=synth_pb2.VA(valence=o["judged_output"][0], arousal=o["judged_output"][1])))
+            res.cells.append(
+                synth_pb2.MatrixCell(
+                    target=synth_pb2.VA(valence=v, arousal=a),
+                    judged=synth_pb2.VA(valence=o["judged_output"][0], arousal=o["judged_output"][1]),
+                )
+            )
         if stage != "as_is":
             res.notes.append(f"face found at detector stage {stage!r}")
         return res
@@ -208,8 +228,14 @@ class Synth:
         for role, img in (("parent", req.parent_face), ("infant", req.infant_face)):
             crop, lm, stage = self.face(img, f"{role}_face", size)
             faces[role] = (crop, lm, stage)
-        return {"model": model, "size": size, "face_px": face_px, "smooth": smooth,
-                "min_conf": min_conf, "faces": faces}
+        return {
+            "model": model,
+            "size": size,
+            "face_px": face_px,
+            "smooth": smooth,
+            "min_conf": min_conf,
+            "faces": faces,
+        }
 
     def real_landmarks(self, df, n: int, min_conf: float, notes: list[str]) -> dict:
         """role -> {frame index: (68, 2) landmarks} of confident, tracked frames."""
@@ -217,22 +243,27 @@ class Synth:
         for role, table_role in ROLES.items():
             frames: dict[int, np.ndarray] = {}
             if ft.ROLE_COL in df.columns and (df[ft.ROLE_COL] == table_role).any():
-                sub = df[(df[ft.ROLE_COL] == table_role) & (df["success"] > 0)
-                         & (df["confidence"] >= min_conf)]
+                sub = df[
+                    (df[ft.ROLE_COL] == table_role) & (df["success"] > 0) & (df["confidence"] >= min_conf)
+                ]
                 xy = sub[ft.LANDMARK_COLS].to_numpy(np.float64)
                 for fr, row in zip(sub["frame"].to_numpy(), xy):
                     i = int(fr) - 1
                     if 0 <= i < n and np.isfinite(row).all():
                         frames[i] = L.to_points(row)
             else:
-                notes.append(f"the extractor found no {table_role} face: the novel {role} "
-                             "stays neutral")
+                notes.append(f"the extractor found no {table_role} face: the novel {role} stays neutral")
             out[role] = frames
         return out
 
-    def run_transfer(self, req: synth_pb2.TransferRequest, inp: dict,
-                     extract: extractor_pb2.ExtractResult, notes: list[str],
-                     report: rpc.Report) -> synth_pb2.TransferResult:
+    def run_transfer(
+        self,
+        req: synth_pb2.TransferRequest,
+        inp: dict,
+        extract: extractor_pb2.ExtractResult,
+        notes: list[str],
+        report: rpc.Report,
+    ) -> synth_pb2.TransferResult:
         t0 = time.perf_counter()
         model, size, face_px = inp["model"], inp["size"], inp["face_px"]
         report("judge", 0, 1, "reading the frame table")
@@ -245,9 +276,11 @@ class Synth:
             n = idx.n_frames
             lms = self.real_landmarks(df, n, inp["min_conf"], notes)
             if not lms["parent"] and not lms["infant"]:
-                raise rpc.UserError(grpc.StatusCode.FAILED_PRECONDITION,
-                                    "no face was tracked (with enough confidence) in any frame of "
-                                    "the video: there is no expression to transfer")
+                raise rpc.UserError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "no face was tracked (with enough confidence) in any frame of "
+                    "the video: there is no expression to transfer",
+                )
             # 1. The real partners' VA, frame by frame (judge mode), judged while
             #    decoding with a bounded number of predictions in flight.
             raw = {r: np.full((n, 2), np.nan) for r in ("parent", "infant")}
@@ -281,8 +314,7 @@ class Synth:
                     fut.cancel()
         total = int(sum(np.isfinite(raw[r]).all(axis=1).sum() for r in raw))
         times = idx.timestamps
-        drive = {r: np.clip(TR.smooth_va(TR.hold_va(raw[r]), times, inp["smooth"]), -1, 1)
-                 for r in raw}
+        drive = {r: np.clip(TR.smooth_va(TR.hold_va(raw[r]), times, inp["smooth"]), -1, 1) for r in raw}
         # 2. The novel faces at each needed VA (re-used across frames with the same VA).
         keys = {r: [TR.quantise_va(v) for v in drive[r]] for r in drive}
         jobs = sorted({(r, k) for r in keys for k in keys[r]})
@@ -290,21 +322,32 @@ class Synth:
         faces = inp["faces"]
         outs = self.map_pool(
             lambda job: self.model.transform(model, faces[job[0]][0], faces[job[0]][1], job[1], True),
-            jobs, report=lambda d, t: report("generate", d, t, ""))
+            jobs,
+            report=lambda d, t: report("generate", d, t, ""),
+        )
         made = {job: o for job, o in zip(jobs, outs)}
         # 3. Post-processing and the video.
-        motions = {r: (TR.Motion.none(n) if req.no_motion
-                       else TR.motion(times, seed=int(req.seed) * 2 + k))
-                   for k, r in enumerate(("parent", "infant"))}
+        motions = {
+            r: (TR.Motion.none(n) if req.no_motion else TR.motion(times, seed=int(req.seed) * 2 + k))
+            for k, r in enumerate(("parent", "infant"))
+        }
         with tempfile.TemporaryDirectory(prefix="dyadlab-synth-") as d:
             mp4 = Path(d) / "transfer.mp4"
-            TR.compose(mp4, idx.pts, idx.time_base, idx.avg_fps,
-                       lambda role, k: made[(role, keys[role][k])]["image"], motions, face_px,
-                       report=lambda done, tot: report("encode", done, tot, ""))
+            TR.compose(
+                mp4,
+                idx.pts,
+                idx.time_base,
+                idx.avg_fps,
+                lambda role, k: made[(role, keys[role][k])]["image"],
+                motions,
+                face_px,
+                report=lambda done, tot: report("encode", done, tot, ""),
+            )
             check = video.probe(mp4)
             if check.n_frames != n:
-                raise rpc.UserError(grpc.StatusCode.INTERNAL,
-                                    f"the encoded video has {check.n_frames} frames, not {n}")
+                raise rpc.UserError(
+                    grpc.StatusCode.INTERNAL, f"the encoded video has {check.n_frames} frames, not {n}"
+                )
             cols = {}
             for r in ("parent", "infant"):
                 seen = np.isfinite(raw[r]).all(axis=1)
@@ -320,24 +363,41 @@ class Synth:
                 cols[f"{r}_scale"] = motions[r].scale
             report("write", 0, 2, "")
             csv = TR.va_table_csv(times, cols)
-            csv_ref = self.store.put_bytes(f"synth/transfers/{hashlib.sha256(csv).hexdigest()}.csv",
-                                           csv, content_type="text/csv")
+            csv_ref = self.store.put_bytes(
+                f"synth/transfers/{hashlib.sha256(csv).hexdigest()}.csv", csv, content_type="text/csv"
+            )
             sha = storage.sha256_file(mp4)
-            video_ref = self.store.put_file(f"synth/transfers/{sha}.mp4", mp4,
-                                            content_type="video/mp4", sha256=sha)
+            video_ref = self.store.put_file(
+                f"synth/transfers/{sha}.mp4", mp4, content_type="video/mp4", sha256=sha
+            )
             report("write", 2, 2, "")
         seen = {r: int(np.isfinite(raw[r]).all(axis=1).sum()) for r in raw}
         for r in raw:
             if 0 < seen[r] < n:
-                notes.append(f"the real {r}'s VA was judged in {seen[r]} of {n} frames; the other "
-                             "frames hold the last VA (neutral before the first)")
+                notes.append(
+                    f"the real {r}'s VA was judged in {seen[r]} of {n} frames; the other "
+                    "frames hold the last VA (neutral before the first)"
+                )
         notes.append("the output has no audio track (voices identify people)")
         TRANSFER_FRAMES.inc(n)
         secs = time.perf_counter() - t0
-        log.info("transfer done", extra={"frames": n, "seconds": round(secs, 2),
-                                         "fps": round(n / max(secs, 1e-9), 1),
-                                         "faces_generated": len(jobs), "crops_judged": total})
+        log.info(
+            "transfer done",
+            extra={
+                "frames": n,
+                "seconds": round(secs, 2),
+                "fps": round(n / max(secs, 1e-9), 1),
+                "faces_generated": len(jobs),
+                "crops_judged": total,
+            },
+        )
         return synth_pb2.TransferResult(
-            video=object_ref(video_ref), va_table=object_ref(csv_ref), frames=n,
-            fps=idx.avg_fps, parent_frames_seen=seen["parent"], infant_frames_seen=seen["infant"],
-            seconds=secs, notes=notes)
+            video=object_ref(video_ref),
+            va_table=object_ref(csv_ref),
+            frames=n,
+            fps=idx.avg_fps,
+            parent_frames_seen=seen["parent"],
+            infant_frames_seen=seen["infant"],
+            seconds=secs,
+            notes=notes,
+        )

@@ -23,6 +23,7 @@ read back with ``torch.load(weights_only=True)``.
 Optimiser as StarGAN: Adam(lr 1e-4, betas 0.5/0.999), lr decaying linearly to
 0 over the last half of the steps; batch 16 (paper).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,8 +39,13 @@ import torch.nn.functional as F
 from services.synth import data as D
 from services.synth import landmarks as L
 from services.synth import losses as LS
-from services.synth.model import (ImageDiscriminator, ImageGenerator, LandmarkDiscriminator,
-                                  LandmarkGenerator, VAJudge)
+from services.synth.model import (
+    ImageDiscriminator,
+    ImageGenerator,
+    LandmarkDiscriminator,
+    LandmarkGenerator,
+    VAJudge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,28 +55,28 @@ STAGES = ("landmark", "image", "judge")
 @dataclasses.dataclass
 class Config:
     size: int = 64
-    conv_dim: int = 32          # G_i / D_i width
-    g_repeat: int = 3           # residual blocks of G_i
-    d_repeat: int = 5           # stride-2 convs of D_i (size / 2**d_repeat >= 1)
+    conv_dim: int = 32  # G_i / D_i width
+    g_repeat: int = 3  # residual blocks of G_i
+    d_repeat: int = 5  # stride-2 convs of D_i (size / 2**d_repeat >= 1)
     lm_hidden: int = 256
     lm_layers: int = 3
-    judge_base: int = 32        # ResNet-18 widths base x (1, 2, 4, 8)
+    judge_base: int = 32  # ResNet-18 widths base x (1, 2, 4, 8)
     batch: int = 16
     judge_batch: int = 64
     lr: float = 1e-4
     judge_lr: float = 1e-3
     beta1: float = 0.5
     beta2: float = 0.999
-    decay_from: float = 0.5     # lr decays linearly to 0 from this fraction of the steps
+    decay_from: float = 0.5  # lr decays linearly to 0 from this fraction of the steps
     steps_landmark: int = 4000
     steps_image: int = 3000
     steps_judge: int = 2000
     # the λ of losses.Lambdas (default: the paper's); each converter has its own λ_e
-    lambda_e: float = LS.PAPER_LAMBDAS.lambda_e          # landmark converter
+    lambda_e: float = LS.PAPER_LAMBDAS.lambda_e  # landmark converter
     lambda_rec: float = LS.PAPER_LAMBDAS.lambda_rec
     lambda_ffc: float = LS.PAPER_LAMBDAS.lambda_ffc
     lambda_l: float = LS.PAPER_LAMBDAS.lambda_l
-    lambda_e_image: float = LS.PAPER_LAMBDAS.lambda_e    # image converter
+    lambda_e_image: float = LS.PAPER_LAMBDAS.lambda_e  # image converter
     adv: str = "gan"
     target_jitter: float = 0.05
     seed: int = 0
@@ -87,23 +93,30 @@ class Config:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def steps(self, stage: str) -> int:
-        return {"landmark": self.steps_landmark, "image": self.steps_image,
-                "judge": self.steps_judge}[stage]
+        return {"landmark": self.steps_landmark, "image": self.steps_image, "judge": self.steps_judge}[stage]
 
     def lambdas(self, stage: str) -> LS.Lambdas:
         """The loss weights of the "landmark" or "image" converter (λ_gp: the paper's)."""
-        return LS.Lambdas(lambda_e=self.lambda_e_image if stage == "image" else self.lambda_e,
-                          lambda_rec=self.lambda_rec, lambda_ffc=self.lambda_ffc,
-                          lambda_l=self.lambda_l)
+        return LS.Lambdas(
+            lambda_e=self.lambda_e_image if stage == "image" else self.lambda_e,
+            lambda_rec=self.lambda_rec,
+            lambda_ffc=self.lambda_ffc,
+            lambda_l=self.lambda_l,
+        )
 
 
 # -- networks -------------------------------------------------------------------------
 def build(stage: str, cfg: Config) -> dict[str, torch.nn.Module]:
     if stage == "landmark":
-        return {"G": LandmarkGenerator(cfg.lm_hidden, cfg.lm_layers), "D": LandmarkDiscriminator(cfg.lm_hidden)}
+        return {
+            "G": LandmarkGenerator(cfg.lm_hidden, cfg.lm_layers),
+            "D": LandmarkDiscriminator(cfg.lm_hidden),
+        }
     if stage == "image":
-        return {"G": ImageGenerator(cfg.size, cfg.conv_dim, cfg.g_repeat),
-                "D": ImageDiscriminator(cfg.size, cfg.conv_dim, cfg.d_repeat)}
+        return {
+            "G": ImageGenerator(cfg.size, cfg.conv_dim, cfg.g_repeat),
+            "D": ImageDiscriminator(cfg.size, cfg.conv_dim, cfg.d_repeat),
+        }
     if stage == "judge":
         return {"J": VAJudge(cfg.judge_base)}
     raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
@@ -128,11 +141,17 @@ def ckpt_key(run: str, stage: str) -> str:
     return f"synth/runs/{run}/{stage}.ckpt"
 
 
-def save_checkpoint(store, run: str, stage: str, step: int, cfg: Config, nets: dict, opts: dict,
-                    history: list[dict]) -> None:
-    state = {"stage": stage, "step": step, "config": cfg.to_dict(), "history": history,
-             "nets": {k: m.state_dict() for k, m in nets.items()},
-             "opts": {k: o.state_dict() for k, o in opts.items()}}
+def save_checkpoint(
+    store, run: str, stage: str, step: int, cfg: Config, nets: dict, opts: dict, history: list[dict]
+) -> None:
+    state = {
+        "stage": stage,
+        "step": step,
+        "config": cfg.to_dict(),
+        "history": history,
+        "nets": {k: m.state_dict() for k, m in nets.items()},
+        "opts": {k: o.state_dict() for k, o in opts.items()},
+    }
     bio = io.BytesIO()
     torch.save(state, bio)
     store.put_bytes(ckpt_key(run, stage), bio.getvalue())
@@ -149,8 +168,9 @@ def save_snapshot(store, run: str, stage: str, step: int, nets: dict) -> None:
 
 
 def load_snapshot(store, run: str, stage: str, step: int) -> dict:
-    return torch.load(io.BytesIO(store.get_bytes(snapshot_key(run, stage, step))), weights_only=True,
-                      map_location="cpu")
+    return torch.load(
+        io.BytesIO(store.get_bytes(snapshot_key(run, stage, step))), weights_only=True, map_location="cpu"
+    )
 
 
 def load_checkpoint(store, run: str, stage: str) -> dict | None:
@@ -179,11 +199,16 @@ def _update(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     opt.step()
 
 
-def _gan_row(d_loss: torch.Tensor, d_terms: dict[str, float], g_loss: torch.Tensor,
-             g_terms: dict[str, float]) -> dict[str, float]:
+def _gan_row(
+    d_loss: torch.Tensor, d_terms: dict[str, float], g_loss: torch.Tensor, g_terms: dict[str, float]
+) -> dict[str, float]:
     """A GAN step's log row: the D and G totals, and their terms as D/<term>, G/<term>."""
-    return {"D": d_loss.item(), "G": g_loss.item(), **{f"D/{k}": v for k, v in d_terms.items()},
-            **{f"G/{k}": v for k, v in g_terms.items()}}
+    return {
+        "D": d_loss.item(),
+        "G": g_loss.item(),
+        **{f"D/{k}": v for k, v in d_terms.items()},
+        **{f"G/{k}": v for k, v in g_terms.items()},
+    }
 
 
 def landmark_step(nets, opts, fs: D.FaceSet, rng, cfg: Config) -> dict[str, float]:
@@ -198,15 +223,16 @@ def landmark_step(nets, opts, fs: D.FaceSet, rng, cfg: Config) -> dict[str, floa
     fake = G(x, c_e)
     real_src, real_va = Dl(x)
     fake_src, _ = Dl(fake.detach())
-    d_loss, d_terms = LS.landmark_d_objective(real_src, fake_src, real_va, c_real,
-                                              lambdas=lambdas, adv=cfg.adv,
-                                              gp=_gp(Dl, x, fake, cfg))
+    d_loss, d_terms = LS.landmark_d_objective(
+        real_src, fake_src, real_va, c_real, lambdas=lambdas, adv=cfg.adv, gp=_gp(Dl, x, fake, cfg)
+    )
     _update(opts["D"], d_loss)
 
     fake_src, fake_va = Dl(fake)
     rec = G(fake, c_real)
-    g_loss, g_terms = LS.landmark_g_objective(fake_src, fake_va, c_e, rec, x, fake,
-                                              lambdas=lambdas, adv=cfg.adv)
+    g_loss, g_terms = LS.landmark_g_objective(
+        fake_src, fake_va, c_e, rec, x, fake, lambdas=lambdas, adv=cfg.adv
+    )
     _update(opts["G"], g_loss)
     return _gan_row(d_loss, d_terms, g_loss, g_terms)
 
@@ -236,15 +262,24 @@ def image_step(nets, opts, fs: D.FaceSet, rng, cfg: Config, G_l: LandmarkGenerat
     fake = G(x, lm_target, c_e)
     real_src, real_va, real_lm = Di(x)
     fake_src = Di(fake.detach())[0]
-    d_loss, d_terms = LS.image_d_objective(real_src, fake_src, real_va, c_real, real_lm, x_l,
-                                           lambdas=lambdas, adv=cfg.adv,
-                                           gp=_gp(Di, x, fake, cfg))
+    d_loss, d_terms = LS.image_d_objective(
+        real_src,
+        fake_src,
+        real_va,
+        c_real,
+        real_lm,
+        x_l,
+        lambdas=lambdas,
+        adv=cfg.adv,
+        gp=_gp(Di, x, fake, cfg),
+    )
     _update(opts["D"], d_loss)
 
     fake_src, fake_va, fake_lm = Di(fake)
     rec = G(fake, lm_own, c_real)
-    g_loss, g_terms = LS.image_g_objective(fake_src, fake_va, c_e, fake_lm, c_l, rec, x,
-                                           lambdas=lambdas, adv=cfg.adv)
+    g_loss, g_terms = LS.image_g_objective(
+        fake_src, fake_va, c_e, fake_lm, c_l, rec, x, lambdas=lambdas, adv=cfg.adv
+    )
     _update(opts["G"], g_loss)
     return _gan_row(d_loss, d_terms, g_loss, g_terms)
 
@@ -259,7 +294,7 @@ def judge_augment(rng, imgs: np.ndarray) -> np.ndarray:
     m = max(1, s // 16)
     pad = np.pad(out, ((0, 0), (m, m), (m, m), (0, 0)), mode="edge")
     dx, dy = rng.integers(0, 2 * m + 1, n), rng.integers(0, 2 * m + 1, n)
-    out = np.stack([pad[i, dy[i]:dy[i] + s, dx[i]:dx[i] + s] for i in range(n)])
+    out = np.stack([pad[i, dy[i] : dy[i] + s, dx[i] : dx[i] + s] for i in range(n)])
     a = rng.uniform(0.85, 1.15, (n, 1, 1, 1)).astype(np.float32)
     b = rng.uniform(-20, 20, (n, 1, 1, 1)).astype(np.float32)
     return np.clip(out * a + b, 0, 255).astype(np.uint8)
@@ -287,14 +322,21 @@ def judge_step(nets, opts, fs: D.FaceSet, rng, cfg: Config, weights: np.ndarray)
 def judge_va(J: VAJudge, images: np.ndarray, batch: int = 256) -> np.ndarray:
     """(N, S, S, 3) uint8 -> (N, 2) judged VA."""
     J.eval()
-    out = [J(D.to_tensor_images(images[i:i + batch])).numpy() for i in range(0, len(images), batch)]
+    out = [J(D.to_tensor_images(images[i : i + batch])).numpy() for i in range(0, len(images), batch)]
     return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
 
 
 # -- the loop -----------------------------------------------------------------------------
-def train_stage(stage: str, fs: D.FaceSet, store, run: str, cfg: Config,
-                G_l: LandmarkGenerator | None = None, stop_after: int | None = None,
-                progress: Callable[[str, int, int, dict], None] | None = None) -> dict:
+def train_stage(
+    stage: str,
+    fs: D.FaceSet,
+    store,
+    run: str,
+    cfg: Config,
+    G_l: LandmarkGenerator | None = None,
+    stop_after: int | None = None,
+    progress: Callable[[str, int, int, dict], None] | None = None,
+) -> dict:
     """Train (or resume, or skip if finished) one stage; returns the checkpoint dict.
 
     `stop_after`: stop once this global step is reached (tests, interruption drills)."""
@@ -330,8 +372,10 @@ def train_stage(stage: str, fs: D.FaceSet, store, run: str, cfg: Config,
         if stage == "landmark":
             terms = landmark_step(nets, opts, fs, rng, cfg)
         elif stage == "image":
+            assert G_l is not None  # checked before the loop
             terms = image_step(nets, opts, fs, rng, cfg, G_l)
         else:
+            assert weights is not None  # the judge stage: set before the loop
             terms = judge_step(nets, opts, fs, rng, cfg, weights)
         step += 1
         for k, v in terms.items():
@@ -348,8 +392,11 @@ def train_stage(stage: str, fs: D.FaceSet, store, run: str, cfg: Config,
             save_checkpoint(store, run, stage, step, cfg, nets, opts, history)
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:
             save_snapshot(store, run, stage, step, nets)
-    return load_checkpoint(store, run, stage) if step else {"nets": {k: m.state_dict() for k, m in nets.items()},
-                                                            "step": 0, "history": history}
+    if step:
+        ck = load_checkpoint(store, run, stage)
+        assert ck is not None  # saved at step `end` in the loop, or loaded before it
+        return ck
+    return {"nets": {k: m.state_dict() for k, m in nets.items()}, "step": 0, "history": history}
 
 
 def nets_from_checkpoint(stage: str, ck: dict, cfg: Config) -> dict[str, torch.nn.Module]:

@@ -16,6 +16,7 @@ The exported model file (``export``) is what serving loads: one
 ``torch.save`` dict of plain state dicts and the config, read back with
 ``weights_only=True``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,7 @@ import io
 import json
 import sys
 import time
+from typing import cast
 
 import torch
 
@@ -42,8 +44,16 @@ def export(store, run: str, cfg: S.Config) -> bytes:
             raise RuntimeError(f"stage {stage!r} of run {run!r} is not finished")
         parts[stage] = ck["nets"][net]
     bio = io.BytesIO()
-    torch.save({"format": MODEL_FORMAT, "config": cfg.to_dict(), "G_l": parts["landmark"],
-                "G_i": parts["image"], "judge": parts["judge"]}, bio)
+    torch.save(
+        {
+            "format": MODEL_FORMAT,
+            "config": cfg.to_dict(),
+            "G_l": parts["landmark"],
+            "G_i": parts["image"],
+            "judge": parts["judge"],
+        },
+        bio,
+    )
     return bio.getvalue()
 
 
@@ -57,6 +67,7 @@ class Progress:
         brief = " ".join(f"{k}={row[k]:.3f}" for k in ("D", "G", "J") if k in row)
         if self.tty:
             from tqdm import tqdm
+
             if stage != self.stage:
                 self.close()
                 self.stage = stage
@@ -65,8 +76,11 @@ class Progress:
             self.bar.set_postfix_str(brief)
             self.bar.refresh()
         else:
-            print(f"synth train: {stage} {step}/{total} {brief} ({row['s_per_step']:.3f} s/step)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"synth train: {stage} {step}/{total} {brief} ({row['s_per_step']:.3f} s/step)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self):
         if self.bar is not None:
@@ -77,23 +91,31 @@ class Progress:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dyadlab synth train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", required=True, help="directory of face images")
-    ap.add_argument("--labels", required=True,
-                    help="legend CSV (image, emotion) or AffectNet-style CSV (image, valence, arousal)")
+    ap.add_argument(
+        "--labels",
+        required=True,
+        help="legend CSV (image, emotion) or AffectNet-style CSV (image, valence, arousal)",
+    )
     ap.add_argument("--run", default="default", help="run name: checkpoints resume under it")
     ap.add_argument("--export", help="also write the exported model to this file")
     ap.add_argument("--stages", default=",".join(S.STAGES), help="comma-separated subset of stages")
     ap.add_argument("--workers", type=int, default=2, help="face-detection processes")
-    ap.add_argument("--landmark-from", metavar="RUN",
-                    help="image stage: use this run's landmark converter (ablations share one G_l)")
+    ap.add_argument(
+        "--landmark-from",
+        metavar="RUN",
+        help="image stage: use this run's landmark converter (ablations share one G_l)",
+    )
     for f in dataclasses.fields(S.Config):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
     a = ap.parse_args(argv)
 
     from dyadlab.config import Settings
     from dyadlab.storage import open_store
+
     store = open_store(Settings.from_env())
-    overrides = {f.name: getattr(a, f.name) for f in dataclasses.fields(S.Config)
-                 if getattr(a, f.name) is not None}
+    overrides = {
+        f.name: getattr(a, f.name) for f in dataclasses.fields(S.Config) if getattr(a, f.name) is not None
+    }
     cfg_key = f"synth/runs/{a.run}/config.json"
     if store.exists(cfg_key):
         cfg = S.Config.from_dict({**json.loads(store.get_bytes(cfg_key)), **overrides})
@@ -112,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
 
     fs = D.load(a.images, a.labels, store, cfg.size, workers=a.workers, progress=prep_progress)
     train = fs.split(val=False)
-    print(f"synth train: {len(train.va)} training / {int(fs.val.sum())} validation faces "
-          f"({fs.meta['no_face']} images without a face), {time.time() - t0:.0f} s",
-          file=sys.stderr, flush=True)
+    print(
+        f"synth train: {len(train.va)} training / {int(fs.val.sum())} validation faces "
+        f"({fs.meta['no_face']} images without a face), {time.time() - t0:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     bar = Progress()
     stages = [s for s in a.stages.split(",") if s]
     G_l = None
@@ -123,21 +148,30 @@ def main(argv: list[str] | None = None) -> int:
             ck = S.load_checkpoint(store, a.landmark_from or a.run, "landmark")
             if ck is None:
                 raise SystemExit("the image stage needs a trained landmark stage in this run")
-            G_l = S.nets_from_checkpoint("landmark", ck, cfg)["G"]
+            G_l = cast(
+                "S.LandmarkGenerator", S.nets_from_checkpoint("landmark", ck, cfg)["G"]
+            )  # the landmark stage's G
         if stage in stages:
             S.train_stage(stage, train, store, a.run, cfg, G_l=G_l, progress=bar)
     bar.close()
-    finished = all((ck := S.load_checkpoint(store, a.run, s)) is not None and int(ck["step"]) >= cfg.steps(s)
-                   for s in S.STAGES)
+    finished = all(
+        (ck := S.load_checkpoint(store, a.run, s)) is not None and int(ck["step"]) >= cfg.steps(s)
+        for s in S.STAGES
+    )
     if finished:
         blob = export(store, a.run, cfg)
         store.put_bytes(f"synth/models/{a.run}.pt", blob)
         if a.export:
             from pathlib import Path
+
             Path(a.export).parent.mkdir(parents=True, exist_ok=True)
             Path(a.export).write_bytes(blob)
-        print(f"synth train: exported synth/models/{a.run}.pt ({len(blob) / 1e6:.1f} MB) "
-              f"after {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"synth train: exported synth/models/{a.run}.pt ({len(blob) / 1e6:.1f} MB) "
+            f"after {time.time() - t0:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     return 0
 
 

@@ -37,6 +37,7 @@ the generated faces a head's natural sway:
   ``numpy.random.default_rng(seed)``: the same seed and frame times give the
   same motion.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,7 +57,7 @@ from services.synth.data import TABLE_II
 NEUTRAL = TABLE_II["neutral"]
 #: units of the post-processing's clock i per second of video
 I_PER_SECOND = 1.0
-M_MAX = 10.0        # degrees
+M_MAX = 10.0  # degrees
 N_MAX = 0.2
 FREQ_RANGE = (1.0, 2.0)
 DEFAULT_SMOOTH_S = 0.3
@@ -115,12 +116,13 @@ def _draw_freq(rng: np.random.Generator) -> float:
 @dataclasses.dataclass
 class Motion:
     """Per-frame post-processing of one face stream."""
-    theta: np.ndarray        # degrees
-    s: np.ndarray            # the resize term
-    s_r: np.ndarray          # the rotation-fit term
+
+    theta: np.ndarray  # degrees
+    s: np.ndarray  # the resize term
+    s_r: np.ndarray  # the rotation-fit term
     theta_redraws: list[int]  # frames at which (a, b, m) were drawn (the first is 0)
     scale_redraws: list[int]  # frames at which (c, d, n) were drawn
-    params: list[tuple]       # (frame, "theta"|"scale", (f1, f2, amplitude)) per draw
+    params: list[tuple]  # (frame, "theta"|"scale", (f1, f2, amplitude)) per draw
 
     @property
     def scale(self) -> np.ndarray:
@@ -132,8 +134,9 @@ class Motion:
         return cls(z, np.ones(n), np.ones(n), [], [], [])
 
 
-def _oscillator(clock: np.ndarray, rng: np.random.Generator, amp_max: float, kind: str,
-                params: list) -> tuple[np.ndarray, list[int]]:
+def _oscillator(
+    clock: np.ndarray, rng: np.random.Generator, amp_max: float, kind: str, params: list
+) -> tuple[np.ndarray, list[int]]:
     """(sin(f1*i) + sin(f2*i)) / 2 * amp per frame, re-drawn (and i restarted)
     whenever it returns to 0. `clock` is each frame's time in units of i."""
     n = len(clock)
@@ -152,7 +155,7 @@ def _oscillator(clock: np.ndarray, rng: np.random.Generator, amp_max: float, kin
             i = clock[j] - t0
             v = (math.sin(f1 * i) + math.sin(f2 * i)) / 2.0
             if v == 0.0 or (prev != 0.0 and math.copysign(1.0, v) != math.copysign(1.0, prev)):
-                break           # back at 0: re-draw from this frame (where the value restarts at 0)
+                break  # back at 0: re-draw from this frame (where the value restarts at 0)
             out[j] = v * amp
             prev = v
             j += 1
@@ -160,8 +163,13 @@ def _oscillator(clock: np.ndarray, rng: np.random.Generator, amp_max: float, kin
     return out, redraws
 
 
-def motion(times_s: Sequence[float], seed: int, m_max: float = M_MAX, n_max: float = N_MAX,
-           i_per_second: float = I_PER_SECOND) -> Motion:
+def motion(
+    times_s: Sequence[float] | np.ndarray,
+    seed: int,
+    m_max: float = M_MAX,
+    n_max: float = N_MAX,
+    i_per_second: float = I_PER_SECOND,
+) -> Motion:
     """The rotation/resize track of one face for frames at `times_s` (seconds)."""
     t = np.asarray(times_s, np.float64)
     if len(t) and not (np.diff(t) > 0).all():
@@ -190,15 +198,15 @@ def apply_motion(img: np.ndarray, theta_deg: float, scale: float) -> np.ndarray:
         return img
     h, w = img.shape[:2]
     M = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), float(theta_deg), float(scale))
-    return cv2.warpAffine(img, M, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=border_colour(img))
+    return cv2.warpAffine(
+        img, M, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=border_colour(img)
+    )
 
 
 def upscale(img: np.ndarray, px: int) -> np.ndarray:
     if img.shape[0] == px and img.shape[1] == px:
         return img
-    return cv2.resize(img, (px, px), interpolation=cv2.INTER_CUBIC if px > img.shape[0]
-                      else cv2.INTER_AREA)
+    return cv2.resize(img, (px, px), interpolation=cv2.INTER_CUBIC if px > img.shape[0] else cv2.INTER_AREA)
 
 
 def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -210,13 +218,21 @@ class Mp4Writer:
     """H.264 MP4 (yuv420p) whose frames carry given presentation times, so a
     variable-frame-rate input keeps its exact timing and frame count."""
 
-    def __init__(self, path: str | os.PathLike, width: int, height: int, time_base: float,
-                 avg_fps: float, crf: int = 20):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        width: int,
+        height: int,
+        time_base: float,
+        avg_fps: float,
+        crf: int = 20,
+    ):
         import av
+
         if width % 2 or height % 2:
             raise ValueError("width and height must be even for yuv420p")
         self.tb = fractions.Fraction(time_base).limit_denominator(1 << 30)
-        self._c = av.open(str(path), "w", format="mp4")
+        self._c: av.container.OutputContainer | None = av.open(str(path), "w", format="mp4")
         rate = fractions.Fraction(avg_fps).limit_denominator(1001) if avg_fps > 0 else 25
         s = self._c.add_stream("libx264", rate=rate)
         s.width, s.height, s.pix_fmt = width, height, "yuv420p"
@@ -224,17 +240,19 @@ class Mp4Writer:
         s.codec_context.time_base = self.tb
         s.options = {"crf": str(crf), "preset": "veryfast"}
         self._s = s
-        self._last = None
+        self._last: int | None = None
         self.frames = 0
 
     def write(self, rgb: np.ndarray, pts: int) -> None:
         import av
+
         pts = int(pts)
         if self._last is not None and pts <= self._last:
             raise ValueError("frame times must increase")
         f = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
         f.pts, f.time_base = pts, self.tb
         for pk in self._s.encode(f):
+            assert self._c is not None  # written to before close()
             self._c.mux(pk)
         self._last = pts
         self.frames += 1
@@ -258,10 +276,16 @@ class Mp4Writer:
             self._c = None
 
 
-def compose(out: str | os.PathLike, pts: np.ndarray, time_base: float, avg_fps: float,
-            render: Callable[[str, int], np.ndarray], motions: dict[str, Motion],
-            face_px: int = DEFAULT_FACE_PX,
-            report: Callable[[int, int], None] = lambda done, total: None) -> int:
+def compose(
+    out: str | os.PathLike,
+    pts: np.ndarray,
+    time_base: float,
+    avg_fps: float,
+    render: Callable[[str, int], np.ndarray],
+    motions: dict[str, Motion],
+    face_px: int = DEFAULT_FACE_PX,
+    report: Callable[[int, int], None] = lambda done, total: None,
+) -> int:
     """Write the side-by-side video: frame k = [parent | infant], each
     `render(role, k)` (an RGB face image) upscaled to face_px and moved by its
     Motion. `pts` are the frames' presentation times in `time_base` units."""
@@ -287,6 +311,7 @@ def compose(out: str | os.PathLike, pts: np.ndarray, time_base: float, avg_fps: 
 def va_table_csv(times_s: np.ndarray, columns: dict[str, np.ndarray]) -> bytes:
     """CSV bytes: frame (1-based), timestamp, then the given columns in order."""
     import pandas as pd
+
     df = pd.DataFrame({"frame": np.arange(1, len(times_s) + 1), "timestamp": np.round(times_s, 4)})
     for k, v in columns.items():
         v = np.asarray(v)

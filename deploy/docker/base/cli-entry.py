@@ -1,5 +1,6 @@
 #!/opt/venv/bin/python
 """The `dyadlab` command inside the images (the code lives in /opt/dyadlab)."""
+
 import sys
 
 from dyadlab.cli import main

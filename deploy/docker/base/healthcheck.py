@@ -11,6 +11,7 @@
 
 Docker's HEALTHCHECK runs it inside the container, so it checks 127.0.0.1.
 """
+
 import os
 import sys
 import urllib.error
@@ -22,10 +23,12 @@ from dyadlab import services as registry  # the service registry: names, ports, 
 def grpc_status(addr: str, service: str, timeout: float = 3.0) -> str:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     with grpc.insecure_channel(addr) as ch:
         try:
             r = health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
         except grpc.RpcError as e:
             return e.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
@@ -33,8 +36,7 @@ def grpc_status(addr: str, service: str, timeout: float = 3.0) -> str:
 
 def http_status(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
-                                    timeout=3) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=3) as r:
             return r.status, r.read(4096)
     except urllib.error.HTTPError as e:
         return e.code, b""
@@ -45,6 +47,7 @@ def http_status(url: str, headers: dict[str, str] | None = None) -> tuple[int, b
 def torchserve(url: str) -> tuple[bool, str]:
     """TorchServe 0.12 checks tokens on /ping too: send the inference key."""
     import json
+
     path = os.environ.get("DYADLAB_TORCHSERVE_KEY_FILE") or "/var/lib/torchserve/key_file.json"
     try:
         key = json.loads(open(path, encoding="utf-8").read())["inference"]["key"]

@@ -16,6 +16,7 @@ makes, unless DIR/ca.pem exists already (then it changes nothing):
 Keys, tokens and the access file are 0600 (the containers all run as uid 10001). Uses
 dyadlab.security's own CA and certificate functions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,7 @@ def make(d: Path, namespaces: list[str]) -> bool:
         return False
     ca_cert, ca_key = S.make_ca("dyadlab deployment CA")
     for name in SERVICES:
-        dns = [name] + [f"{name}.{ns}.svc{tail}" for ns in namespaces
-                        for tail in ("", ".cluster.local")]
+        dns = [name] + [f"{name}.{ns}.svc{tail}" for ns in namespaces for tail in ("", ".cluster.local")]
         cert, key = S.issue_cert(ca_cert, ca_key, name, dns=dns, ips=[])
         (d / f"{name}.pem").write_bytes(cert)
         S.write_private(d / f"{name}.key", key)
@@ -46,21 +46,25 @@ def make(d: Path, namespaces: list[str]) -> bool:
         S.write_private(d / f"{holder}.token", tok + "\n")
         lines.append(f"sha256:{S.token_digest(tok)} {role} {holder}")
     S.write_private(d / "access", "\n".join(lines) + "\n")
-    (d / "ca.pem").write_bytes(ca_cert)           # last: its presence means "complete"
+    (d / "ca.pem").write_bytes(ca_cert)  # last: its presence means "complete"
     S.write_private(d / "ca.key", ca_key)
     return True
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dyadlab-pki", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="dyadlab-pki", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("dir")
-    ap.add_argument("--namespace", action="append", default=[],
-                    help="Kubernetes namespace whose service DNS names the certificates carry")
+    ap.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help="Kubernetes namespace whose service DNS names the certificates carry",
+    )
     a = ap.parse_args(argv)
     made = make(Path(a.dir), a.namespace)
-    print(f"dyadlab-pki: {'made' if made else 'kept the existing'} CA, certificates and tokens "
-          f"in {a.dir}")
+    print(f"dyadlab-pki: {'made' if made else 'kept the existing'} CA, certificates and tokens in {a.dir}")
     return 0
 
 

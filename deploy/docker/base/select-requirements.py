@@ -15,6 +15,7 @@ empty selection is an error, so a lost or mistyped header cannot silently
 move pins into (or out of) an image. Python 3.11 standard library only: it
 runs in the image build before any venv exists.
 """
+
 from __future__ import annotations
 
 import re

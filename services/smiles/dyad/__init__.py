@@ -38,10 +38,19 @@ Conventions
 Too little jointly valid time (``< min_joint_s``, default 2 s) raises
 :class:`DyadError` naming the counts.
 """
+
 from __future__ import annotations
 
-from .align import (MAX_GAP_FACTOR, MIN_JOINT_S, Aligned, DyadError, align,
-                    aligned_from_arrays, require_joint, split_faces)
+from .align import (
+    MAX_GAP_FACTOR,
+    MIN_JOINT_S,
+    Aligned,
+    DyadError,
+    align,
+    aligned_from_arrays,
+    require_joint,
+    split_faces,
+)
 from .contingency import contingency, draw_shifts, onset_indices, onset_times, shift_onsets
 from .measure import analyse_dyad, measure, summary
 from .shared import EPISODE_COLUMNS, shared_affect
@@ -49,8 +58,26 @@ from .simulate import SimulatedDyad, simulate_dyad, smile_bumps
 from .synchrony import synchrony
 
 __all__ = [
-    "EPISODE_COLUMNS", "MAX_GAP_FACTOR", "MIN_JOINT_S", "Aligned", "DyadError", "SimulatedDyad",
-    "align", "aligned_from_arrays", "analyse_dyad", "contingency", "draw_shifts", "measure",
-    "onset_indices", "onset_times", "require_joint", "shared_affect", "shift_onsets",
-    "simulate_dyad", "smile_bumps", "split_faces", "summary", "synchrony",
+    "EPISODE_COLUMNS",
+    "MAX_GAP_FACTOR",
+    "MIN_JOINT_S",
+    "Aligned",
+    "DyadError",
+    "SimulatedDyad",
+    "align",
+    "aligned_from_arrays",
+    "analyse_dyad",
+    "contingency",
+    "draw_shifts",
+    "measure",
+    "onset_indices",
+    "onset_times",
+    "require_joint",
+    "shared_affect",
+    "shift_onsets",
+    "simulate_dyad",
+    "smile_bumps",
+    "split_faces",
+    "summary",
+    "synchrony",
 ]

@@ -25,6 +25,7 @@ Contingency (:func:`contingency`)
    (:func:`draw_shifts`, also used by the synchrony surrogates).
    ``p = (1 + #(null >= observed)) / (1 + shifts)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,10 @@ def draw_shifts(n: int, min_shift: int, shifts: int, rng: np.random.Generator) -
     (|shift| >= min_shift either way round a circle of n)."""
     min_shift = max(1, int(min_shift))
     if n - min_shift < min_shift:
-        raise DyadError(f"the timeline ({n} frames) is too short for circular shifts of "
-                        f"at least {min_shift} frames each way; need {2 * min_shift} frames")
+        raise DyadError(
+            f"the timeline ({n} frames) is too short for circular shifts of "
+            f"at least {min_shift} frames each way; need {2 * min_shift} frames"
+        )
     return rng.integers(min_shift, n - min_shift + 1, size=int(shifts))
 
 
@@ -96,8 +99,15 @@ def _responded(trig: np.ndarray, csum: np.ndarray, w: int) -> np.ndarray:
     return np.take_along_axis(csum, hi, -1) - np.take_along_axis(csum, trig, -1) > 0
 
 
-def contingency(aligned: Aligned, parent_onsets_s, infant_onsets_s, window_s: float = 2.0,
-                shifts: int = 1000, seed: int = 0, min_shift_s: float | None = None) -> dict:
+def contingency(
+    aligned: Aligned,
+    parent_onsets_s,
+    infant_onsets_s,
+    window_s: float = 2.0,
+    shifts: int = 1000,
+    seed: int = 0,
+    min_shift_s: float | None = None,
+) -> dict:
     """Serve-and-return contingency in both directions with a circular-shift
     null over jointly valid time (module doc).
 
@@ -118,7 +128,7 @@ def contingency(aligned: Aligned, parent_onsets_s, infant_onsets_s, window_s: fl
     m = int(math.ceil(min_shift_s * al.rate - 1e-6))
     rng = np.random.default_rng(seed)
     s = draw_shifts(al.n_joint, m, shifts, rng)
-    shifted_i = shift_onsets(al.joint, i_idx, s)                 # (shifts, n_i)
+    shifted_i = shift_onsets(al.joint, i_idx, s)  # (shifts, n_i)
 
     csum_p = np.cumsum(np.bincount(p_idx, minlength=T))
     csum_i = np.cumsum(np.bincount(i_idx, minlength=T))
@@ -129,28 +139,39 @@ def contingency(aligned: Aligned, parent_onsets_s, infant_onsets_s, window_s: fl
     if len(p_idx):
         rows = max(1, _CHUNK // max(T, 1))
         for a in range(0, len(s), rows):
-            blk = shifted_i[a:a + rows]
+            blk = shifted_i[a : a + rows]
             ind = np.zeros((len(blk), T), np.int32)
-            np.put_along_axis(ind, blk, 1, axis=1)     # duplicates collapse: fine for "any"
+            np.put_along_axis(ind, blk, 1, axis=1)  # duplicates collapse: fine for "any"
             cs = np.cumsum(ind, axis=1, out=ind)
             trig = np.broadcast_to(p_idx, (len(blk), len(p_idx)))
-            null_pi[a:a + rows] = _responded(trig, cs, w).mean(axis=1)
+            null_pi[a : a + rows] = _responded(trig, cs, w).mean(axis=1)
     # infant -> parent: triggers shifted (infant), responses fixed (parent)
     obs_ip = _responded(i_idx, csum_p, w).mean() if len(i_idx) else np.nan
-    null_ip = (_responded(shifted_i, csum_p, w).mean(axis=1) if len(i_idx)
-               else np.full(len(s), np.nan))
+    null_ip = _responded(shifted_i, csum_p, w).mean(axis=1) if len(i_idx) else np.full(len(s), np.nan)
 
     def direction(obs, null, trig):
         ok = len(trig) > 0
-        return {"observed": float(obs), "null_mean": float(np.mean(null)) if ok else np.nan,
-                "null_sd": float(np.std(null, ddof=1)) if ok and len(null) > 1 else np.nan,
-                "p": float((1 + np.sum(null >= obs - 1e-12)) / (1 + len(null))) if ok else np.nan,
-                "n_triggers": int(len(trig)),
-                "n_responded": int(round(obs * len(trig))) if ok else 0, "null": null}
+        return {
+            "observed": float(obs),
+            "null_mean": float(np.mean(null)) if ok else np.nan,
+            "null_sd": float(np.std(null, ddof=1)) if ok and len(null) > 1 else np.nan,
+            "p": float((1 + np.sum(null >= obs - 1e-12)) / (1 + len(null))) if ok else np.nan,
+            "n_triggers": int(len(trig)),
+            "n_responded": int(round(obs * len(trig))) if ok else 0,
+            "null": null,
+        }
 
-    return {"parent_to_infant": direction(obs_pi, null_pi, p_idx),
-            "infant_to_parent": direction(obs_ip, null_ip, i_idx),
-            "n_onsets_parent": int(len(p_idx)), "n_onsets_infant": int(len(i_idx)),
-            "n_onsets_parent_given": p_given, "n_onsets_infant_given": i_given,
-            "n_joint_frames": al.n_joint, "window_s": float(window_s), "window_frames": w,
-            "shifts": int(shifts), "min_shift_s": min_shift_s, "seed": seed}
+    return {
+        "parent_to_infant": direction(obs_pi, null_pi, p_idx),
+        "infant_to_parent": direction(obs_ip, null_ip, i_idx),
+        "n_onsets_parent": int(len(p_idx)),
+        "n_onsets_infant": int(len(i_idx)),
+        "n_onsets_parent_given": p_given,
+        "n_onsets_infant_given": i_given,
+        "n_joint_frames": al.n_joint,
+        "window_s": float(window_s),
+        "window_frames": w,
+        "shifts": int(shifts),
+        "min_shift_s": min_shift_s,
+        "seed": seed,
+    }

@@ -15,6 +15,7 @@ crosses the threshold) is not a peak *within* the run.  A person's peak in
 the run is their highest peak inside it; the run is an episode when both
 have one and the two are at most ``peak_tolerance_s`` apart.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,18 +50,31 @@ def _peaks(s: np.ndarray, min_prominence: float) -> np.ndarray:
     pk = np.zeros(len(s), bool)
     for a, b in _runs(np.isfinite(s)):
         if b - a >= 2:
-            idx, _ = find_peaks(s[a:b + 1], prominence=min_prominence)
+            idx, _ = find_peaks(s[a : b + 1], prominence=min_prominence)
             pk[a + idx] = True
     return pk
 
 
-EPISODE_COLUMNS = ["start_s", "end_s", "duration_s", "parent_peak_s", "infant_peak_s",
-                   "peak_gap_s", "parent_peak_au12", "infant_peak_au12"]
+EPISODE_COLUMNS = [
+    "start_s",
+    "end_s",
+    "duration_s",
+    "parent_peak_s",
+    "infant_peak_s",
+    "peak_gap_s",
+    "parent_peak_au12",
+    "infant_peak_au12",
+]
 
 
-def shared_affect(aligned: Aligned, parent_threshold: float = 1.5,
-                  infant_threshold: float = 1.5, peak_tolerance_s: float = 1.0,
-                  smooth_s: float = 0.25, min_prominence: float = 0.5) -> dict:
+def shared_affect(
+    aligned: Aligned,
+    parent_threshold: float = 1.5,
+    infant_threshold: float = 1.5,
+    peak_tolerance_s: float = 1.0,
+    smooth_s: float = 0.25,
+    min_prominence: float = 0.5,
+) -> dict:
     """Shared positive affect over jointly valid time (module doc).
 
     Returns fraction, expected, ratio, p_parent, p_infant, n_joint_frames,
@@ -86,21 +100,39 @@ def shared_affect(aligned: Aligned, parent_threshold: float = 1.5,
         runs = _runs(J & (sp >= parent_threshold) & (si >= infant_threshold))
     eps = []
     for a, b in runs:
-        cp, ci = a + np.flatnonzero(pkp[a:b + 1]), a + np.flatnonzero(pki[a:b + 1])
+        cp, ci = a + np.flatnonzero(pkp[a : b + 1]), a + np.flatnonzero(pki[a : b + 1])
         if not len(cp) or not len(ci):
             continue
         jp, ji = cp[np.argmax(sp[cp])], ci[np.argmax(si[ci])]
         gap = (ji - jp) / al.rate
         if abs(gap) <= peak_tolerance_s + _EPS:
-            eps.append((al.t[a], al.t[b], (b - a + 1) / al.rate, al.t[jp], al.t[ji], gap,
-                        al.au12_parent[jp], al.au12_infant[ji]))
+            eps.append(
+                (
+                    al.t[a],
+                    al.t[b],
+                    (b - a + 1) / al.rate,
+                    al.t[jp],
+                    al.t[ji],
+                    gap,
+                    al.au12_parent[jp],
+                    al.au12_infant[ji],
+                )
+            )
     episodes = pd.DataFrame(eps, columns=EPISODE_COLUMNS).astype(float)
-    return {"fraction": float(frac), "expected": float(expected),
-            "ratio": float(frac / expected) if expected > 0 else np.nan,
-            "p_parent": float(pp), "p_infant": float(pi), "n_joint_frames": nj,
-            "n_both_frames": int(both.sum()), "n_shared_runs": len(runs),
-            "n_episodes": len(episodes), "episodes": episodes,
-            "parent_threshold": float(parent_threshold),
-            "infant_threshold": float(infant_threshold),
-            "peak_tolerance_s": float(peak_tolerance_s), "smooth_s": float(smooth_s),
-            "min_prominence": float(min_prominence)}
+    return {
+        "fraction": float(frac),
+        "expected": float(expected),
+        "ratio": float(frac / expected) if expected > 0 else np.nan,
+        "p_parent": float(pp),
+        "p_infant": float(pi),
+        "n_joint_frames": nj,
+        "n_both_frames": int(both.sum()),
+        "n_shared_runs": len(runs),
+        "n_episodes": len(episodes),
+        "episodes": episodes,
+        "parent_threshold": float(parent_threshold),
+        "infant_threshold": float(infant_threshold),
+        "peak_tolerance_s": float(peak_tolerance_s),
+        "smooth_s": float(smooth_s),
+        "min_prominence": float(min_prominence),
+    }

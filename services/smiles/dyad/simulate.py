@@ -1,4 +1,5 @@
 """Synthetic dyads (tests, benchmarks, demos): AU12 frame tables with known lag."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,8 @@ import pandas as pd
 class SimulatedDyad:
     parent_df: pd.DataFrame
     infant_df: pd.DataFrame
-    parent_onsets_s: np.ndarray      # parent's clock
-    infant_onsets_s: np.ndarray      # infant's own clock
+    parent_onsets_s: np.ndarray  # parent's clock
+    infant_onsets_s: np.ndarray  # infant's own clock
 
 
 def smile_bumps(t: np.ndarray, onsets, amps, durs) -> np.ndarray:
@@ -36,10 +37,19 @@ def _random_onsets(rng, duration_s, mean_gap_s, min_gap_s, dur_range):
     return on, rng.uniform(2.0, 4.0, len(on)), rng.uniform(*dur_range, len(on))
 
 
-def simulate_dyad(duration_s: float = 180.0, fps: float = 30.0, *, lag_s: float | None = 0.8,
-                  follower: str = "infant", noise_sd: float = 0.2, jitter: float = 0.0,
-                  infant_fps: float | None = None, infant_offset_s: float = 0.0,
-                  mean_gap_s: float = 8.0, seed: int = 0) -> SimulatedDyad:
+def simulate_dyad(
+    duration_s: float = 180.0,
+    fps: float = 30.0,
+    *,
+    lag_s: float | None = 0.8,
+    follower: str = "infant",
+    noise_sd: float = 0.2,
+    jitter: float = 0.0,
+    infant_fps: float | None = None,
+    infant_offset_s: float = 0.0,
+    mean_gap_s: float = 8.0,
+    seed: int = 0,
+) -> SimulatedDyad:
     """Synthetic AU12 frame tables (no landmarks) for one dyad.
 
     Each person's AU12 is a train of raised-cosine smile bumps (amplitude
@@ -67,9 +77,16 @@ def simulate_dyad(duration_s: float = 180.0, fps: float = 30.0, *, lag_s: float 
 
     def table(t_own, t_clock, b, fid):
         au = smile_bumps(t_clock, *b) + rng.normal(0, noise_sd, len(t_own))
-        return pd.DataFrame({"frame": np.arange(len(t_own)), "face_id": fid,
-                             "timestamp": t_own, "confidence": 0.98, "success": 1,
-                             "AU12_r": np.clip(au, 0, 5)})
+        return pd.DataFrame(
+            {
+                "frame": np.arange(len(t_own)),
+                "face_id": fid,
+                "timestamp": t_own,
+                "confidence": 0.98,
+                "success": 1,
+                "AU12_r": np.clip(au, 0, 5),
+            }
+        )
 
     tp = stamps(fps, duration_s)
     ti = stamps(infant_fps or fps, duration_s - infant_offset_s)

@@ -18,6 +18,7 @@ shifts with ``|s| > 2L``; each surrogate's statistic is ``max |r(lag)|``.
 and ``p = (1 + #(null >= peak_r)) / (1 + valid surrogates)``.  Comparing the
 signed peak with a null of absolute maxima is conservative.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,7 @@ from scipy import fft as sfft
 from .align import _CHUNK, Aligned, DyadError, require_joint
 from .contingency import draw_shifts
 
-_VAR_EPS = 1e-9          # variance (of z-scored traces) below this: flat, r undefined
+_VAR_EPS = 1e-9  # variance (of z-scored traces) below this: flat, r undefined
 
 
 def _zscore(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -61,13 +62,19 @@ def _lagged_r(a_side, b_side, nfft, lags, min_pairs):
     def xc(A, B):
         return sfft.irfft(A * B, nfft, axis=-1, workers=-1)[..., cols]
 
-    return _pearson(xc(MX, MY), xc(X, MY), xc(MX, Y), xc(X2, MY), xc(MX, Y2), xc(X, Y),
-                    min_pairs)
+    return _pearson(xc(MX, MY), xc(X, MY), xc(MX, Y), xc(X2, MY), xc(MX, Y2), xc(X, Y), min_pairs)
 
 
-def synchrony(aligned: Aligned, window_s: float = 4.0, step_s: float = 0.5,
-              max_lag_s: float = 3.0, shifts: int = 1000, seed: int = 0,
-              min_shift_s: float | None = None, alpha: float = 0.05) -> dict:
+def synchrony(
+    aligned: Aligned,
+    window_s: float = 4.0,
+    step_s: float = 0.5,
+    max_lag_s: float = 3.0,
+    shifts: int = 1000,
+    seed: int = 0,
+    min_shift_s: float | None = None,
+    alpha: float = 0.05,
+) -> dict:
     """Lagged AU12 cross-correlation, windowed TLCC and circular-shift
     surrogates (module doc).  Positive lag = the infant follows.
 
@@ -81,8 +88,7 @@ def synchrony(aligned: Aligned, window_s: float = 4.0, step_s: float = 0.5,
     n = al.n
     L = max(0, int(round(max_lag_s * al.rate)))
     if L >= n:
-        raise DyadError(f"max_lag_s={max_lag_s:g} ({L} frames) is not shorter than the "
-                        f"grid ({n} frames)")
+        raise DyadError(f"max_lag_s={max_lag_s:g} ({L} frames) is not shorter than the grid ({n} frames)")
     lags = np.arange(-L, L + 1)
     vp, vi = al.valid_parent, al.valid_infant
     x, y = _zscore(al.au12_parent, vp), _zscore(al.au12_infant, vi)
@@ -108,33 +114,50 @@ def synchrony(aligned: Aligned, window_s: float = 4.0, step_s: float = 0.5,
     rows = max(1, _CHUNK // nfft)
     base = np.arange(n)
     for a in range(0, len(s), rows):
-        idx = (base[None, :] - s[a:a + rows, None]) % n          # y_s[t] = y[t - s]
+        idx = (base[None, :] - s[a : a + rows, None]) % n  # y_s[t] = y[t - s]
         ys, ms = y[idx], my[idx]
         b = [sfft.rfft(v, nfft, axis=-1, workers=-1) for v in (ys, ys * ys, ms)]
         rr = _lagged_r(a_side, b, nfft, lags, min_pairs)
         mx_abs = np.max(np.where(np.isnan(rr), -1.0, np.abs(rr)), axis=1)
-        null[a:a + rows] = np.where(mx_abs < 0, np.nan, mx_abs)
+        null[a : a + rows] = np.where(mx_abs < 0, np.nan, mx_abs)
     fin = null[np.isfinite(null)]
     threshold = float(np.percentile(fin, 100 * (1 - alpha))) if len(fin) else np.nan
-    p = float((1 + np.sum(fin >= peak_r - 1e-12)) / (1 + len(fin))) \
-        if len(fin) and np.isfinite(peak_r) else np.nan
+    p = (
+        float((1 + np.sum(fin >= peak_r - 1e-12)) / (1 + len(fin)))
+        if len(fin) and np.isfinite(peak_r)
+        else np.nan
+    )
 
-    tl, starts = _tlcc(x, y, vp, vi, L, max(2, int(round(window_s * al.rate))),
-                       max(1, int(round(step_s * al.rate))))
+    tl, starts = _tlcc(
+        x, y, vp, vi, L, max(2, int(round(window_s * al.rate))), max(1, int(round(step_s * al.rate)))
+    )
     win = max(2, int(round(window_s * al.rate)))
-    return {"lags": lags, "lags_s": lags / al.rate, "r": r, "n_pairs": n_pairs,
-            "peak_lag_frames": int(lags[k]) if k is not None else None,
-            "peak_lag_s": float(lags[k] / al.rate) if k is not None else np.nan,
-            "peak_r": peak_r, "null_max_abs": null, "threshold": threshold,
-            "significant": bool(np.isfinite(peak_r) and np.isfinite(threshold)
-                                and peak_r > threshold),
-            "p": p, "n_surrogates": int(len(fin)),
-            "tlcc": tl, "window_start_s": al.t[starts] if len(starts) else np.zeros(0),
-            "window_center_s": (al.t[starts] + (win - 1) / (2 * al.rate)) if len(starts)
-            else np.zeros(0),
-            "window_s": float(window_s), "step_s": float(step_s), "max_lag_s": float(max_lag_s),
-            "max_lag_frames": L, "shifts": int(shifts), "min_shift_frames": int(max(1, m)),
-            "seed": seed, "alpha": alpha, "n_joint_frames": al.n_joint}
+    return {
+        "lags": lags,
+        "lags_s": lags / al.rate,
+        "r": r,
+        "n_pairs": n_pairs,
+        "peak_lag_frames": int(lags[k]) if k is not None else None,
+        "peak_lag_s": float(lags[k] / al.rate) if k is not None else np.nan,
+        "peak_r": peak_r,
+        "null_max_abs": null,
+        "threshold": threshold,
+        "significant": bool(np.isfinite(peak_r) and np.isfinite(threshold) and peak_r > threshold),
+        "p": p,
+        "n_surrogates": int(len(fin)),
+        "tlcc": tl,
+        "window_start_s": al.t[starts] if len(starts) else np.zeros(0),
+        "window_center_s": (al.t[starts] + (win - 1) / (2 * al.rate)) if len(starts) else np.zeros(0),
+        "window_s": float(window_s),
+        "step_s": float(step_s),
+        "max_lag_s": float(max_lag_s),
+        "max_lag_frames": L,
+        "shifts": int(shifts),
+        "min_shift_frames": int(max(1, m)),
+        "seed": seed,
+        "alpha": alpha,
+        "n_joint_frames": al.n_joint,
+    }
 
 
 def _tlcc(x, y, vp, vi, L, win, step):
@@ -154,11 +177,11 @@ def _tlcc(x, y, vp, vi, L, win, step):
     rows = max(1, _CHUNK // (n + 1) // 6)
     lo, hi = starts, starts + win
     for a in range(0, 2 * L + 1, rows):
-        Yl, Ml = Yv[a:a + rows], Mv[a:a + rows]
+        Yl, Ml = Yv[a : a + rows], Mv[a : a + rows]
         stats = []
         for v in (Ml * mx, Ml * x0, Yl * mx, Ml * x0 * x0, Yl * Yl * mx, Yl * x0):
             c = np.zeros((v.shape[0], n + 1))
             np.cumsum(v, axis=1, out=c[:, 1:])
-            stats.append((c[:, hi] - c[:, lo]).T)            # (windows, lags in chunk)
-        out[:, a:a + rows] = _pearson(*stats, min_pairs=win / 2)
+            stats.append((c[:, hi] - c[:, lo]).T)  # (windows, lags in chunk)
+        out[:, a : a + rows] = _pearson(*stats, min_pairs=win / 2)
     return out, starts
