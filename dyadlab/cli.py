@@ -3,7 +3,8 @@
     dyadlab up | down | status
     dyadlab extract VIDEO_OR_OPENFACE_CSV --out frames.csv|frames.parquet
     dyadlab smiles VIDEO_OR_TABLE --out smiles.csv [--plot smiles.png]
-                   [--keep-speech] [--face adult|infant|ID]
+                   [--keep-speech] [--face adult|infant|ID] [--reviewed]
+    dyadlab review VIDEO | review export|import|agree ...   (dyadlab/review/cli.py)
     dyadlab dyad VIDEO [INFANT_VIDEO] [--offset S] --out DIR
     dyadlab stats SMILES --scores SCORES --out DIR [--correction holm|fdr_bh]
     dyadlab cohort simulate --participants N --seed S --out DIR
@@ -17,6 +18,7 @@
 Inputs are uploaded to the object store under their content hash (never
 under their file name: names of participants stay on the user's machine).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,98 +33,47 @@ import grpc
 
 from dyadlab import client, services, stack, storage, tables
 from dyadlab import frames as ft
+from dyadlab.cliutil import (
+    CliError,
+    ProgressBar,
+    face_choice,
+    say,
+    stream,
+    upload,
+    write_bytes,
+    write_table,
+)
 from dyadlab.config import ConfigError, Settings
-from dyadlab.messages import ROLE_NAME, face_selector, object_ref
-from dyadlab.v1 import (common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2, smiles_pb2_grpc,
-                        stats_pb2, stats_pb2_grpc, synth_pb2, synth_pb2_grpc)
+from dyadlab.messages import ROLE_NAME
+from dyadlab.review import cli as review_cli
+from dyadlab.v1 import (
+    extractor_pb2,
+    extractor_pb2_grpc,
+    smiles_pb2,
+    smiles_pb2_grpc,
+    stats_pb2,
+    stats_pb2_grpc,
+    synth_pb2,
+    synth_pb2_grpc,
+)
 
 if TYPE_CHECKING:  # imported where needed: start-up time is part of every command
-    import pandas as pd
-
-TABLE_SUFFIXES = {".csv", ".parquet"}
-SHOW_COLUMNS = ["smile_id", "start_s", "onset_end_s", "offset_start_s", "end_s",
-                "onset_amplitude", "offset_amplitude", "total_duration_s",
-                "max_onset_speed", "max_offset_speed", "overlaps_speech"]
-
-
-class CliError(Exception):
     pass
 
-
-def say(msg: str) -> None:
-    print(f"dyadlab: {msg}", file=sys.stderr, flush=True)
-
-
-# -- progress --------------------------------------------------------------------
-class ProgressBar:
-    """A tqdm bar per stage on a terminal; plain lines otherwise (logs, CI)."""
-
-    def __init__(self):
-        self.tty = sys.stderr.isatty()
-        self.bar = None
-        self.stage = None
-        self.last_pct = -1
-
-    def __call__(self, p: common_pb2.Progress) -> None:
-        if p.stage != self.stage:
-            self.close()
-            self.stage = p.stage
-            self.last_pct = -1
-            if self.tty:
-                from tqdm import tqdm
-                self.bar = tqdm(total=p.total or None, desc=p.stage, unit="frame" if p.total > 1 else "",
-                                file=sys.stderr, leave=False, dynamic_ncols=True)
-        if self.bar is not None:
-            if p.total and self.bar.total != p.total:
-                self.bar.total = p.total
-            self.bar.n = p.done
-            self.bar.set_postfix_str(p.message, refresh=False)
-            self.bar.refresh()
-        elif p.total > 1:
-            pct = int(100 * p.done / p.total)
-            if pct // 25 != self.last_pct // 25 or p.done == p.total:
-                self.last_pct = pct
-                say(f"{p.stage}: {p.done}/{p.total} ({pct}%) {p.message}".rstrip())
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-# -- store helpers -----------------------------------------------------------------
-def upload(store: storage.ObjectStore, path: Path, prefix: str) -> common_pb2.ObjectRef:
-    """Put a local file under inputs/<sha256><ext> (storage.content_key); skip if already there."""
-    if not path.is_file():
-        raise CliError(f"no such file: {path}")
-    return object_ref(storage.put_content(store, path, prefix))
-
-
-def write_table(df: pd.DataFrame, out: Path) -> None:
-    fmt = "parquet" if out.suffix.lower() == ".parquet" else "csv"
-    write_bytes(tables.to_bytes(df, fmt), out)
-
-
-def write_bytes(data: bytes, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.part")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
-
-
-def stream(call, bar: ProgressBar):
-    result = None
-    try:
-        for ev in call:
-            if ev.HasField("progress"):
-                bar(ev.progress)
-            else:
-                result = ev.result
-    finally:
-        bar.close()
-    if result is None:
-        raise CliError("the service ended the call without a result")
-    return result
+TABLE_SUFFIXES = {".csv", ".parquet"}
+SHOW_COLUMNS = [
+    "smile_id",
+    "start_s",
+    "onset_end_s",
+    "offset_start_s",
+    "end_s",
+    "onset_amplitude",
+    "offset_amplitude",
+    "total_duration_s",
+    "max_onset_speed",
+    "max_offset_speed",
+    "overlaps_speech",
+]
 
 
 # -- commands ----------------------------------------------------------------------
@@ -160,20 +111,24 @@ def cmd_status(settings: Settings, args) -> int:
         print(f"{name:10s} {addr:22s} {state}{pid}" + (" (optional)" if optional else ""))
         ok &= state == "SERVING" or optional
     if ok and not stack.same_store(addrs, settings, storage.store_id(storage.open_store(settings))):
-        print("note: these services work on another store (another DYADLAB_HOME or store): "
-              "commands run here start an embedded stack on free ports instead")
+        print(
+            "note: these services work on another store (another DYADLAB_HOME or store): "
+            "commands run here start an embedded stack on free ports instead"
+        )
     from dyadlab import security
+
     print(f"security: {security.describe(settings, stack.audit_log_path(settings) if rec else '')}")
     for name, info in (rec.companions if rec else {}).items():
         print(stack.companion(name).describe(info))
-    for note in (rec.notes if rec else []):
+    for note in rec.notes if rec else []:
         print(f"note: {note}")
     return 0 if ok else 3
 
 
 def _extract_options(args) -> extractor_pb2.ExtractOptions:
-    o = extractor_pb2.ExtractOptions(max_faces=args.max_faces, skip_speech=args.no_speech,
-                                     frontend=args.frontend)
+    o = extractor_pb2.ExtractOptions(
+        max_faces=args.max_faces, skip_speech=args.no_speech, frontend=args.frontend
+    )
     if args.adult_face is not None:
         o.adult_face_id = args.adult_face
     return o
@@ -187,20 +142,27 @@ def cmd_extract(settings: Settings, args) -> int:
             stub = extractor_pb2_grpc.ExtractorStub(ch)
             if src.suffix.lower() == ".csv":
                 ref = upload(store, src, "inputs")
-                res = stub.ImportOpenFace(extractor_pb2.ImportOpenFaceRequest(csv=ref),
-                                          timeout=settings.rpc_timeout_s)
+                res = stub.ImportOpenFace(
+                    extractor_pb2.ImportOpenFaceRequest(csv=ref), timeout=settings.rpc_timeout_s
+                )
                 notes, faces = list(res.notes), res.faces
             else:
                 ref = upload(store, src, "inputs")
-                res = stream(stub.Extract(extractor_pb2.ExtractRequest(
-                    video=ref, options=_extract_options(args)), timeout=settings.rpc_timeout_s),
-                    ProgressBar())
+                res = stream(
+                    stub.Extract(
+                        extractor_pb2.ExtractRequest(video=ref, options=_extract_options(args)),
+                        timeout=settings.rpc_timeout_s,
+                    ),
+                    ProgressBar(),
+                )
                 notes, faces = list(res.notes), res.faces
                 v = res.video
-                say(f"{v.frames} frames, {v.width}x{v.height}, {v.duration_s:.1f} s"
+                say(
+                    f"{v.frames} frames, {v.width}x{v.height}, {v.duration_s:.1f} s"
                     f"{', variable frame rate' if v.variable_frame_rate else ''}"
                     f"{' (cached)' if res.cache_hit else f'; {res.seconds:.1f} s, {v.frames / max(res.seconds, 1e-9):.0f} fps'}"
-                    f"{f'; face front-end {res.frontend}' if res.frontend else ''}")
+                    f"{f'; face front-end {res.frontend}' if res.frontend else ''}"
+                )
         data = store.get_bytes(res.frames.key)
     if out.suffix.lower() == ".parquet" and tables.is_parquet(data):
         # The service's Parquet as it is: no pandas round trip (importing
@@ -214,9 +176,11 @@ def cmd_extract(settings: Settings, args) -> int:
         rows = len(df)
     for f in faces:
         role = ROLE_NAME.get(f.role, "role unknown")
-        seen = (f", seen in {f.frames_seen}" if f.frames_seen > f.frames_tracked else "")
-        say(f"face {f.face_id}: {role}, {f.frames_tracked} frames measured{seen}, "
-            f"mean confidence {f.mean_confidence:.2f}")
+        seen = f", seen in {f.frames_seen}" if f.frames_seen > f.frames_tracked else ""
+        say(
+            f"face {f.face_id}: {role}, {f.frames_tracked} frames measured{seen}, "
+            f"mean confidence {f.mean_confidence:.2f}"
+        )
         if f.au_calibration:
             say(f"  AU12 scale: {f.au_calibration}")
     for n in notes:
@@ -225,11 +189,7 @@ def cmd_extract(settings: Settings, args) -> int:
     return 0
 
 
-def _face(value: str | None) -> common_pb2.FaceSelector:
-    try:
-        return face_selector(value)
-    except ValueError:
-        raise CliError(f"--face {value!r}: use adult, infant or a face_id") from None
+_face = face_choice
 
 
 def cmd_smiles(settings: Settings, args) -> int:
@@ -238,9 +198,13 @@ def cmd_smiles(settings: Settings, args) -> int:
     src, out = Path(args.input), Path(args.out)
     face = _face(args.face)
     store = storage.open_store(settings)
-    req = smiles_pb2.AnalyzeRequest(face=face, keep_speech=args.keep_speech,
-                                    plot=args.plot is not None,
-                                    params=smiles_pb2.SmileParams(au12_threshold=args.threshold or 0))
+    req = smiles_pb2.AnalyzeRequest(
+        face=face,
+        keep_speech=args.keep_speech,
+        plot=args.plot is not None,
+        params=smiles_pb2.SmileParams(au12_threshold=args.threshold or 0),
+        reviewed=args.reviewed,
+    )
     if src.suffix.lower() in TABLE_SUFFIXES:
         req.frames.CopyFrom(upload(store, src, "inputs"))
     else:
@@ -248,8 +212,9 @@ def cmd_smiles(settings: Settings, args) -> int:
         req.extract.CopyFrom(_extract_options(args))
     with stack.ensure(settings, say) as st:
         with client.channel(st.addrs["smiles"], settings) as ch:
-            res = stream(smiles_pb2_grpc.SmilesStub(ch).Analyze(req, timeout=settings.rpc_timeout_s),
-                         ProgressBar())
+            res = stream(
+                smiles_pb2_grpc.SmilesStub(ch).Analyze(req, timeout=settings.rpc_timeout_s), ProgressBar()
+            )
     for n in res.notes:
         say(f"note: {n}")
     if res.face_id < 0:
@@ -261,10 +226,15 @@ def cmd_smiles(settings: Settings, args) -> int:
     if args.plot is not None and res.plot.key:
         store.get_file(res.plot.key, args.plot)
     kept = len(table)
-    speech = ("" if not res.speech_checked else
-              f", {res.smiles_dropped_speech} dropped for overlapping speech" if not args.keep_speech
-              else f", {int(table['overlaps_speech'].sum()) if kept else 0} overlap speech (kept)")
-    print(f"face {res.face_id}: {res.smiles_found} smiles found{speech}")
+    speech = (
+        ""
+        if not res.speech_checked
+        else f", {res.smiles_dropped_speech} dropped for overlapping speech"
+        if not args.keep_speech
+        else f", {int(table['overlaps_speech'].sum()) if kept else 0} overlap speech (kept)"
+    )
+    source = f" (human review v{res.review_version})" if res.review_version else ""
+    print(f"face {res.face_id}: {res.smiles_found} smiles found{source}{speech}")
     if kept:
         with pd.option_context("display.width", 160, "display.max_columns", 20):
             print(table[[c for c in SHOW_COLUMNS if c in table.columns]].round(3).to_string(index=False))
@@ -282,27 +252,43 @@ def cmd_dyad(settings: Settings, args) -> int:
     if args.infant_face is not None:
         src.infant_face_id = args.infant_face
     params = smiles_pb2.DyadParams(
-        parent=smiles_pb2.SmileParams(au12_threshold=args.parent_threshold or 0,
-                                      min_confidence=args.parent_min_confidence or 0),
-        infant=smiles_pb2.SmileParams(au12_threshold=args.infant_threshold or 0,
-                                      min_confidence=args.infant_min_confidence or 0),
-        contingency_window_s=args.window, max_lag_s=args.max_lag, shifts=args.shifts, seed=args.seed)
+        parent=smiles_pb2.SmileParams(
+            au12_threshold=args.parent_threshold or 0, min_confidence=args.parent_min_confidence or 0
+        ),
+        infant=smiles_pb2.SmileParams(
+            au12_threshold=args.infant_threshold or 0, min_confidence=args.infant_min_confidence or 0
+        ),
+        contingency_window_s=args.window,
+        max_lag_s=args.max_lag,
+        shifts=args.shifts,
+        seed=args.seed,
+    )
     with stack.ensure(settings, say) as st:
         with client.channel(st.addrs["smiles"], settings) as ch:
-            res = stream(smiles_pb2_grpc.SmilesStub(ch).AnalyzeDyad(
-                smiles_pb2.DyadRequest(source=src, params=params, extract=extractor_pb2.ExtractOptions(
-                    frontend=args.frontend)), timeout=settings.rpc_timeout_s),
-                ProgressBar())
+            res = stream(
+                smiles_pb2_grpc.SmilesStub(ch).AnalyzeDyad(
+                    smiles_pb2.DyadRequest(
+                        source=src,
+                        params=params,
+                        extract=extractor_pb2.ExtractOptions(frontend=args.frontend),
+                    ),
+                    timeout=settings.rpc_timeout_s,
+                ),
+                ProgressBar(),
+            )
     out = Path(args.out)
     _download_all(store, res.files, out)
     for n in res.notes:
         say(f"note: {n}")
     import csv
+
     with open(out / "dyad_summary.csv") as f:
         row = next(csv.DictReader(f))
-    print(f"{res.joint_frames} frames with both faces; infant answers parent within the window: "
-          f"{float(row['contingency_p2i_observed']):.2f} (p = {float(row['contingency_p2i_p']):.3f}); "
-          f"peak lag {float(row['peak_lag_s']):+.2f} s (r = {float(row['peak_r']):.2f})")
+    print(
+        f"{res.joint_frames} frames with both faces; infant answers parent within the window: "
+        f"{float(row['contingency_p2i_observed']):.2f} (p = {float(row['contingency_p2i_p']):.3f}); "
+        f"peak lag {float(row['peak_lag_s']):+.2f} s (r = {float(row['peak_r']):.2f})"
+    )
     say(f"wrote {len(res.files)} files to {out}; open {out / 'dyad.html'}")
     return 0
 
@@ -311,8 +297,11 @@ def cmd_dyad(settings: Settings, args) -> int:
 #: imports no service, so the names are repeated here and checked by a test).
 FRONTEND_CHOICES = ["mesh", "dlib"]
 
-CORRECTIONS = {"none": stats_pb2.CORRECTION_NONE, "holm": stats_pb2.CORRECTION_HOLM,
-               "fdr_bh": stats_pb2.CORRECTION_FDR_BH}
+CORRECTIONS = {
+    "none": stats_pb2.CORRECTION_NONE,
+    "holm": stats_pb2.CORRECTION_HOLM,
+    "fdr_bh": stats_pb2.CORRECTION_FDR_BH,
+}
 
 
 def _download_all(store: storage.ObjectStore, files, out: Path) -> None:
@@ -328,16 +317,17 @@ def cmd_stats(settings: Settings, args) -> int:
         smiles=upload(store, Path(args.smiles), "inputs"),
         scores=upload(store, Path(args.scores), "inputs"),
         correction=CORRECTIONS[args.correction],
-        mlp=stats_pb2.MlpOptions(skip=args.no_mlp, seeds=args.seeds, folds=args.folds))
+        mlp=stats_pb2.MlpOptions(skip=args.no_mlp, seeds=args.seeds, folds=args.folds),
+    )
     with stack.ensure(settings, say) as st:
         with client.channel(st.addrs["stats"], settings) as ch:
-            res = stream(stats_pb2_grpc.StatsStub(ch).AnalyzeCohort(req, timeout=settings.rpc_timeout_s),
-                         ProgressBar())
+            res = stream(
+                stats_pb2_grpc.StatsStub(ch).AnalyzeCohort(req, timeout=settings.rpc_timeout_s), ProgressBar()
+            )
     _download_all(store, res.files, out)
     for n in res.notes:
         say(f"note: {n}")
-    say(f"{res.participants} participants, {res.sessions} sessions, {res.smiles} smiles; "
-        f"{res.seconds:.1f} s")
+    say(f"{res.participants} participants, {res.sessions} sessions, {res.smiles} smiles; {res.seconds:.1f} s")
     say(f"wrote {len(res.files)} files to {out}; open {out / 'report.html'}")
     return 0
 
@@ -346,9 +336,12 @@ def cmd_simulate(settings: Settings, args) -> int:
     store = storage.open_store(settings)
     with stack.ensure(settings, say) as st:
         with client.channel(st.addrs["stats"], settings) as ch:
-            res = stats_pb2_grpc.StatsStub(ch).Simulate(stats_pb2.SimulateRequest(
-                participants=args.participants, seed=args.seed, null_effects=args.null),
-                timeout=settings.rpc_timeout_s)
+            res = stats_pb2_grpc.StatsStub(ch).Simulate(
+                stats_pb2.SimulateRequest(
+                    participants=args.participants, seed=args.seed, null_effects=args.null
+                ),
+                timeout=settings.rpc_timeout_s,
+            )
     _download_all(store, res.files, Path(args.out))
     say(f"wrote {', '.join(f.name for f in res.files)} to {args.out}")
     return 0
@@ -367,13 +360,22 @@ class CohortProgress:
 
     def start(self, total: int, cached: int, video_s: float) -> None:
         import time
+
         self.t0, self.total, self.n_done = time.monotonic(), total, cached
-        say(f"{total} sessions: {cached} already finished, {total - cached} to run "
-            f"({video_s / 60:.1f} min of video)")
+        say(
+            f"{total} sessions: {cached} already finished, {total - cached} to run "
+            f"({video_s / 60:.1f} min of video)"
+        )
         if self.tty:
             from tqdm import tqdm
-            self.bar = tqdm(total=round(video_s, 1), unit="video-s", file=sys.stderr,
-                            dynamic_ncols=True, desc=f"{cached}/{total} sessions")
+
+            self.bar = tqdm(
+                total=round(video_s, 1),
+                unit="video-s",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                desc=f"{cached}/{total} sessions",
+            )
 
     def status(self, label: str, stage: str) -> None:
         if self.running.get(label) == stage:
@@ -384,6 +386,7 @@ class CohortProgress:
 
     def finished(self, label: str, video_s: float, ok: bool, reason: str = "") -> None:
         import time
+
         self.running.pop(label, None)
         self.n_done += 1
         msg = f"{label}: {'done' if ok else 'FAILED: ' + reason}"
@@ -409,8 +412,9 @@ def _shard(value: str | None) -> tuple[int, int] | None:
             i = os.environ["JOB_COMPLETION_INDEX"]
         return int(i), int(n)
     except (ValueError, KeyError):
-        raise CliError(f"--shard {value!r}: use I/N (e.g. 0/4), or auto/N inside an indexed Job "
-                       "(JOB_COMPLETION_INDEX)") from None
+        raise CliError(
+            f"--shard {value!r}: use I/N (e.g. 0/4), or auto/N inside an indexed Job (JOB_COMPLETION_INDEX)"
+        ) from None
 
 
 def cmd_cohort_run(settings: Settings, args) -> int:
@@ -427,38 +431,57 @@ def cmd_cohort_run(settings: Settings, args) -> int:
     if part is not None:
         sessions = cohort.shard(sessions, *part)
         say(f"shard {part[0]}/{part[1]}: {len(sessions)} sessions")
-    opts = cohort.Options(keep_speech=args.keep_speech, max_faces=args.max_faces,
-                          frontend=args.frontend)
+    opts = cohort.Options(keep_speech=args.keep_speech, max_faces=args.max_faces, frontend=args.frontend)
     say("checking and storing inputs")
     cohort.prepare(sessions, store, say)
     out = Path(args.out)
     with stack.ensure(settings, say) as st:
-        outcome = cohort.run_sessions(sessions, opts, store, st.addrs, args.parallel,
-                                      settings.rpc_timeout_s, CohortProgress())
-        say(f"{outcome.ran} sessions ran, {outcome.cached} were already finished, "
-            f"{len(outcome.failed)} failed")
+        outcome = cohort.run_sessions(
+            sessions, opts, store, st.addrs, args.parallel, settings.rpc_timeout_s, CohortProgress()
+        )
+        say(
+            f"{outcome.ran} sessions ran, {outcome.cached} were already finished, "
+            f"{len(outcome.failed)} failed"
+        )
         if outcome.failed:
             cohort.write_failures(outcome.failed, out)
             say(f"failures listed in {out / 'failures.csv'}")
         if not args.no_report:
-            _report(settings, args, outcome.done, scores_path, out, st.addrs["stats"], opts, store)
+            _report(settings, args, outcome.done, scores_path, out, st.addrs, opts, store)
     return 3 if outcome.failed else 0
 
 
-def _report(settings, args, records, scores_path, out, stats_addr, opts, store) -> None:
+def _report(settings, args, records, scores_path, out, addrs, opts, store) -> None:
     from dyadlab import cohort
 
+    if args.reviewed:
+        with client.channel(addrs["smiles"], settings) as ch:
+            records = cohort.apply_reviews(records, ch, settings.rpc_timeout_s)
+        n = sum(1 for r in records if r["review_version"])
+        say(f"{n} of {len(records)} sessions use their latest human review; the others automatic smiles")
+    stats_addr = addrs["stats"]
     bar = ProgressBar()
     try:
-        res = cohort.build_report(records, scores_path, out, store, stats_addr, opts,
-                                  settings.rpc_timeout_s, CORRECTIONS[args.correction],
-                                  stats_pb2.MlpOptions(skip=args.no_mlp), on_progress=bar)
+        res = cohort.build_report(
+            records,
+            scores_path,
+            out,
+            store,
+            stats_addr,
+            opts,
+            settings.rpc_timeout_s,
+            CORRECTIONS[args.correction],
+            stats_pb2.MlpOptions(skip=args.no_mlp),
+            on_progress=bar,
+        )
     finally:
         bar.close()
     for n in res.notes:
         say(f"note: {n}")
-    say(f"report: {out / 'report.html'} ({res.sessions} sessions, {res.smiles} smiles); "
-        f"sessions.csv and the tables are beside it")
+    say(
+        f"report: {out / 'report.html'} ({res.sessions} sessions, {res.smiles} smiles); "
+        f"sessions.csv and the tables are beside it"
+    )
     html = next((f.ref.key for f in res.files if f.name == "report.html"), "")
     say(f"in the object store: {html.rsplit('/', 1)[0]}/ (bucket {store.bucket})")
 
@@ -470,23 +493,25 @@ def cmd_cohort_report(settings: Settings, args) -> int:
     store = storage.open_store(settings)
     sessions = cohort.read_manifest(Path(args.manifest), store)
     cohort.prepare(sessions, store, say)
-    opts = cohort.Options(keep_speech=args.keep_speech, max_faces=args.max_faces,
-                          frontend=args.frontend)
+    opts = cohort.Options(keep_speech=args.keep_speech, max_faces=args.max_faces, frontend=args.frontend)
     records, missing = [], []
     for s in sessions:
         key = cohort.record_key(s, opts)
         if store.exists(key):
             import json
+
             records.append(json.loads(store.get_bytes(key)))
         else:
             missing.append(s)
     if missing:
-        say(f"{len(missing)} sessions are not finished: "
-            + ", ".join(f"row {s.row} ({s.label})" for s in missing[:10]))
+        say(
+            f"{len(missing)} sessions are not finished: "
+            + ", ".join(f"row {s.row} ({s.label})" for s in missing[:10])
+        )
         if not args.partial:
             raise CliError("run the missing shards first, or give --partial to report what is there")
     with stack.ensure(settings, say) as st:
-        _report(settings, args, records, Path(args.scores), Path(args.out), st.addrs["stats"], opts, store)
+        _report(settings, args, records, Path(args.scores), Path(args.out), st.addrs, opts, store)
     return 3 if missing else 0
 
 
@@ -499,9 +524,11 @@ def _synth(settings: Settings):
     with stack.ensure(settings, say, serving=("synth",)) as st:
         state = client.health_status(st.addrs["synth"], services.get("synth").grpc_name, settings=settings)
         if state != "SERVING":
-            raise CliError(f"the synth service is {state}: it needs TorchServe serving a trained model"
-                           + "".join(f"; {n}" for n in st.notes)
-                           + " (train one with `dyadlab synth train ... --export PATH`)")
+            raise CliError(
+                f"the synth service is {state}: it needs TorchServe serving a trained model"
+                + "".join(f"; {n}" for n in st.notes)
+                + " (train one with `dyadlab synth train ... --export PATH`)"
+            )
         with client.channel(st.addrs["synth"], settings) as ch:
             yield synth_pb2_grpc.SynthStub(ch)
 
@@ -517,12 +544,16 @@ def _check_out(out: Path, suffixes: tuple[str, ...]) -> None:
 
 def cmd_synth_transform(settings: Settings, args) -> int:
     import json
+
     out = Path(args.out)
     _check_out(out, (".png",))
     store = storage.open_store(settings)
-    req = synth_pb2.TransformRequest(image=_face_image(store, args.face),
-                                     target=synth_pb2.VA(valence=args.valence, arousal=args.arousal),
-                                     model=args.model or "", output_size=args.size)
+    req = synth_pb2.TransformRequest(
+        image=_face_image(store, args.face),
+        target=synth_pb2.VA(valence=args.valence, arousal=args.arousal),
+        model=args.model or "",
+        output_size=args.size,
+    )
     with _synth(settings) as stub:
         res = stub.Transform(req, timeout=settings.rpc_timeout_s)
     write_bytes(store.get_bytes(res.image.key), out)
@@ -532,8 +563,10 @@ def cmd_synth_transform(settings: Settings, args) -> int:
     for n in res.notes:
         say(f"note: {n}")
     ji, jo = res.judged_input, res.judged_output
-    print(f"target VA ({args.valence:+.2f}, {args.arousal:+.2f}); judged: input "
-          f"({ji.valence:+.2f}, {ji.arousal:+.2f}), output ({jo.valence:+.2f}, {jo.arousal:+.2f})")
+    print(
+        f"target VA ({args.valence:+.2f}, {args.arousal:+.2f}); judged: input "
+        f"({ji.valence:+.2f}, {ji.arousal:+.2f}), output ({jo.valence:+.2f}, {jo.arousal:+.2f})"
+    )
     say(f"wrote {out}" + (f" and {args.landmarks}" if args.landmarks else ""))
     return 0
 
@@ -542,18 +575,26 @@ def cmd_synth_matrix(settings: Settings, args) -> int:
     out = Path(args.out)
     _check_out(out, (".png",))
     store = storage.open_store(settings)
-    req = synth_pb2.MatrixRequest(image=_face_image(store, args.face),
-                                  valences=args.valences or [], arousals=args.arousals or [],
-                                  model=args.model or "", cell_size=args.cell)
+    req = synth_pb2.MatrixRequest(
+        image=_face_image(store, args.face),
+        valences=args.valences or [],
+        arousals=args.arousals or [],
+        model=args.model or "",
+        cell_size=args.cell,
+    )
     with _synth(settings) as stub:
         res = stub.Matrix(req, timeout=settings.rpc_timeout_s)
     write_bytes(store.get_bytes(res.image.key), out)
     for n in res.notes:
         say(f"note: {n}")
-    err = [((c.judged.valence - c.target.valence) ** 2 + (c.judged.arousal - c.target.arousal) ** 2) ** 0.5
-           for c in res.cells]
-    say(f"wrote {out}: {len(res.cells)} faces; judge's mean VA distance from the targets "
-        f"{sum(err) / max(1, len(err)):.2f}")
+    err = [
+        ((c.judged.valence - c.target.valence) ** 2 + (c.judged.arousal - c.target.arousal) ** 2) ** 0.5
+        for c in res.cells
+    ]
+    say(
+        f"wrote {out}: {len(res.cells)} faces; judge's mean VA distance from the targets "
+        f"{sum(err) / max(1, len(err)):.2f}"
+    )
     return 0
 
 
@@ -563,9 +604,14 @@ def cmd_synth_transfer(settings: Settings, args) -> int:
     store = storage.open_store(settings)
     req = synth_pb2.TransferRequest(
         video=upload(store, Path(args.video), "inputs"),
-        parent_face=_face_image(store, args.parent), infant_face=_face_image(store, args.infant),
-        seed=args.seed, no_motion=args.no_motion, model=args.model or "", face_size=args.face_size,
-        min_confidence=args.min_confidence or 0)
+        parent_face=_face_image(store, args.parent),
+        infant_face=_face_image(store, args.infant),
+        seed=args.seed,
+        no_motion=args.no_motion,
+        model=args.model or "",
+        face_size=args.face_size,
+        min_confidence=args.min_confidence or 0,
+    )
     if args.smooth is not None:
         req.smooth_s = args.smooth
     if args.adult_face is not None:
@@ -577,15 +623,18 @@ def cmd_synth_transfer(settings: Settings, args) -> int:
         store.get_file(res.va_table.key, args.va_table)
     for n in res.notes:
         say(f"note: {n}")
-    say(f"wrote {out}: {res.frames} frames at {res.fps:.2f} fps (the input's timing); "
+    say(
+        f"wrote {out}: {res.frames} frames at {res.fps:.2f} fps (the input's timing); "
         f"real parent judged in {res.parent_frames_seen}, infant in {res.infant_frames_seen} frames; "
-        f"{res.seconds:.1f} s ({res.frames / max(res.seconds, 1e-9):.1f} frames/s)")
+        f"{res.seconds:.1f} s ({res.frames / max(res.seconds, 1e-9):.1f} frames/s)"
+    )
     return 0
 
 
 def cmd_synth_train(settings: Settings, args) -> int:
     """`python -m services.synth.train ARGS` with this command's settings (a batch job)."""
     import subprocess
+
     env = dict(os.environ)
     env.update(settings.to_env())
     cmd = [sys.executable, "-m", "services.synth.train", *args.train_args]
@@ -604,16 +653,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="health of every service")
 
     def frontend_opt(sp):
-        sp.add_argument("--frontend", choices=FRONTEND_CHOICES, default="",
-                        help="face front-end: mesh (default; BlazeFace + face mesh, multi-view) or "
-                             "dlib (frontal only, for comparison)")
+        sp.add_argument(
+            "--frontend",
+            choices=FRONTEND_CHOICES,
+            default="",
+            help="face front-end: mesh (default; BlazeFace + face mesh, multi-view) or "
+            "dlib (frontal only, for comparison)",
+        )
 
     def extract_opts(sp):
         frontend_opt(sp)
         sp.add_argument("--max-faces", type=int, default=0, help="faces to track (default 2)")
         sp.add_argument("--no-speech", action="store_true", help="skip voice activity detection")
-        sp.add_argument("--adult-face", type=int, default=None, metavar="ID",
-                        help="face_id that is the adult (overrides the size heuristic)")
+        sp.add_argument(
+            "--adult-face",
+            type=int,
+            default=None,
+            metavar="ID",
+            help="face_id that is the adult (overrides the size heuristic)",
+        )
 
     ex = sub.add_parser("extract", help="per-frame landmarks, AUs, pose (OpenFace columns)")
     ex.add_argument("input", help="a video, or an OpenFace 2.x CSV to import")
@@ -623,16 +681,28 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("input", help="a video, or a frame table (.csv/.parquet)")
     sm.add_argument("--out", required=True, help="smiles.csv or smiles.parquet")
     sm.add_argument("--plot", default=None, help="write a PNG of AU12 and r with the phases")
-    sm.add_argument("--keep-speech", action="store_true",
-                    help="keep smiles that overlap speech (flagged in overlaps_speech)")
+    sm.add_argument(
+        "--keep-speech",
+        action="store_true",
+        help="keep smiles that overlap speech (flagged in overlaps_speech)",
+    )
     sm.add_argument("--face", default=None, help="adult, infant or a face_id (default: the adult)")
     sm.add_argument("--threshold", type=float, default=None, help="AU12 threshold (default 1.5)")
+    sm.add_argument(
+        "--reviewed",
+        action="store_true",
+        help="the face's latest human review (dyadlab review) when there is one",
+    )
     extract_opts(sm)
     dy = sub.add_parser("dyad", help="parent and infant: contingency, synchrony, shared smiles")
     dy.add_argument("video", help="one video with both faces, or the parent's video")
     dy.add_argument("infant_video", nargs="?", default=None, help="the infant's own video")
-    dy.add_argument("--offset", type=float, default=0.0,
-                    help="seconds to add to the infant video's clock to reach the parent's")
+    dy.add_argument(
+        "--offset",
+        type=float,
+        default=0.0,
+        help="seconds to add to the infant video's clock to reach the parent's",
+    )
     dy.add_argument("--out", required=True, help="output directory")
     dy.add_argument("--parent-face", type=int, default=None, metavar="ID")
     dy.add_argument("--infant-face", type=int, default=None, metavar="ID")
@@ -649,8 +719,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("smiles", help="long smile table (CSV/Parquet) with participant_id, visit_month")
     st.add_argument("--scores", required=True, help="questionnaire table (CSV/Parquet)")
     st.add_argument("--out", required=True, help="output directory")
-    st.add_argument("--correction", choices=list(CORRECTIONS), default="none",
-                    help="multiple-comparison control (default none, as the source study)")
+    st.add_argument(
+        "--correction",
+        choices=list(CORRECTIONS),
+        default="none",
+        help="multiple-comparison control (default none, as the source study)",
+    )
     st.add_argument("--no-mlp", action="store_true", help="skip Table II (the MLP grid)")
     st.add_argument("--seeds", type=int, default=0, help="MLP seeds (default 5)")
     st.add_argument("--folds", type=int, default=0, help="MLP cross-validation folds (default 5)")
@@ -666,26 +740,42 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("manifest", help="CSV: participant_id, visit_month, video [, face, openface_csv]")
         sp.add_argument("--scores", required=report_only, help="questionnaire table (CSV/Parquet)")
         sp.add_argument("--out", required=True, help="report directory")
-        sp.add_argument("--keep-speech", action="store_true",
-                        help="keep smiles that overlap speech in the analysis")
+        sp.add_argument(
+            "--keep-speech", action="store_true", help="keep smiles that overlap speech in the analysis"
+        )
         sp.add_argument("--max-faces", type=int, default=0, help="faces to track (default 2)")
         frontend_opt(sp)
         sp.add_argument("--correction", choices=list(CORRECTIONS), default="none")
         sp.add_argument("--no-mlp", action="store_true", help="skip Table II")
+        sp.add_argument(
+            "--reviewed",
+            action="store_true",
+            help="use each session's latest human review (dyadlab review) where there is one; "
+            "sessions.csv's review_version says which (0: automatic smiles)",
+        )
 
     cr = cosub.add_parser("run", help="every session of a manifest, then the cohort report")
     cohort_opts(cr)
-    cr.add_argument("--parallel", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                    help="sessions in flight (default: half the CPUs, at least 1). Each video is "
-                         "already split across the extractor's worker processes; on 2 cores one "
-                         "session in flight measured fastest (scripts/bench_cohort.py)")
-    cr.add_argument("--shard", default=None, metavar="I/N",
-                    help="run only shard I of N (auto/N: the Kubernetes Job's index)")
+    cr.add_argument(
+        "--parallel",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="sessions in flight (default: half the CPUs, at least 1). Each video is "
+        "already split across the extractor's worker processes; on 2 cores one "
+        "session in flight measured fastest (scripts/bench_cohort.py)",
+    )
+    cr.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="run only shard I of N (auto/N: the Kubernetes Job's index)",
+    )
     cr.add_argument("--no-report", action="store_true", help="sessions only (a shard's job)")
     rp = cosub.add_parser("report", help="the report from finished sessions (after shards)")
     cohort_opts(rp, report_only=True)
     rp.add_argument("--partial", action="store_true", help="report even if sessions are missing")
 
+    review_cli.add_parser(sub)
     sy = sub.add_parser("synth", help="avLandmarkGAN: expressions on novel faces (needs TorchServe)")
     sysub = sy.add_subparsers(dest="synth_cmd", required=True)
     tf = sysub.add_parser("transform", help="one face moved to a target valence/arousal")
@@ -699,10 +789,22 @@ def build_parser() -> argparse.ArgumentParser:
     mx = sysub.add_parser("matrix", help="an avImage matrix: one face over a valence x arousal grid")
     mx.add_argument("face", help="a photograph with one face")
     mx.add_argument("--out", required=True, help="output PNG")
-    mx.add_argument("--valences", nargs="+", type=float, default=None, metavar="V",
-                    help="columns (default: -1 -0.5 0 0.5 1)")
-    mx.add_argument("--arousals", nargs="+", type=float, default=None, metavar="A",
-                    help="rows, shown high at the top (default: 1 0.5 0 -0.5 -1)")
+    mx.add_argument(
+        "--valences",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="V",
+        help="columns (default: -1 -0.5 0 0.5 1)",
+    )
+    mx.add_argument(
+        "--arousals",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="A",
+        help="rows, shown high at the top (default: 1 0.5 0 -0.5 -1)",
+    )
     mx.add_argument("--cell", type=int, default=0, help="pixels per cell (default 128)")
     mx.add_argument("--model", default=None)
     tr = sysub.add_parser("transfer", help="a real dyad's expressions on a novel parent and infant")
@@ -714,21 +816,36 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0, help="seed of the rotation/resize motion")
     tr.add_argument("--no-motion", action="store_true", help="no rotation/resize post-processing")
     tr.add_argument("--face-size", type=int, default=0, help="pixels per face (default 256)")
-    tr.add_argument("--smooth", type=float, default=None,
-                    help="seconds of moving average over the judged VA (default 0.3; 0 = none)")
-    tr.add_argument("--min-confidence", type=float, default=None,
-                    help="frames tracked below this keep the last VA (default 0.5)")
-    tr.add_argument("--adult-face", type=int, default=None, metavar="ID",
-                    help="face_id that is the adult (overrides the extractor's heuristic)")
+    tr.add_argument(
+        "--smooth",
+        type=float,
+        default=None,
+        help="seconds of moving average over the judged VA (default 0.3; 0 = none)",
+    )
+    tr.add_argument(
+        "--min-confidence",
+        type=float,
+        default=None,
+        help="frames tracked below this keep the last VA (default 0.5)",
+    )
+    tr.add_argument(
+        "--adult-face",
+        type=int,
+        default=None,
+        metavar="ID",
+        help="face_id that is the adult (overrides the extractor's heuristic)",
+    )
     tr.add_argument("--model", default=None)
-    tn = sysub.add_parser("train", add_help=False,
-                          help="train a model (python -m services.synth.train; --help for its options)")
+    tn = sysub.add_parser(
+        "train", add_help=False, help="train a model (python -m services.synth.train; --help for its options)"
+    )
     tn.add_argument("train_args", nargs=argparse.REMAINDER)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    argv = review_cli.normalise_argv(argv)
     if argv[:2] == ["synth", "train"]:
         # Every argument (--help too) belongs to services.synth.train.
         args = argparse.Namespace(cmd="synth", synth_cmd="train", train_args=argv[2:])
@@ -736,13 +853,27 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
-        cmd = {"up": cmd_up, "down": cmd_down, "status": cmd_status,
-               "extract": cmd_extract, "smiles": cmd_smiles, "stats": cmd_stats, "dyad": cmd_dyad,
-               "cohort": lambda s, a: {"simulate": cmd_simulate, "run": cmd_cohort_run,
-                                       "report": cmd_cohort_report}[a.cohort_cmd](s, a),
-               "synth": lambda s, a: {"transform": cmd_synth_transform, "matrix": cmd_synth_matrix,
-                                      "transfer": cmd_synth_transfer,
-                                      "train": cmd_synth_train}[a.synth_cmd](s, a)}[args.cmd]
+        cmd = {
+            "up": cmd_up,
+            "down": cmd_down,
+            "status": cmd_status,
+            "extract": cmd_extract,
+            "smiles": cmd_smiles,
+            "stats": cmd_stats,
+            "dyad": cmd_dyad,
+            "cohort": lambda s, a: {
+                "simulate": cmd_simulate,
+                "run": cmd_cohort_run,
+                "report": cmd_cohort_report,
+            }[a.cohort_cmd](s, a),
+            "review": review_cli.run,
+            "synth": lambda s, a: {
+                "transform": cmd_synth_transform,
+                "matrix": cmd_synth_matrix,
+                "transfer": cmd_synth_transfer,
+                "train": cmd_synth_train,
+            }[a.synth_cmd](s, a),
+        }[args.cmd]
         return cmd(settings, args)
     except grpc.RpcError as e:
         say(f"error: {e.code().name}: {e.details()}")

@@ -26,6 +26,7 @@ As a Kubernetes indexed Job, each pod runs `dyadlab cohort run --shard I/N
 manifest's sorted order), the records meet in the object store, and a final
 `dyadlab cohort report` builds the report from them.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -35,8 +36,9 @@ import io
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import grpc
 
@@ -44,28 +46,35 @@ from dyadlab import storage, video
 from dyadlab.frames import TableError
 from dyadlab.messages import ROLE_NAME, face_selector, object_ref
 from dyadlab.study import KEYS, VISITS
-from dyadlab.v1 import (common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2, smiles_pb2_grpc,
-                        stats_pb2, stats_pb2_grpc)
+from dyadlab.v1 import (
+    common_pb2,
+    extractor_pb2,
+    extractor_pb2_grpc,
+    smiles_pb2,
+    smiles_pb2_grpc,
+    stats_pb2,
+    stats_pb2_grpc,
+)
 
 REQUIRED = ["participant_id", "visit_month", "video"]
 OPTIONAL = ["face", "openface_csv", "dyad", "infant_video", "offset_s"]
 TRUE = {"1", "true", "yes", "y"}
-RECORD_VERSION = "3"   # 3: the mesh front-end; records name their front-end and AU12 calibration
+RECORD_VERSION = "3"  # 3: the mesh front-end; records name their front-end and AU12 calibration
 
 
 @dataclasses.dataclass
 class Session:
-    row: int                      # 1-based data row of the manifest
+    row: int  # 1-based data row of the manifest
     participant_id: str
     visit_month: int
-    video: Path | None            # local file, or None when `key` names an object
-    key: str = ""                 # object-store key of the video (or of the OpenFace CSV)
+    video: Path | None  # local file, or None when `key` names an object
+    key: str = ""  # object-store key of the video (or of the OpenFace CSV)
     face: str = ""
     openface_csv: Path | None = None
-    openface: bool = False        # the input is an OpenFace CSV, not a video
-    dyad: bool = False            # also measure parent-infant contingency and synchrony
+    openface: bool = False  # the input is an OpenFace CSV, not a video
+    dyad: bool = False  # also measure parent-infant contingency and synchrony
     infant_video: Path | None = None
-    infant_key: str = ""          # the infant's own video, when filmed separately
+    infant_key: str = ""  # the infant's own video, when filmed separately
     offset_s: float = 0.0
     sha256: str = ""
     infant_sha256: str = ""
@@ -109,10 +118,10 @@ def read_manifest(path: Path, store: storage.ObjectStore) -> list[Session]:
     if missing:
         problems.append(f"missing columns: {', '.join(missing)}")
     if unknown:
-        problems.append(f"unknown columns: {', '.join(unknown)} "
-                        f"(known: {', '.join(REQUIRED + OPTIONAL)})")
+        problems.append(f"unknown columns: {', '.join(unknown)} (known: {', '.join(REQUIRED + OPTIONAL)})")
     if missing:
         raise ManifestError("\n".join(problems))
+    seen: dict[tuple[str, int], int]  # (participant, visit) -> its row
     sessions, seen = [], {}
     base = path.parent
     for i, r in enumerate(df.to_dict("records"), start=1):
@@ -125,8 +134,9 @@ def read_manifest(path: Path, store: storage.ObjectStore) -> list[Session]:
             if visit not in VISITS:
                 raise ValueError
         except ValueError:
-            problems.append(f"{where}: visit_month {r['visit_month']!r} is not one of "
-                            f"{', '.join(map(str, VISITS))}")
+            problems.append(
+                f"{where}: visit_month {r['visit_month']!r} is not one of {', '.join(map(str, VISITS))}"
+            )
             visit = -1
         if pid and visit > 0:
             if (pid, visit) in seen:
@@ -209,19 +219,23 @@ def shard(sessions: list[Session], index: int, count: int) -> list[Session]:
 # -- records ----------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Options:
-    keep_speech: bool = False   # drop smiles overlapping speech from the analysis (the paper)
+    keep_speech: bool = False  # drop smiles overlapping speech from the analysis (the paper)
     max_faces: int = 0
-    frontend: str = ""          # the extractor's face front-end ("" = its default)
+    frontend: str = ""  # the extractor's face front-end ("" = its default)
 
     def tag(self) -> str:
-        return hashlib.sha256(json.dumps([RECORD_VERSION, dataclasses.asdict(self)]).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps([RECORD_VERSION, dataclasses.asdict(self)]).encode()).hexdigest()[
+            :12
+        ]
 
 
 def record_key(s: Session, opts: Options) -> str:
     """Where a finished session's record lives: derived from its content, so any
     run (any shard, any machine) that does the same work finds the same key."""
-    ident = hashlib.sha256(f"{s.participant_id}|{s.visit_month}|{s.sha256}|{s.face}|{s.dyad}|"
-                           f"{s.infant_sha256}|{s.offset_s}".encode()).hexdigest()
+    ident = hashlib.sha256(
+        f"{s.participant_id}|{s.visit_month}|{s.sha256}|{s.face}|{s.dyad}|"
+        f"{s.infant_sha256}|{s.offset_s}".encode()
+    ).hexdigest()
     return f"cohort/sessions/{ident[:32]}-{opts.tag()}.json"
 
 
@@ -237,8 +251,9 @@ def _stored(local: Path | None, key: str, store: storage.ObjectStore) -> tuple[s
     return key, h.hexdigest()
 
 
-def prepare(sessions: list[Session], store: storage.ObjectStore,
-            say: Callable[[str], None] = lambda m: None) -> None:
+def prepare(
+    sessions: list[Session], store: storage.ObjectStore, say: Callable[[str], None] = lambda m: None
+) -> None:
     """Hash every input and put local files into the store (content-addressed)."""
     for s in sessions:
         s.key, s.sha256 = _stored(s.openface_csv or s.video, s.key, store)
@@ -247,27 +262,50 @@ def prepare(sessions: list[Session], store: storage.ObjectStore,
 
 
 # -- running sessions ------------------------------------------------------------------------
-def run_session(s: Session, opts: Options, channels: dict[str, grpc.Channel], timeout_s: float,
-                status: Callable[[str], None]) -> dict:
+def run_session(
+    s: Session,
+    opts: Options,
+    channels: dict[str, grpc.Channel],
+    timeout_s: float,
+    status: Callable[[str], None],
+) -> dict:
     """Extract (cached by content) and segment one session; its record."""
     t0 = time.perf_counter()
     ref = common_pb2.ObjectRef(key=s.key, sha256=s.sha256)
-    rec = {"participant_id": s.participant_id, "visit_month": s.visit_month, "input_sha256": s.sha256,
-           "face": s.face, "frames": 0, "duration_s": s.duration_s, "faces": 0, "face_id": -1,
-           "role": "", "mean_confidence": None, "notes": [], "frontend": "", "au_calibration": ""}
+    rec: dict[str, Any]
+    rec = {
+        "participant_id": s.participant_id,
+        "visit_month": s.visit_month,
+        "input_sha256": s.sha256,
+        "face": s.face,
+        "frames": 0,
+        "duration_s": s.duration_s,
+        "faces": 0,
+        "face_id": -1,
+        "role": "",
+        "mean_confidence": None,
+        "notes": [],
+        "frontend": "",
+        "au_calibration": "",
+    }
     req = smiles_pb2.AnalyzeRequest(face=face_selector(s.face), keep_speech=True, plot=True)
     if s.openface:
         status("import")
         imp = extractor_pb2_grpc.ExtractorStub(channels["extractor"]).ImportOpenFace(
-            extractor_pb2.ImportOpenFaceRequest(csv=ref), timeout=timeout_s)
+            extractor_pb2.ImportOpenFaceRequest(csv=ref), timeout=timeout_s
+        )
         req.frames.CopyFrom(imp.frames)
         faces, rec["notes"] = imp.faces, list(imp.notes)
         rec["frames"] = int(imp.rows / max(1, len(imp.faces)))
     else:
         result = None
         call = extractor_pb2_grpc.ExtractorStub(channels["extractor"]).Extract(
-            extractor_pb2.ExtractRequest(video=ref, options=extractor_pb2.ExtractOptions(
-                max_faces=opts.max_faces, frontend=opts.frontend)), timeout=timeout_s)
+            extractor_pb2.ExtractRequest(
+                video=ref,
+                options=extractor_pb2.ExtractOptions(max_faces=opts.max_faces, frontend=opts.frontend),
+            ),
+            timeout=timeout_s,
+        )
         for ev in call:
             if ev.HasField("progress"):
                 p = ev.progress
@@ -280,8 +318,7 @@ def run_session(s: Session, opts: Options, channels: dict[str, grpc.Channel], ti
         if result.HasField("speech"):
             req.speech.CopyFrom(result.speech)
         faces, rec["notes"] = result.faces, list(result.notes)
-        rec.update(frames=result.video.frames, duration_s=result.video.duration_s,
-                   frontend=result.frontend)
+        rec.update(frames=result.video.frames, duration_s=result.video.duration_s, frontend=result.frontend)
     status("smiles")
     res = None
     for ev in smiles_pb2_grpc.SmilesStub(channels["smiles"]).Analyze(req, timeout=timeout_s):
@@ -297,8 +334,13 @@ def run_session(s: Session, opts: Options, channels: dict[str, grpc.Channel], ti
             rec["role"] = ROLE_NAME.get(f.role, "")
             rec["mean_confidence"] = round(f.mean_confidence, 4)
             rec["au_calibration"] = f.au_calibration
-    rec.update(smiles_found=res.smiles_found, speech_checked=res.speech_checked,
-               smiles_key=res.smiles.key, plot_key=res.plot.key, frames_key=req.frames.key)
+    rec.update(
+        smiles_found=res.smiles_found,
+        speech_checked=res.speech_checked,
+        smiles_key=res.smiles.key,
+        plot_key=res.plot.key,
+        frames_key=req.frames.key,
+    )
     if s.dyad:
         status("dyad")
         rec["dyad"] = run_dyad(s, channels, timeout_s, opts)
@@ -306,28 +348,37 @@ def run_session(s: Session, opts: Options, channels: dict[str, grpc.Channel], ti
     return rec
 
 
-def run_dyad(s: Session, channels: dict[str, grpc.Channel], timeout_s: float,
-             opts: Options | None = None) -> dict:
+def run_dyad(
+    s: Session, channels: dict[str, grpc.Channel], timeout_s: float, opts: Options | None = None
+) -> dict:
     """The dyad measures of a session ({"summary_key", "files"}), or why there are none."""
-    src = smiles_pb2.DyadSource(parent=common_pb2.ObjectRef(key=s.key, sha256=s.sha256),
-                                offset_s=s.offset_s)
+    src = smiles_pb2.DyadSource(parent=common_pb2.ObjectRef(key=s.key, sha256=s.sha256), offset_s=s.offset_s)
     if s.infant_key:
         src.infant.CopyFrom(common_pb2.ObjectRef(key=s.infant_key, sha256=s.infant_sha256))
     try:
         res = None
         for ev in smiles_pb2_grpc.SmilesStub(channels["smiles"]).AnalyzeDyad(
-                smiles_pb2.DyadRequest(source=src, extract=extractor_pb2.ExtractOptions(
-                    max_faces=opts.max_faces if opts else 0,
-                    frontend=opts.frontend if opts else "")), timeout=timeout_s):
+            smiles_pb2.DyadRequest(
+                source=src,
+                extract=extractor_pb2.ExtractOptions(
+                    max_faces=opts.max_faces if opts else 0, frontend=opts.frontend if opts else ""
+                ),
+            ),
+            timeout=timeout_s,
+        ):
             if ev.HasField("result"):
                 res = ev.result
     except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
             raise
         return {"error": e.details()}  # e.g. no time with both faces: a note, not a failure
+    assert res is not None  # the stream ends with its result
     files = {f.name: f.ref.key for f in res.files}
-    return {"summary_key": files["dyad_summary.csv"], "page_key": files.get("dyad.html", ""),
-            "joint_frames": res.joint_frames}
+    return {
+        "summary_key": files["dyad_summary.csv"],
+        "page_key": files.get("dyad.html", ""),
+        "joint_frames": res.joint_frames,
+    }
 
 
 @dataclasses.dataclass
@@ -338,9 +389,15 @@ class Outcome:
     ran: int
 
 
-def run_sessions(sessions: list[Session], opts: Options, store: storage.ObjectStore,
-                 addrs: dict[str, str], parallel: int, timeout_s: float,
-                 progress=None) -> Outcome:
+def run_sessions(
+    sessions: list[Session],
+    opts: Options,
+    store: storage.ObjectStore,
+    addrs: dict[str, str],
+    parallel: int,
+    timeout_s: float,
+    progress=None,
+) -> Outcome:
     """Run every unfinished session, `parallel` at a time; records into the store."""
     from dyadlab import client
 
@@ -357,6 +414,7 @@ def run_sessions(sessions: list[Session], opts: Options, store: storage.ObjectSt
     lock = threading.Lock()
     channels = {n: client.channel(addrs[n]) for n in ("extractor", "smiles")}
     try:
+
         def work(s: Session):
             status = (lambda st: progress.status(s.label, st)) if progress else (lambda st: None)
             try:
@@ -365,8 +423,9 @@ def run_sessions(sessions: list[Session], opts: Options, store: storage.ObjectSt
                 return s, None, f"{e.code().name}: {e.details()}"
             except Exception as e:  # noqa: BLE001 — one session's failure must not stop the cohort
                 return s, None, f"{type(e).__name__}: {e}"
-            store.put_bytes(record_key(s, opts), json.dumps(rec, indent=1).encode(),
-                            content_type="application/json")
+            store.put_bytes(
+                record_key(s, opts), json.dumps(rec, indent=1).encode(), content_type="application/json"
+            )
             return s, rec, ""
 
         with cf.ThreadPoolExecutor(max(1, parallel)) as ex:
@@ -376,8 +435,14 @@ def run_sessions(sessions: list[Session], opts: Options, store: storage.ObjectSt
                     if rec is not None:
                         done.append(rec)
                     else:
-                        failed.append({"row": s.row, "participant_id": s.participant_id,
-                                       "visit_month": s.visit_month, "reason": err})
+                        failed.append(
+                            {
+                                "row": s.row,
+                                "participant_id": s.participant_id,
+                                "visit_month": s.visit_month,
+                                "reason": err,
+                            }
+                        )
                 if progress:
                     progress.finished(s.label, s.duration_s, ok=rec is not None, reason=err)
     finally:
@@ -389,6 +454,33 @@ def run_sessions(sessions: list[Session], opts: Options, store: storage.ObjectSt
 
 
 # -- the report ------------------------------------------------------------------------------
+def apply_reviews(records: list[dict], smiles_channel: grpc.Channel, timeout_s: float) -> list[dict]:
+    """The records with each session's smiles replaced by its face's latest
+    human review, where there is one (`dyadlab review`; Smiles.GetReview).
+    Looked up at report time, so a review saved after the run counts; each
+    record says which review it used (review_version 0: the automatic smiles)."""
+    stub = smiles_pb2_grpc.SmilesStub(smiles_channel)
+    out = []
+    for r in records:
+        r = dict(r, review_version=0, reviewer="")
+        if r.get("frames_key") and r.get("face_id", -1) >= 0:
+            try:
+                rev = stub.GetReview(
+                    smiles_pb2.GetReviewRequest(
+                        frames=common_pb2.ObjectRef(key=r["frames_key"]),
+                        face=common_pb2.FaceSelector(face_id=r["face_id"]),
+                    ),
+                    timeout=timeout_s,
+                )
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+            else:
+                r.update(smiles_key=rev.smiles.key, review_version=rev.version, reviewer=rev.reviewer)
+        out.append(r)
+    return out
+
+
 def collect(records: list[dict], store: storage.ObjectStore, keep_speech: bool):
     """The long smile table of every finished session, and sessions.csv's rows."""
     import pandas as pd
@@ -404,16 +496,30 @@ def collect(records: list[dict], store: storage.ObjectStore, keep_speech: bool):
             table = table.assign(participant_id=r["participant_id"], visit_month=r["visit_month"])
             table["smile_id"] = range(1, kept + 1)  # 1..n in time order among the kept smiles
             parts.append(table)
-        rows.append({"participant_id": r["participant_id"], "visit_month": r["visit_month"],
-                     "frames": r["frames"], "duration_s": round(r["duration_s"], 2),
-                     "faces": r["faces"], "face_id": r["face_id"], "role": r["role"],
-                     "mean_confidence": r["mean_confidence"], "smiles_found": n_found,
-                     "smiles_kept": kept, "smiles_dropped_speech": n_found - kept,
-                     "speech_checked": r.get("speech_checked", False),
-                     "dyad": "measured" if (r.get("dyad") or {}).get("summary_key") else
-                             (r["dyad"]["error"] if r.get("dyad") else ""),
-                     "frontend": r.get("frontend", ""), "au_calibration": r.get("au_calibration", ""),
-                     "processing_s": r["seconds"], "notes": " | ".join(r["notes"])})
+        rows.append(
+            {
+                "participant_id": r["participant_id"],
+                "visit_month": r["visit_month"],
+                "frames": r["frames"],
+                "duration_s": round(r["duration_s"], 2),
+                "faces": r["faces"],
+                "face_id": r["face_id"],
+                "role": r["role"],
+                "mean_confidence": r["mean_confidence"],
+                "smiles_found": n_found,
+                "smiles_kept": kept,
+                "smiles_dropped_speech": n_found - kept,
+                "speech_checked": r.get("speech_checked", False),
+                "dyad": "measured"
+                if (r.get("dyad") or {}).get("summary_key")
+                else (r["dyad"]["error"] if r.get("dyad") else ""),
+                "review_version": r.get("review_version", 0),
+                "frontend": r.get("frontend", ""),
+                "au_calibration": r.get("au_calibration", ""),
+                "processing_s": r["seconds"],
+                "notes": " | ".join(r["notes"]),
+            }
+        )
     long = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=KEYS + ["smile_id"])
     return long, pd.DataFrame(rows)
 
@@ -431,9 +537,18 @@ def collect_dyads(records: list[dict], store: storage.ObjectStore):
     return pd.DataFrame(rows) if rows else None
 
 
-def build_report(records: list[dict], scores_path: Path, out: Path, store: storage.ObjectStore,
-                 stats_addr: str, opts: Options, timeout_s: float, correction: int,
-                 mlp: stats_pb2.MlpOptions, on_progress=None) -> stats_pb2.CohortResult:
+def build_report(
+    records: list[dict],
+    scores_path: Path,
+    out: Path,
+    store: storage.ObjectStore,
+    stats_addr: str,
+    opts: Options,
+    timeout_s: float,
+    correction: stats_pb2.Correction,
+    mlp: stats_pb2.MlpOptions,
+    on_progress=None,
+) -> stats_pb2.CohortResult:
     """Stats on the collected smiles; every file into `out` with sessions.csv."""
     from dyadlab import client
 
@@ -444,12 +559,22 @@ def build_report(records: list[dict], scores_path: Path, out: Path, store: stora
     dyads_ref = None
     if dyads is not None:
         dyads.to_csv(out / "dyads.csv", index=False)
-        dyads_ref = object_ref(storage.put_content_bytes(store, dyads.to_csv(index=False).encode(),
-                                                         "dyads.csv", content_type="text/csv"))
-    smiles_ref = object_ref(storage.put_content_bytes(store, long.to_csv(index=False).encode(),
-                                                      "smiles.csv", content_type="text/csv"))
-    req = stats_pb2.CohortRequest(smiles=smiles_ref, scores=object_ref(storage.put_content(store, scores_path)),
-                                  correction=correction, mlp=mlp)
+        dyads_ref = object_ref(
+            storage.put_content_bytes(
+                store, dyads.to_csv(index=False).encode(), "dyads.csv", content_type="text/csv"
+            )
+        )
+    smiles_ref = object_ref(
+        storage.put_content_bytes(
+            store, long.to_csv(index=False).encode(), "smiles.csv", content_type="text/csv"
+        )
+    )
+    req = stats_pb2.CohortRequest(
+        smiles=smiles_ref,
+        scores=object_ref(storage.put_content(store, scores_path)),
+        correction=correction,
+        mlp=mlp,
+    )
     if dyads_ref is not None:
         req.dyads.CopyFrom(dyads_ref)
     with client.channel(stats_addr) as ch:
@@ -472,4 +597,5 @@ def write_failures(failed: list[dict], out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(failed, columns=["row", "participant_id", "visit_month", "reason"]).sort_values(
-        "row").to_csv(out / "failures.csv", index=False)
+        "row"
+    ).to_csv(out / "failures.csv", index=False)

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dyadlab import services as registry
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -31,15 +33,10 @@ OVERLAYS = ("base", "overlays/dev", "overlays/prod", "overlays/gpu")
 #: Kubernetes versions the manifests must validate against: the oldest we support
 #: (native gRPC probes GA 1.27, HPA ContainerResource GA 1.30) and the newest schema
 K8S_VERSIONS = ("1.30", "1.37")
-#: gRPC services: workload -> (gRPC port, metrics port, gRPC service name)
-SERVICES = {
-    "extractor": (50061, 9461, "dyadlab.v1.Extractor"),
-    "smiles": (50062, 9462, "dyadlab.v1.Smiles"),
-    "stats": (50063, 9463, "dyadlab.v1.Stats"),
-    "synth": (50064, 9464, "dyadlab.v1.Synth"),
-}
+#: gRPC services, from the registry: workload -> (gRPC port, metrics port, gRPC service name)
+SERVICES = {s.name: (s.port, s.metrics_port, s.grpc_name) for s in registry.SERVICES}
 #: the plaintext health-only port of each (DYADLAB_HEALTH_PORT; the gRPC port is TLS)
-HEALTH = {"extractor": 50071, "smiles": 50072, "stats": 50073, "synth": 50074}
+HEALTH = {s.name: s.health_port for s in registry.SERVICES}
 #: who sends a token to whom (docs/security.md): smiles and synth call the extractor
 TOKENS = {"smiles", "synth"}
 AUTOSCALED = {"extractor", "smiles", "synth"}  # synth's pod holds TorchServe

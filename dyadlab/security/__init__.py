@@ -41,25 +41,65 @@ log), interceptor (the server's AuthInterceptor), server (a server's security
 from the settings), client (a client's), cli (python -m dyadlab.security, and
 `dyadlab status`'s line). Every public name is here, as dyadlab.security.X.
 """
+
 from __future__ import annotations
 
-from dyadlab.security.access import (ADMIN_ONLY, OPEN_METHODS, PROTO_SERVICES, ROLES, UNAUDITED,
-                                     AccessTable, Principal, allowed, method_path)
+from dyadlab.security.access import (
+    ADMIN_ONLY,
+    OPEN_METHODS,
+    PROTO_SERVICES,
+    ROLES,
+    UNAUDITED,
+    AccessTable,
+    Principal,
+    allowed,
+    method_path,
+)
 from dyadlab.security.addresses import host_of, is_loopback
 from dyadlab.security.audit import MAX_AUDIT_KEYS, audit_logger, object_keys, short_key
 from dyadlab.security.cli import describe, main
 from dyadlab.security.client import ClientSecurity, client_security
-from dyadlab.security.interceptor import AuthInterceptor, peer_identities
+from dyadlab.security.interceptor import AuthInterceptor, caller, caller_name, peer_identities
 from dyadlab.security.local_dev import LOCAL_RENEW_DAYS, LOCAL_USER_ROLE, Local, ensure_local, local
 from dyadlab.security.pki import issue_cert, make_ca, new_token, token_digest, write_private
-from dyadlab.security.server import (ServerSecurity, server_access, server_security,
-                                     server_transport)
+from dyadlab.security.server import ServerSecurity, server_access, server_security, server_transport
 
 __all__ = [
-    "ADMIN_ONLY", "OPEN_METHODS", "PROTO_SERVICES", "ROLES", "UNAUDITED", "AccessTable",
-    "Principal", "allowed", "method_path", "host_of", "is_loopback", "MAX_AUDIT_KEYS",
-    "audit_logger", "object_keys", "short_key", "describe", "main", "ClientSecurity",
-    "client_security", "AuthInterceptor", "peer_identities", "LOCAL_RENEW_DAYS", "LOCAL_USER_ROLE",
-    "Local", "ensure_local", "local", "issue_cert", "make_ca", "new_token", "token_digest",
-    "write_private", "ServerSecurity", "server_access", "server_security", "server_transport",
+    "caller",
+    "caller_name",
+    "ADMIN_ONLY",
+    "OPEN_METHODS",
+    "PROTO_SERVICES",
+    "ROLES",
+    "UNAUDITED",
+    "AccessTable",
+    "Principal",
+    "allowed",
+    "method_path",
+    "host_of",
+    "is_loopback",
+    "MAX_AUDIT_KEYS",
+    "audit_logger",
+    "object_keys",
+    "short_key",
+    "describe",
+    "main",
+    "ClientSecurity",
+    "client_security",
+    "AuthInterceptor",
+    "peer_identities",
+    "LOCAL_RENEW_DAYS",
+    "LOCAL_USER_ROLE",
+    "Local",
+    "ensure_local",
+    "local",
+    "issue_cert",
+    "make_ca",
+    "new_token",
+    "token_digest",
+    "write_private",
+    "ServerSecurity",
+    "server_access",
+    "server_security",
+    "server_transport",
 ]

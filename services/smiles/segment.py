@@ -78,6 +78,7 @@ paper's formulas, are:
 7. After an offset the cursor moves to the offset's end, so the next seed
    starts a new smile with a new IR.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -87,8 +88,14 @@ import pandas as pd
 from scipy.ndimage import median_filter
 from scipy.signal import savgol_filter
 
-from dyadlab.frames import (INNER_LEFT_NOSTRIL, LEFT_LIP_CORNER, MIN_CONFIDENCE,
-                            RIGHT_LIP_CORNER, TableError, median_interval)
+from dyadlab.frames import (
+    INNER_LEFT_NOSTRIL,
+    LEFT_LIP_CORNER,
+    MIN_CONFIDENCE,
+    RIGHT_LIP_CORNER,
+    TableError,
+    median_interval,
+)
 
 #: Tolerance for time comparisons (s), so 1.0 s written as 30 frames at
 #: 30 fps counts as "within one second" despite float rounding.
@@ -98,15 +105,16 @@ TIME_EPS = 1e-9
 @dataclass(frozen=True)
 class SmileParams:
     """Every constant of the method, defaults from the paper or this module."""
-    au12_threshold: float = 1.5        # AU12_r counted as an activation
-    min_activations: int = 2           # activations needed ...
-    activation_window_s: float = 1.0   # ... within this time; also the active period's max gap
+
+    au12_threshold: float = 1.5  # AU12_r counted as an activation
+    min_activations: int = 2  # activations needed ...
+    activation_window_s: float = 1.0  # ... within this time; also the active period's max gap
     min_confidence: float = MIN_CONFIDENCE
-    smooth_window_s: float = 0.25      # Savitzky-Golay window; <= 0 disables smoothing
+    smooth_window_s: float = 0.25  # Savitzky-Golay window; <= 0 disables smoothing
     smooth_polyorder: int = 2
-    ir_frames: int = 3                 # frames averaged for the initial radius IR
-    release_level: float = 0.75        # AU12 back below this between activations: the smile ended
-    max_gap_factor: float = 1.5        # time step > this x median interval breaks a segment
+    ir_frames: int = 3  # frames averaged for the initial radius IR
+    release_level: float = 0.75  # AU12 back below this between activations: the smile ended
+    max_gap_factor: float = 1.5  # time step > this x median interval breaks a segment
 
 
 @dataclass
@@ -118,6 +126,7 @@ class Smile:
     window frame when ``complete`` is False (then the offset fields are
     None / NaN).  The arrays cover the whole smile window (see module doc).
     """
+
     start_frame: int
     onset_end_frame: int
     offset_start_frame: int | None
@@ -126,18 +135,18 @@ class Smile:
     onset_end_s: float
     offset_start_s: float
     end_s: float
-    ir: float                    # initial radius IR, pixels
+    ir: float  # initial radius IR, pixels
     complete: bool
-    start_cut: bool              # window start hit the segment start without a valley
-    onset: tuple[int, int]       # window positions, inclusive
+    start_cut: bool  # window start hit the segment start without a valley
+    onset: tuple[int, int]  # window positions, inclusive
     offset: tuple[int, int] | None
-    rows: np.ndarray             # positions (iloc) of the window rows in the input table
+    rows: np.ndarray  # positions (iloc) of the window rows in the input table
     frames: np.ndarray
     t: np.ndarray
     au12: np.ndarray
-    r_raw: np.ndarray            # |RT| / IR, unsmoothed
-    r: np.ndarray                # smoothed, used for phases and features
-    r_left_raw: np.ndarray       # |L| / IR
+    r_raw: np.ndarray  # |RT| / IR, unsmoothed
+    r: np.ndarray  # smoothed, used for phases and features
+    r_left_raw: np.ndarray  # |L| / IR
     r_left: np.ndarray
 
     @property
@@ -153,9 +162,9 @@ def segment_smiles(df: pd.DataFrame, params: SmileParams = SmileParams()) -> lis
     df = df.iloc[order]
     t = df["timestamp"].to_numpy(float)
     au12 = df["AU12_r"].to_numpy(float)
-    rt = _dist(df, RIGHT_LIP_CORNER, INNER_LEFT_NOSTRIL)       # |RT|
-    lt = _dist(df, LEFT_LIP_CORNER, INNER_LEFT_NOSTRIL)        # |L|
-    width = _dist(df, RIGHT_LIP_CORNER, LEFT_LIP_CORNER)       # |RT - L|
+    rt = _dist(df, RIGHT_LIP_CORNER, INNER_LEFT_NOSTRIL)  # |RT|
+    lt = _dist(df, LEFT_LIP_CORNER, INNER_LEFT_NOSTRIL)  # |L|
+    width = _dist(df, RIGHT_LIP_CORNER, LEFT_LIP_CORNER)  # |RT - L|
     ok = high_confidence(df, params) & np.isfinite(au12 + rt + lt + width)
     dt = median_interval(t)
     cols = _Cols(order, df["frame"].to_numpy(), t, au12, rt, lt, width)
@@ -168,24 +177,25 @@ def segment_smiles(df: pd.DataFrame, params: SmileParams = SmileParams()) -> lis
 @dataclass
 class _Cols:
     """The sorted table's columns as arrays."""
-    rows: np.ndarray    # positions in the caller's table
+
+    rows: np.ndarray  # positions in the caller's table
     frame: np.ndarray
     t: np.ndarray
     au12: np.ndarray
-    rt: np.ndarray      # |RT| = |P48 - N|
-    lt: np.ndarray      # |L| = |P54 - N|
-    width: np.ndarray   # |RT - L| = |P48 - P54|
+    rt: np.ndarray  # |RT| = |P48 - N|
+    lt: np.ndarray  # |L| = |P54 - N|
+    width: np.ndarray  # |RT - L| = |P48 - P54|
 
 
 def _segment(c: _Cols, lo: int, hi: int, dt: float, p: SmileParams) -> list[Smile]:
     """Smiles of one segment (rows lo..hi inclusive), steps 2-7."""
-    rt_s = smooth(c.rt[lo:hi + 1], dt, p)
-    lt_s = smooth(c.lt[lo:hi + 1], dt, p)
+    rt_s = smooth(c.rt[lo : hi + 1], dt, p)
+    lt_s = smooth(c.lt[lo : hi + 1], dt, p)
     # Valleys are sought on median-filtered AU12: frame-to-frame noise would
     # otherwise end a window at the first jitter dip.
     au = np.full(len(c.au12), np.nan)
-    au[lo:hi + 1] = despike(c.au12[lo:hi + 1], dt, p)
-    active = lo + np.flatnonzero(c.au12[lo:hi + 1] >= p.au12_threshold)
+    au[lo : hi + 1] = despike(c.au12[lo : hi + 1], dt, p)
+    active = lo + np.flatnonzero(c.au12[lo : hi + 1] >= p.au12_threshold)
     ta = c.t[active]
     # seed: >= min_activations - 1 more active frames in (t, t + window]
     later = np.searchsorted(ta, ta + p.activation_window_s + TIME_EPS, side="right")
@@ -197,20 +207,24 @@ def _segment(c: _Cols, lo: int, hi: int, dt: float, p: SmileParams) -> list[Smil
         cand = np.flatnonzero(is_seed[k:])
         if not len(cand):
             return smiles
-        q = k + cand[0]                       # position of the seed in `active`
+        q = k + cand[0]  # position of the seed in `active`
         start = active[q]
         while start > cursor and au[start - 1] < au[start]:
             start -= 1
-        while (q + 1 < len(active) and ta[q + 1] - ta[q] <= p.activation_window_s + TIME_EPS
-               and np.nanmin(au[active[q]:active[q + 1] + 1]) >= p.release_level):
+        while (
+            q + 1 < len(active)
+            and ta[q + 1] - ta[q] <= p.activation_window_s + TIME_EPS
+            and np.nanmin(au[active[q] : active[q + 1] + 1]) >= p.release_level
+        ):
             q += 1
         end = active[q]
         while end < hi and au[end + 1] < au[end]:
             end += 1
         cut = end == hi and au[end] > 0
         start_cut = start == lo and cursor == lo and au[start] > 0
-        smile = _phases(c, start, end, cut, start_cut, rt_s[start - lo:end - lo + 1],
-                        lt_s[start - lo:end - lo + 1], p)
+        smile = _phases(
+            c, start, end, cut, start_cut, rt_s[start - lo : end - lo + 1], lt_s[start - lo : end - lo + 1], p
+        )
         if smile is None:
             cursor = end
         else:
@@ -219,10 +233,11 @@ def _segment(c: _Cols, lo: int, hi: int, dt: float, p: SmileParams) -> list[Smil
         first_seed = cursor + 1
 
 
-def _phases(c: _Cols, a: int, b: int, cut: bool, start_cut: bool,
-            rt_s: np.ndarray, lt_s: np.ndarray, p: SmileParams) -> Smile | None:
+def _phases(
+    c: _Cols, a: int, b: int, cut: bool, start_cut: bool, rt_s: np.ndarray, lt_s: np.ndarray, p: SmileParams
+) -> Smile | None:
     """Radius traces and onset/apex/offset for the window rows a..b (steps 4, 6)."""
-    ir = float(np.mean(c.width[a:min(a + p.ir_frames, b + 1)])) / 2
+    ir = float(np.mean(c.width[a : min(a + p.ir_frames, b + 1)])) / 2
     if not ir > 0:
         return None
     r = rt_s / ir
@@ -230,25 +245,107 @@ def _phases(c: _Cols, a: int, b: int, cut: bool, start_cut: bool,
     if onset is None:
         return None
     offset = None if cut else longest_run(r, -1, first=onset[1])
+    return _smile(c, a, b, onset, offset, ir, r, lt_s, start_cut)
+
+
+def _smile(
+    c: _Cols,
+    a: int,
+    b: int,
+    onset: tuple[int, int],
+    offset: tuple[int, int] | None,
+    ir: float,
+    r: np.ndarray,
+    lt_s: np.ndarray,
+    start_cut: bool,
+) -> Smile:
+    """The Smile of window rows a..b with its phases (window positions)."""
     w = slice(a, b + 1)
     frames, t = c.frame[w], c.t[w]
     end = offset[1] if offset is not None else b - a
     return Smile(
-        start_frame=int(frames[onset[0]]), onset_end_frame=int(frames[onset[1]]),
+        start_frame=int(frames[onset[0]]),
+        onset_end_frame=int(frames[onset[1]]),
         offset_start_frame=int(frames[offset[0]]) if offset is not None else None,
         end_frame=int(frames[end]),
-        start_s=float(t[onset[0]]), onset_end_s=float(t[onset[1]]),
+        start_s=float(t[onset[0]]),
+        onset_end_s=float(t[onset[1]]),
         offset_start_s=float(t[offset[0]]) if offset is not None else float("nan"),
-        end_s=float(t[end]), ir=ir, complete=offset is not None, start_cut=start_cut,
-        onset=onset, offset=offset, rows=c.rows[w], frames=frames, t=t,
-        au12=c.au12[w], r_raw=c.rt[w] / ir, r=r, r_left_raw=c.lt[w] / ir,
-        r_left=lt_s / ir)
+        end_s=float(t[end]),
+        ir=ir,
+        complete=offset is not None,
+        start_cut=start_cut,
+        onset=onset,
+        offset=offset,
+        rows=c.rows[w],
+        frames=frames,
+        t=t,
+        au12=c.au12[w],
+        r_raw=c.rt[w] / ir,
+        r=r,
+        r_left_raw=c.lt[w] / ir,
+        r_left=lt_s / ir,
+    )
+
+
+def smile_in_window(
+    df: pd.DataFrame, start_s: float, end_s: float, params: SmileParams = SmileParams()
+) -> Smile:
+    """The smile a reviewer put at [start_s, end_s] (services/smiles/review.py),
+    measured as an automatic one: the window is the high-confidence frames in
+    it (of the longest segment it overlaps; module doc, 1), r is smoothed over
+    that whole segment (5), IR is taken where an automatic window would start,
+    at the AU12 valley before the reviewer's start (3, 4), and inside
+    the window the onset runs from its first frame to the end of the longest
+    increasing run of r, the offset from the start of the longest decreasing run
+    after it to the window's last frame (6). No decreasing run: ``complete`` is
+    False. Raises ValueError when fewer than three frames can be measured."""
+    _check(df)
+    order = np.argsort(df["timestamp"].to_numpy(float), kind="stable")
+    df = df.iloc[order]
+    t = df["timestamp"].to_numpy(float)
+    rt = _dist(df, RIGHT_LIP_CORNER, INNER_LEFT_NOSTRIL)
+    lt = _dist(df, LEFT_LIP_CORNER, INNER_LEFT_NOSTRIL)
+    width = _dist(df, RIGHT_LIP_CORNER, LEFT_LIP_CORNER)
+    au12 = df["AU12_r"].to_numpy(float)
+    ok = high_confidence(df, params) & np.isfinite(au12 + rt + lt + width)
+    dt = median_interval(t)
+    inside = (t >= start_s - TIME_EPS) & (t <= end_s + TIME_EPS)
+    best = None
+    for lo, hi in segments(t, ok, params.max_gap_factor * dt):
+        rows = np.flatnonzero(inside[lo : hi + 1]) + lo
+        if len(rows) and (best is None or len(rows) > best[2] - best[1] + 1):
+            best = (lo, int(rows[0]), int(rows[-1]), hi)
+    if best is None or best[2] - best[1] < 2:
+        raise ValueError(
+            f"fewer than 3 measurable frames (confidence >= {params.min_confidence}) "
+            f"in {start_s:.3f}-{end_s:.3f} s"
+        )
+    lo, a, b, hi = best
+    c = _Cols(order, df["frame"].to_numpy(), t, au12, rt, lt, width)
+    rt_s = smooth(rt[lo : hi + 1], dt, params)[a - lo : b - lo + 1]
+    lt_s = smooth(lt[lo : hi + 1], dt, params)[a - lo : b - lo + 1]
+    # IR where an automatic window would start: the AU12 valley before the
+    # reviewer's start (step 3's start scan, on despiked AU12, within the segment)
+    au_d = despike(au12[lo : hi + 1], dt, params)
+    k = a
+    while k > lo and au_d[k - 1 - lo] < au_d[k - lo]:
+        k -= 1
+    ir = float(np.mean(width[k : min(k + params.ir_frames, b + 1)])) / 2
+    if not ir > 0:
+        raise ValueError(f"the lip corners coincide at {t[k]:.3f} s: no radius")
+    r = rt_s / ir
+    rise = longest_run(r, +1)
+    i1 = rise[1] if rise is not None else max(1, int(np.argmax(r)))
+    fall = longest_run(r, -1, first=i1)
+    last = b - a
+    offset = (fall[0], last) if fall is not None and fall[0] < last else None
+    return _smile(c, a, b, (0, i1), offset, ir, r, lt_s, False)
 
 
 def high_confidence(df: pd.DataFrame, params: SmileParams = SmileParams()) -> np.ndarray:
     """Boolean mask: ``confidence >= min_confidence`` and ``success == 1``."""
-    return ((df["confidence"].to_numpy(float) >= params.min_confidence)
-            & (df["success"].to_numpy(float) == 1))
+    return (df["confidence"].to_numpy(float) >= params.min_confidence) & (df["success"].to_numpy(float) == 1)
 
 
 def segments(t: np.ndarray, ok: np.ndarray, max_gap_s: float) -> list[tuple[int, int]]:
@@ -257,8 +354,7 @@ def segments(t: np.ndarray, ok: np.ndarray, max_gap_s: float) -> list[tuple[int,
     out: list[tuple[int, int]] = []
     lo = None
     for i in range(len(t)):
-        joins = (lo is not None and ok[i]
-                 and 0 < t[i] - t[i - 1] <= max_gap_s + TIME_EPS)
+        joins = lo is not None and ok[i] and 0 < t[i] - t[i - 1] <= max_gap_s + TIME_EPS
         if lo is not None and not joins:
             out.append((lo, i - 1))
             lo = None
@@ -317,10 +413,14 @@ def _check(df: pd.DataFrame) -> None:
     if missing:
         raise TableError("smile segmentation needs columns: " + ", ".join(missing))
     if "face_id" in df.columns and df["face_id"].nunique() > 1:
-        raise TableError("smile segmentation takes one face; select it first "
-                         f"(table has face_ids {sorted(df['face_id'].unique())})")
+        raise TableError(
+            "smile segmentation takes one face; select it first "
+            f"(table has face_ids {sorted(df['face_id'].unique())})"
+        )
 
 
 def _dist(df: pd.DataFrame, i: int, j: int) -> np.ndarray:
-    return np.hypot(df[f"x_{i}"].to_numpy(float) - df[f"x_{j}"].to_numpy(float),
-                    df[f"y_{i}"].to_numpy(float) - df[f"y_{j}"].to_numpy(float))
+    return np.hypot(
+        df[f"x_{i}"].to_numpy(float) - df[f"x_{j}"].to_numpy(float),
+        df[f"y_{i}"].to_numpy(float) - df[f"y_{j}"].to_numpy(float),
+    )

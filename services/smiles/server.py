@@ -1,5 +1,6 @@
 """The smiles service: a frame table (or a video, via the extractor) in the
 store -> one face's smiles as CSV, plus a Fig.-1-style PNG, in the store."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,14 +14,13 @@ import grpc
 import pandas as pd
 import prometheus_client as prom
 
-from dyadlab import client, rpc, storage, tables
+from dyadlab import client, rpc, security, storage, tables
 from dyadlab import frames as ft
 from dyadlab import log as jsonlog
 from dyadlab.config import Settings
 from dyadlab.messages import ROLE_NAME, object_ref
-from dyadlab.v1 import (common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2,
-                        smiles_pb2_grpc)
-from services.smiles import dyad, dyad_page, features, plot, segment
+from dyadlab.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc, smiles_pb2, smiles_pb2_grpc
+from services.smiles import dyad, dyad_page, features, plot, review, segment
 
 log = logging.getLogger("dyadlab.smiles")
 
@@ -36,7 +36,8 @@ def params_from(msg: smiles_pb2.SmileParams) -> segment.SmileParams:
         min_activations=msg.min_activations or d.min_activations,
         activation_window_s=msg.activation_window_s or d.activation_window_s,
         min_confidence=msg.min_confidence or d.min_confidence,
-        smooth_window_s=msg.smooth_window_s or d.smooth_window_s)
+        smooth_window_s=msg.smooth_window_s or d.smooth_window_s,
+    )
     problems = []
     if not 0 < p.au12_threshold <= 5:
         problems.append("au12_threshold must be in (0, 5]")
@@ -53,9 +54,7 @@ def params_from(msg: smiles_pb2.SmileParams) -> segment.SmileParams:
     return p
 
 
-#: Infants' faces (three-quarter views, small, fast) reach the paper's 0.8 far
-#: less often with dlib's frontal detector: their default bar is lower.
-INFANT_MIN_CONFIDENCE = 0.5
+INFANT_MIN_CONFIDENCE = ft.INFANT_MIN_CONFIDENCE
 
 
 def dyad_params(msg: smiles_pb2.DyadParams) -> tuple[segment.SmileParams, segment.SmileParams, dict]:
@@ -63,14 +62,24 @@ def dyad_params(msg: smiles_pb2.DyadParams) -> tuple[segment.SmileParams, segmen
     ip = params_from(msg.infant)
     if not msg.infant.min_confidence:
         ip = dataclasses.replace(ip, min_confidence=INFANT_MIN_CONFIDENCE)
-    m = {"contingency_window_s": msg.contingency_window_s or 2.0,
-         "sync_window_s": msg.sync_window_s or 4.0, "max_lag_s": msg.max_lag_s or 3.0,
-         "shifts": msg.shifts or 1000, "seed": msg.seed}
-    if not (0 < m["contingency_window_s"] <= 30 and 0.5 <= m["sync_window_s"] <= 120
-            and 0 < m["max_lag_s"] <= 30 and 99 <= m["shifts"] <= 100_000):
-        raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT,
-                            "dyad params: contingency window (0, 30] s, synchrony window [0.5, 120] s, "
-                            "max lag (0, 30] s, shifts 99..100000")
+    m = {
+        "contingency_window_s": msg.contingency_window_s or 2.0,
+        "sync_window_s": msg.sync_window_s or 4.0,
+        "max_lag_s": msg.max_lag_s or 3.0,
+        "shifts": msg.shifts or 1000,
+        "seed": msg.seed,
+    }
+    if not (
+        0 < m["contingency_window_s"] <= 30
+        and 0.5 <= m["sync_window_s"] <= 120
+        and 0 < m["max_lag_s"] <= 30
+        and 99 <= m["shifts"] <= 100_000
+    ):
+        raise rpc.UserError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "dyad params: contingency window (0, 30] s, synchrony window [0.5, 120] s, "
+            "max lag (0, 30] s, shifts 99..100000",
+        )
     return pp, ip, m
 
 
@@ -93,7 +102,6 @@ def face_selector(msg: common_pb2.FaceSelector) -> str | int | None:
             raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown role value {msg.role}")
         return ROLE_NAME.get(msg.role)
     return None
-
 
 
 class SmilesService:
@@ -128,62 +136,99 @@ class SmilesService:
         missing = [c for c in ("start_s", "end_s") if c not in df.columns]
         if missing:
             raise ft.TableError("speech table is missing columns: " + ", ".join(missing))
-        bad = ~(pd.to_numeric(df["start_s"], errors="coerce")
-                <= pd.to_numeric(df["end_s"], errors="coerce"))
+        bad = ~(pd.to_numeric(df["start_s"], errors="coerce") <= pd.to_numeric(df["end_s"], errors="coerce"))
         if bad.any():
-            raise ft.TableError(f"speech table row {int(bad.to_numpy().argmax()) + 1}: "
-                                "start_s must be a number <= end_s")
+            raise ft.TableError(
+                f"speech table row {int(bad.to_numpy().argmax()) + 1}: start_s must be a number <= end_s"
+            )
         return df
 
-    def analyze_dyad(self, people: list[pd.DataFrame], parent_id, infant_id, offset_s: float,
-                     pp: segment.SmileParams, ip: segment.SmileParams, measures: dict,
-                     rest: dict, notes: list[str], report: rpc.Report) -> smiles_pb2.DyadResult:
+    def analyze_dyad(
+        self,
+        people: list[pd.DataFrame],
+        parent_id,
+        infant_id,
+        offset_s: float,
+        pp: segment.SmileParams,
+        ip: segment.SmileParams,
+        measures: dict,
+        rest: dict,
+        notes: list[str],
+        report: rpc.Report,
+    ) -> smiles_pb2.DyadResult:
         """Both people's frames -> the dyad's measures, tables, figures and page in the store."""
         report("dyad", 0, 2, "aligning")
         if len(people) == 1:
             both = people[0]
             parent_df, infant_df = dyad.split_faces(
-                both, "adult" if parent_id is None else parent_id,
-                "infant" if infant_id is None else infant_id)
+                both,
+                "adult" if parent_id is None else parent_id,
+                "infant" if infant_id is None else infant_id,
+            )
         else:
             parent_df = people[0][people[0]["face_id"] == ft.select_face(people[0], parent_id)]
             infant_df = people[1][people[1]["face_id"] == ft.select_face(people[1], infant_id)]
         try:
             result = dyad.analyse_dyad(
-                parent_df, infant_df, offset_s, parent_min_confidence=pp.min_confidence,
-                infant_min_confidence=ip.min_confidence, parent_smile_params=pp,
-                infant_smile_params=ip, parent_threshold=pp.au12_threshold,
-                infant_threshold=ip.au12_threshold, **measures)
+                parent_df,
+                infant_df,
+                offset_s,
+                parent_min_confidence=pp.min_confidence,
+                infant_min_confidence=ip.min_confidence,
+                parent_smile_params=pp,
+                infant_smile_params=ip,
+                parent_threshold=pp.au12_threshold,
+                infant_threshold=ip.au12_threshold,
+                **measures,
+            )
         except dyad.DyadError as e:
             raise rpc.UserError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
         report("dyad", 1, 2, "figures")
         fid_p, fid_i = int(parent_df["face_id"].iloc[0]), int(infant_df["face_id"].iloc[0])
         used = {
-            "parent face_id": fid_p, "infant face_id": fid_i, "infant offset (s)": offset_s,
-            "parent AU12 threshold": pp.au12_threshold, "infant AU12 threshold": ip.au12_threshold,
+            "parent face_id": fid_p,
+            "infant face_id": fid_i,
+            "infant offset (s)": offset_s,
+            "parent AU12 threshold": pp.au12_threshold,
+            "infant AU12 threshold": ip.au12_threshold,
             "parent minimum confidence": pp.min_confidence,
             "infant minimum confidence": ip.min_confidence,
             "parent AU12 resting mouth width (IOD)": _rest(rest, "parent", fid_p),
-            "infant AU12 resting mouth width (IOD)": _rest(rest, "infant" if len(people) > 1
-                                                          else "parent", fid_i),
+            "infant AU12 resting mouth width (IOD)": _rest(
+                rest, "infant" if len(people) > 1 else "parent", fid_i
+            ),
             "parent AU12 calibration": _calibration(rest, "parent", fid_p),
-            "infant AU12 calibration": _calibration(rest, "infant" if len(people) > 1
-                                                    else "parent", fid_i),
-            **{k.replace("_", " "): v for k, v in measures.items()}}
+            "infant AU12 calibration": _calibration(rest, "infant" if len(people) > 1 else "parent", fid_i),
+            **{k.replace("_", " "): v for k, v in measures.items()},
+        }
         tag = hashlib.sha256(repr((result["summary"], used)).encode()).hexdigest()[:24]
         refs = []
         with tempfile.TemporaryDirectory(prefix="dyadlab-") as d:
             for name, path in dyad_page.write(Path(d), result, used, notes).items():
-                refs.append(common_pb2.NamedRef(name=name, ref=object_ref(
-                    self.store.put_file(f"dyads/{tag}/{name}", path))))
+                refs.append(
+                    common_pb2.NamedRef(
+                        name=name, ref=object_ref(self.store.put_file(f"dyads/{tag}/{name}", path))
+                    )
+                )
         report("dyad", 2, 2, "")
         log.info("dyad analysed", extra={"joint_frames": int(result["summary"]["n_joint_frames"])})
-        return smiles_pb2.DyadResult(files=refs, notes=notes,
-                                     joint_frames=int(result["summary"]["n_joint_frames"]))
+        return smiles_pb2.DyadResult(
+            files=refs, notes=notes, joint_frames=int(result["summary"]["n_joint_frames"])
+        )
 
-    def analyze(self, frames: pd.DataFrame, frames_digest: str, speech: pd.DataFrame | None,
-                face, keep_speech: bool, params: segment.SmileParams, want_plot: bool,
-                notes: list[str], report: rpc.Report) -> smiles_pb2.AnalyzeResult:
+    def analyze(
+        self,
+        frames: pd.DataFrame,
+        frames_digest: str,
+        speech: pd.DataFrame | None,
+        face,
+        keep_speech: bool,
+        params: segment.SmileParams,
+        want_plot: bool,
+        notes: list[str],
+        report: rpc.Report,
+        reviewed: bool = False,
+    ) -> smiles_pb2.AnalyzeResult:
         report("smiles", 0, 1, "")
         res = smiles_pb2.AnalyzeResult(speech_checked=speech is not None)
         if not (frames["success"] > 0).any():
@@ -197,6 +242,14 @@ class SmilesService:
         smiles = segment.segment_smiles(one, params)
         segs = [] if speech is None else list(zip(speech["start_s"], speech["end_s"]))
         table = features.smile_table(one, smiles, segs, face_id=fid)
+        if reviewed:
+            got = review.load(self.store, review.prefix(frames_digest, fid))
+            if got is None:
+                notes.append("no human review of this face yet: the automatic smiles")
+            else:
+                record, table = got
+                res.review_version = record["version"]
+                notes.append(f"smiles of the human review v{record['version']} ({record['saved_at']})")
         found = len(table)
         if speech is None:
             notes.append("no speech table: smiles overlapping speech were not removed")
@@ -205,25 +258,136 @@ class SmilesService:
         dropped = found - len(table)
         SMILES.labels("yes").inc(len(table))
         SMILES.labels("no").inc(dropped)
-        tag = hashlib.sha256(repr((frames_digest, fid, params, keep_speech,
-                                   segs, VERSION)).encode()).hexdigest()[:24]
-        res.smiles.CopyFrom(object_ref(self.store.put_bytes(
-            f"smiles/{tag}/smiles.csv", tables.to_bytes(table, "csv"), content_type="text/csv")))
+        tag = hashlib.sha256(
+            repr((frames_digest, fid, params, keep_speech, segs, VERSION, res.review_version)).encode()
+        ).hexdigest()[:24]
+        res.smiles.CopyFrom(
+            object_ref(
+                self.store.put_bytes(
+                    f"smiles/{tag}/smiles.csv", tables.to_bytes(table, "csv"), content_type="text/csv"
+                )
+            )
+        )
         if want_plot:
             report("plot", 0, 1, "")
             with tempfile.TemporaryDirectory(prefix="dyadlab-") as d:
-                png = plot.smile_figure(one, smiles, segs, Path(d) / "smiles.png",
-                                        title=f"face {fid}" + (f" ({one[ft.ROLE_COL].iloc[0]})"
-                                                               if ft.ROLE_COL in one and one[ft.ROLE_COL].iloc[0] else ""),
-                                        params=params)
-                res.plot.CopyFrom(object_ref(self.store.put_file(f"smiles/{tag}/smiles.png", png,
-                                                           content_type="image/png")))
+                png = plot.smile_figure(
+                    one,
+                    smiles,
+                    segs,
+                    Path(d) / "smiles.png",
+                    title=f"face {fid}"
+                    + (
+                        f" ({one[ft.ROLE_COL].iloc[0]})"
+                        if ft.ROLE_COL in one and one[ft.ROLE_COL].iloc[0]
+                        else ""
+                    ),
+                    params=params,
+                )
+                res.plot.CopyFrom(
+                    object_ref(self.store.put_file(f"smiles/{tag}/smiles.png", png, content_type="image/png"))
+                )
         res.face_id, res.smiles_found, res.smiles_dropped_speech = fid, found, dropped
         res.notes.extend(notes)
-        log.info("analysed", extra={"frames": jsonlog.short(frames_digest), "face_id": fid,
-                                    "smiles": found, "dropped_speech": dropped})
+        log.info(
+            "analysed",
+            extra={
+                "frames": jsonlog.short(frames_digest),
+                "face_id": fid,
+                "smiles": found,
+                "dropped_speech": dropped,
+            },
+        )
         return res
 
+    # -- human review (services/smiles/review.py) -----------------------------------------
+    def _face_frames(self, frames_ref, face) -> tuple[pd.DataFrame, int, str]:
+        frames, data, _ = self.load_table(frames_ref, "frames")
+        fid = ft.select_face(frames, face)
+        one = frames[frames["face_id"] == fid]
+        ft.validate(one, need_aus=("AU12_r",))
+        return one, fid, hashlib.sha256(data).hexdigest()
+
+    def save_review(self, request: smiles_pb2.ReviewRequest, reviewer: str) -> smiles_pb2.ReviewResult:
+        """A reviewer's corrections -> the next review version in the store."""
+        one, fid, digest = self._face_frames(request.frames, face_selector(request.face))
+        params = params_from(request.params)
+        segs: list[tuple[float, float]] = []
+        if request.speech.key:
+            sp = self.load_speech(request.speech)
+            segs = list(zip(sp["start_s"], sp["end_s"]))
+        corrections = [
+            review.Correction(
+                s.smile_id if s.HasField("smile_id") else None, s.start_s, s.end_s, s.status or "auto"
+            )
+            for s in request.smiles
+        ]
+        try:
+            pfx = review.prefix(digest, fid)
+            auto = features.smile_table(one, segment.segment_smiles(one, params), segs, face_id=fid)
+            used = set(auto["smile_id"])
+            for v in review.versions(self.store, pfx):
+                got = review.load(self.store, pfx, v)
+                if got is not None:
+                    used |= set(got[1]["smile_id"])
+            table = review.reviewed_table(
+                one, corrections, segs, fid, params, first_new_id=max(used, default=0) + 1
+            )
+            record = review.save(
+                self.store,
+                pfx,
+                table,
+                base_version=request.base_version,
+                reviewer=reviewer,
+                corrections=corrections,
+                source={
+                    "frames": request.frames.key,
+                    "frames_sha256": digest,
+                    "face_id": fid,
+                    "automatic_smiles": len(auto),
+                    "speech": request.speech.key,
+                },
+            )
+        except review.ReviewError as e:
+            raise rpc.UserError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except review.Conflict as e:
+            raise rpc.UserError(grpc.StatusCode.ABORTED, str(e)) from None
+        log.info(
+            "review saved",
+            extra={
+                "frames": jsonlog.short(digest),
+                "face_id": fid,
+                "version": record["version"],
+                "smiles": len(table),
+            },
+        )
+        res = self._review_result(pfx, record, fid)
+        res.notes.extend(review.unmeasured_notes(table))
+        return res
+
+    def get_review(self, request: smiles_pb2.GetReviewRequest) -> smiles_pb2.ReviewResult:
+        _, fid, digest = self._face_frames(request.frames, face_selector(request.face))
+        pfx = review.prefix(digest, fid)
+        try:
+            got = review.load(self.store, pfx, request.version)
+        except review.ReviewError as e:
+            raise rpc.UserError(grpc.StatusCode.NOT_FOUND, str(e)) from None
+        if got is None:
+            raise rpc.UserError(
+                grpc.StatusCode.NOT_FOUND, f"face {fid} of this frame table has no review yet"
+            )
+        return self._review_result(pfx, got[0], fid)
+
+    def _review_result(self, pfx: str, record: dict, fid: int) -> smiles_pb2.ReviewResult:
+        rec_key = f"{pfx}/v{record['version']:04d}/record.json"
+        return smiles_pb2.ReviewResult(
+            smiles=object_ref(self.store.ref(record["smiles"])),
+            record=object_ref(self.store.ref(rec_key)),
+            version=record["version"],
+            reviewer=record["reviewer"],
+            saved_at=record["saved_at"],
+            face_id=fid,
+        )
 
 
 class _Servicer(smiles_pb2_grpc.SmilesServicer):
@@ -235,8 +399,10 @@ class _Servicer(smiles_pb2_grpc.SmilesServicer):
         (its progress, stages prefixed "<label>/", then the ExtractResult). The
         caller's deadline carries over."""
         stub = extractor_pb2_grpc.ExtractorStub(self.svc.channel)
-        call = stub.Extract(extractor_pb2.ExtractRequest(video=video, options=options),
-                            timeout=rpc.downstream_timeout(context, self.svc.settings.rpc_timeout_s))
+        call = stub.Extract(
+            extractor_pb2.ExtractRequest(video=video, options=options),
+            timeout=rpc.downstream_timeout(context, self.svc.settings.rpc_timeout_s),
+        )
         return rpc.relay_progress(call, label, peer="extractor")
 
     @rpc.status_errors
@@ -268,8 +434,19 @@ class _Servicer(smiles_pb2_grpc.SmilesServicer):
             speech_df = await asyncio.to_thread(svc.load_speech, speech_ref)
         digest = hashlib.sha256(data).hexdigest()
         async for kind, value in rpc.progress_stream(
-                lambda report: svc.analyze(frames_df, digest, speech_df, face, request.keep_speech,
-                                           params, request.plot, notes, report)):
+            lambda report: svc.analyze(
+                frames_df,
+                digest,
+                speech_df,
+                face,
+                request.keep_speech,
+                params,
+                request.plot,
+                notes,
+                report,
+                request.reviewed,
+            )
+        ):
             if kind == "progress":
                 yield smiles_pb2.AnalyzeEvent(progress=rpc.progress(*value))
             else:
@@ -291,26 +468,34 @@ class _Servicer(smiles_pb2_grpc.SmilesServicer):
                 df, _, tnotes = await asyncio.to_thread(svc.load_table, ref, f"{label} frames")
                 notes += tnotes
             else:
-                async for kind, value in self._extract(context, ref, request.extract,
-                                                       f"extract {label}"):
+                async for kind, value in self._extract(context, ref, request.extract, f"extract {label}"):
                     if kind == "progress":
                         yield smiles_pb2.DyadEvent(progress=rpc.progress(*value))
                     else:
                         result = value
                 notes += [f"{label} video: {n}" for n in result.notes]
-                rest.update({(label, f.face_id): (f.au12_rest_width, f.au_calibration)
-                             for f in result.faces})
+                rest.update({(label, f.face_id): (f.au12_rest_width, f.au_calibration) for f in result.faces})
                 df, _, _ = await asyncio.to_thread(svc.load_table, result.frames, f"{label} frames")
             people.append(df)
         pid = src.parent_face_id if src.HasField("parent_face_id") else None
         iid = src.infant_face_id if src.HasField("infant_face_id") else None
         async for kind, value in rpc.progress_stream(
-                lambda report: svc.analyze_dyad(people, pid, iid, src.offset_s, pp, ip, measures,
-                                                rest, notes, report)):
+            lambda report: svc.analyze_dyad(
+                people, pid, iid, src.offset_s, pp, ip, measures, rest, notes, report
+            )
+        ):
             if kind == "progress":
                 yield smiles_pb2.DyadEvent(progress=rpc.progress(*value))
             else:
                 yield smiles_pb2.DyadEvent(result=value)
+
+    @rpc.status_errors
+    async def SaveReview(self, request, context):
+        return await asyncio.to_thread(self.svc.save_review, request, security.caller_name())
+
+    @rpc.status_errors
+    async def GetReview(self, request, context):
+        return await asyncio.to_thread(self.svc.get_review, request)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Reviewing dyadlab output against human coding: agreement measures for methods sections."""
