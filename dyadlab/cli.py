@@ -27,7 +27,6 @@ import io
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 
@@ -57,22 +56,12 @@ from dyadlab.v1 import (
     synth_pb2_grpc,
 )
 
-if TYPE_CHECKING:  # imported where needed: start-up time is part of every command
-    pass
-
 TABLE_SUFFIXES = {".csv", ".parquet"}
+#: the smile table's columns the `smiles` command prints
 SHOW_COLUMNS = [
-    "smile_id",
-    "start_s",
-    "onset_end_s",
-    "offset_start_s",
-    "end_s",
-    "onset_amplitude",
-    "offset_amplitude",
-    "total_duration_s",
-    "max_onset_speed",
-    "max_offset_speed",
-    "overlaps_speech",
+    c
+    for c in tables.SMILE_COLUMNS
+    if c not in ("face_id", "onset_duration_s", "apex_duration_s", "offset_duration_s")
 ]
 
 

@@ -19,6 +19,27 @@ if TYPE_CHECKING:  # imported where used: the CLI's start-up need not pay ~0.4 s
 
 PARQUET_MAGIC = b"PAR1"
 
+#: A smile table's columns, in order: one row per smile with the features of
+#: "Behind the Smile" (Tables III/IV; services/smiles/features.py computes
+#: them and documents each). dyadlab's further columns follow these.
+SMILE_COLUMNS = (
+    "face_id",
+    "smile_id",
+    "start_s",
+    "onset_end_s",
+    "offset_start_s",
+    "end_s",
+    "onset_amplitude",
+    "offset_amplitude",
+    "onset_duration_s",
+    "apex_duration_s",
+    "offset_duration_s",
+    "total_duration_s",
+    "max_onset_speed",
+    "max_offset_speed",
+    "overlaps_speech",
+)
+
 
 def is_parquet(data: bytes) -> bool:
     return data[:4] == PARQUET_MAGIC

@@ -62,21 +62,11 @@ class PoseEstimator:
         """[Tx, Ty, Tz, Rx, Ry, Rz] for one face's (68, 2) landmarks."""
         img = np.ascontiguousarray(landmarks[POSE_POINTS], dtype=np.float64)
         guess = self._guess.get(key)
-        if guess is None:
+        if guess is None:  # a first estimate, refined below like a tracked face's
             ok, rvec, tvec = cv2.solvePnP(_MODEL, img, self.K, self.dist, flags=cv2.SOLVEPNP_EPNP)
-            if ok:
-                ok, rvec, tvec = cv2.solvePnP(
-                    _MODEL,
-                    img,
-                    self.K,
-                    self.dist,
-                    rvec,
-                    tvec,
-                    useExtrinsicGuess=True,
-                    flags=cv2.SOLVEPNP_ITERATIVE,
-                )
         else:
-            rvec, tvec = guess[0].copy(), guess[1].copy()
+            ok, rvec, tvec = True, guess[0].copy(), guess[1].copy()
+        if ok:
             ok, rvec, tvec = cv2.solvePnP(
                 _MODEL,
                 img,

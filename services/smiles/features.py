@@ -44,6 +44,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from dyadlab.tables import SMILE_COLUMNS
+
 from .segment import Smile
 
 #: Vocalisations must last longer than this (s) to count as speech.
@@ -51,23 +53,8 @@ MIN_SPEECH_S = 0.010
 #: Mean apex AU06_r at or above which a smile is called Duchenne.
 DUCHENNE_AU6 = 1.0
 
-COLUMNS = [
-    "face_id",
-    "smile_id",
-    "start_s",
-    "onset_end_s",
-    "offset_start_s",
-    "end_s",
-    "onset_amplitude",
-    "offset_amplitude",
-    "onset_duration_s",
-    "apex_duration_s",
-    "offset_duration_s",
-    "total_duration_s",
-    "max_onset_speed",
-    "max_offset_speed",
-    "overlaps_speech",
-]
+#: the paper's columns, in order (dyadlab.tables.SMILE_COLUMNS); dyadlab's extras follow
+COLUMNS = list(SMILE_COLUMNS)
 EXTRA_COLUMNS = [
     "complete",
     "mean_onset_speed",
