@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import logging
 import tempfile
+import threading
 from pathlib import Path
 
 import grpc
@@ -111,6 +112,8 @@ class SmilesService:
         self.settings = settings
         self.store = storage.open_store(settings)
         self.channel: grpc.aio.Channel | None = None
+        #: one review saved at a time: versions are numbered by what is in the store
+        self._review_lock = threading.Lock()
 
     def register(self, server: grpc.aio.Server) -> None:
         smiles_pb2_grpc.add_SmilesServicer_to_server(_Servicer(self), server)
@@ -322,6 +325,10 @@ class SmilesService:
             )
             for s in request.smiles
         ]
+        with self._review_lock:
+            return self._save_review(one, fid, digest, request, params, segs, corrections, reviewer)
+
+    def _save_review(self, one, fid, digest, request, params, segs, corrections, reviewer):
         try:
             pfx = review.prefix(digest, fid)
             auto = features.smile_table(one, segment.segment_smiles(one, params), segs, face_id=fid)
