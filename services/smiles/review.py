@@ -169,9 +169,12 @@ def save(
     reviewer: str,
     corrections: Sequence[Correction],
     source: dict,
+    max_smile_id: int,
 ) -> dict:
     """Write the next version (refused with Conflict when it is not
-    base_version + 1: someone saved in between). Returns the record."""
+    base_version + 1: someone saved in between). Returns the record, which
+    keeps `max_smile_id`: the highest smile id the face has ever used
+    (next_smile_id reads it instead of every earlier table)."""
     have = versions(store, pfx)
     latest = have[-1] if have else 0
     if base_version != latest:
@@ -191,11 +194,20 @@ def save(
         "smiles": csv_key,
         "source": source,
         "counts": table["review_status"].value_counts().to_dict(),
+        "max_smile_id": int(max(max_smile_id, table["smile_id"].max() if len(table) else 0)),
         "corrections": [dataclasses.asdict(c) for c in corrections],
     }
     store.put_bytes(csv_key, tables.to_bytes(table, "csv"), content_type="text/csv")
     store.put_bytes(rec_key, json.dumps(record, indent=1).encode(), content_type="application/json")
     return record
+
+
+def next_smile_id(store: storage.ObjectStore, pfx: str, automatic_ids: Iterable[int]) -> int:
+    """The id a smile added in the next review gets: past the automatic
+    smiles' ids and every id an earlier review used (the latest record says)."""
+    have = versions(store, pfx)
+    used = json.loads(store.get_bytes(_keys(pfx, have[-1])[0]))["max_smile_id"] if have else 0
+    return int(max([used, *automatic_ids])) + 1
 
 
 def load(store: storage.ObjectStore, pfx: str, version: int = 0) -> tuple[dict, pd.DataFrame] | None:

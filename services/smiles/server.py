@@ -332,14 +332,8 @@ class SmilesService:
         try:
             pfx = review.prefix(digest, fid)
             auto = features.smile_table(one, segment.segment_smiles(one, params), segs, face_id=fid)
-            used = set(auto["smile_id"])
-            for v in review.versions(self.store, pfx):
-                got = review.load(self.store, pfx, v)
-                if got is not None:
-                    used |= set(got[1]["smile_id"])
-            table = review.reviewed_table(
-                one, corrections, segs, fid, params, first_new_id=max(used, default=0) + 1
-            )
+            first_new = review.next_smile_id(self.store, pfx, auto["smile_id"])
+            table = review.reviewed_table(one, corrections, segs, fid, params, first_new_id=first_new)
             record = review.save(
                 self.store,
                 pfx,
@@ -347,6 +341,7 @@ class SmilesService:
                 base_version=request.base_version,
                 reviewer=reviewer,
                 corrections=corrections,
+                max_smile_id=first_new - 1,
                 source={
                     "frames": request.frames.key,
                     "frames_sha256": digest,
