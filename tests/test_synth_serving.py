@@ -3,7 +3,7 @@ object store, a real TorchServe over gRPC, and the stack's TorchServe.
 
 Models here are freshly initialised (seeded) nets in train.export's format
 (tests/synthmodel.py), except test_real_model_moves_judged_va_toward_target,
-which needs the trained models/synth/synth-64.pt and skips without it.
+which needs the trained models/synth/synth-128.pt and skips without it.
 """
 
 from __future__ import annotations
@@ -32,13 +32,22 @@ except ImportError:
 
 REPO = Path(__file__).resolve().parents[1]
 #: the trained model (DYADLAB_SYNTH_TEST_MODEL overrides, e.g. a model not yet committed)
-REAL_MODEL = Path(os.environ.get("DYADLAB_SYNTH_TEST_MODEL") or REPO / "models" / "synth" / "synth-64.pt")
-S = 64
+REAL_MODEL = Path(os.environ.get("DYADLAB_SYNTH_TEST_MODEL") or REPO / "models" / "synth" / "synth-128.pt")
+S = 128
 
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    return SM.make_model_file(tmp_path_factory.mktemp("synth-model") / "synth-64.pt", size=S, seed=3)
+    # the served configuration (luminance, attention mask), narrow for speed
+    return SM.make_model_file(
+        tmp_path_factory.mktemp("synth-model") / "synth-128.pt",
+        size=S,
+        seed=3,
+        channels=1,
+        attention=True,
+        d_repeat=6,
+        conv_dim=8,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +103,7 @@ def test_synthesizer_shapes_and_determinism(syn, model_file):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c, p, v: (c[:, :32, :32], p, v), "must be (B, 64, 64, 3)"),
+        (lambda c, p, v: (c[:, :32, :32], p, v), "must be (B, 128, 128, 3)"),
         (lambda c, p, v: (c.astype(np.float32), p, v), "must be uint8"),
         (lambda c, p, v: (c, p, v + 1.5), "must be in [-1, 1]"),
         (lambda c, p, v: (c, p, np.full_like(v, np.nan)), "NaN"),
@@ -157,14 +166,14 @@ def test_handler_batches_and_isolates_bad_requests(tmp_path, model_file, syn):
     out = [json.loads(b) for b in h.handle(batch, ctx)]
     assert out[1] == {"error": "valence must be in [-1, 1], got 1.5", "code": 400}
     assert ctx.statuses == {1: (400, "valence must be in [-1, 1], got 1.5")}
-    assert out[0]["batch"] == 4 and set(out[0]) == {
-        "batch",
-        "image_png_b64",
-        "landmarks",
-        "judged_input",
-        "judged_output",
-    }
-    assert set(out[3]) == {"batch", "image_png_b64", "landmarks"}
+    parts = {"image_png_b64", "landmarks", "colour_png_b64", "attention_png_b64"}
+    assert out[0]["batch"] == 4 and set(out[0]) == {"batch", "judged_input", "judged_output"} | parts
+    assert set(out[3]) == {"batch"} | parts
+    # colour C (luminance model: grey) and attention A (grey, 255 = input kept), the crop's size
+    g = syn.generate(crops[2:3], pts[2:3], np.array([va[2]], np.float32))
+    for key, want in (("colour_png_b64", g.colour[0]), ("attention_png_b64", g.attention[0] * 255)):
+        got = cv2.imdecode(np.frombuffer(base64.b64decode(out[3][key]), np.uint8), cv2.IMREAD_UNCHANGED)
+        assert got.shape == (S, S) and np.abs(got.astype(float) - want).max() <= 0.51
     # the same answer as the Synthesizer on each request alone: nothing mixed up in the batch
     for i in (0, 3):
         k = 0 if i == 0 else 2
@@ -323,7 +332,7 @@ def test_torchserve_wrong_crop_size_names_the_size(served):
     with pytest.raises(grpc.RpcError) as e:
         c.predict("synth", _fields(crop, pts, (0.0, 0.0)))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "crop must be 64x64" in e.value.details()
+    assert "crop must be 128x128" in e.value.details()
 
 
 def test_torchserve_bad_request_does_not_fail_its_batch(served):
@@ -392,7 +401,7 @@ def test_real_model_moves_judged_va_toward_target(torchserve_factory, tmp_path):
     if not REAL_MODEL.is_file():
         pytest.skip(
             f"no trained model at {REAL_MODEL} (train and export it: "
-            "python -m services.synth.train ... --export models/synth/synth-64.pt)"
+            "python -m services.synth.train ... --export models/synth/synth-128.pt)"
         )
     crops, pts = _real_faces(8)
     store = LocalStore(tmp_path / "store")

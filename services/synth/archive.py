@@ -8,7 +8,7 @@
 What the archive holds (the worker needs nothing from the repo):
 
 * ``synth_handler.py``   services/synth/handler.py, the entry point (class SynthHandler)
-* ``services/synth/*.py`` generate, solver, model, losses, data, landmarks (+ the
+* ``services/synth/*.py`` generate, solver, model, losses, data, landmarks, colour, paste (+ the
   package ``__init__``s). TorchServe's worker puts the unpacked archive
   directory on sys.path before site-packages, so ``services.synth.generate``
   imports the archive's copy even where the repo is pip-installed too.
@@ -43,7 +43,16 @@ PREFIX = "synth/archives/"
 HANDLER_NAME = "synth_handler.py"
 SERIALIZED_NAME = "model.pt"
 #: the modules the handler imports inside the worker (services.synth.*)
-MODULES = ("generate.py", "solver.py", "model.py", "losses.py", "data.py", "landmarks.py")
+MODULES = (
+    "generate.py",
+    "solver.py",
+    "model.py",
+    "losses.py",
+    "data.py",
+    "landmarks.py",
+    "colour.py",
+    "paste.py",
+)
 _KEY = re.compile(r"^synth/archives/(?P<name>[A-Za-z0-9][A-Za-z0-9_.\-]*)-(?P<sha>[0-9a-f]{12})\.mar$")
 
 DEFAULT_BATCH_SIZE = 8

@@ -22,7 +22,7 @@ import prometheus_client as prom
 from dyadlab import rpc
 from dyadlab.torchserve import InferenceClient
 from services.synth import landmarks as L
-from services.synth.images import decode_png_rgb, png
+from services.synth.images import decode_png_as_is, decode_png_rgb, png
 
 PREDICTIONS = prom.Counter("dyadlab_synth_predictions_total", "TorchServe predictions", ["mode", "outcome"])
 
@@ -150,7 +150,9 @@ class Model:
     def transform(
         self, model: str, crop: np.ndarray, lm: np.ndarray, va: tuple[float, float], judge: bool = True
     ) -> dict:
-        """-> {"image": (S, S, 3) uint8, "landmarks": (68, 2) crop px, "judged_input", "judged_output"}."""
+        """-> {"image": (S, S, 3) uint8, "landmarks": (68, 2) crop px, "colour": (S, S) or
+        (S, S, 3) float in [0, 255], "attention": (S, S) float in [0, 1] or None,
+        "judged_input", "judged_output"} (handler.py's reply, decoded)."""
         fields = {
             "mode": b"transform",
             "crop": png(crop),
@@ -164,11 +166,23 @@ class Model:
         try:
             img = decode_png_rgb(base64.b64decode(out["image_png_b64"], validate=True))
             lm_out = L.to_points(np.asarray(out["landmarks"], np.float32))
+            colour = _png_field(out, "colour_png_b64")
+            attention = _png_field(out, "attention_png_b64", grey=True)
+            if colour is None or colour.shape[:2] != img.shape[:2]:
+                raise ValueError("colour")
+            if attention is not None and attention.shape != img.shape[:2]:
+                raise ValueError("attention")
         except (KeyError, ValueError, TypeError):
             raise rpc.UserError(
-                grpc.StatusCode.INTERNAL, f"model {model!r}: transform reply lacks a valid image or landmarks"
+                grpc.StatusCode.INTERNAL,
+                f"model {model!r}: transform reply lacks a valid image, landmarks, colour or attention",
             ) from None
-        res: dict[str, np.ndarray | tuple[float, float]] = {"image": img, "landmarks": lm_out}
+        res: dict[str, np.ndarray | tuple[float, float] | None] = {
+            "image": img,
+            "landmarks": lm_out,
+            "colour": colour.astype(np.float32),
+            "attention": None if attention is None else attention.astype(np.float32) / 255.0,
+        }
         if judge:
             res["judged_input"] = _va_pair(out.get("judged_input"), model)
             res["judged_output"] = _va_pair(out.get("judged_output"), model)
@@ -202,6 +216,17 @@ class Model:
             return None
         except rpc.UserError as e:
             return str(e)
+
+
+def _png_field(out: dict, name: str, grey: bool = False) -> np.ndarray | None:
+    """A base64 PNG of the reply (None when absent): (S, S) for a grey PNG,
+    (S, S, 3) RGB for a colour one; `grey`: it must be grey."""
+    if name not in out:
+        return None
+    img = decode_png_as_is(base64.b64decode(out[name], validate=True))
+    if grey and img.ndim != 2:
+        raise ValueError(f"{name} must be a grey PNG")
+    return img
 
 
 def _va_pair(v, model: str) -> tuple[float, float]:

@@ -31,7 +31,7 @@ import numpy as np
 from scipy import linalg
 
 from services.synth import data as D
-from services.synth.generate import Synthesizer
+from services.synth.generate import Synthesizer, judge_input
 
 if TYPE_CHECKING:
     from services.synth.model import VAJudge
@@ -68,10 +68,11 @@ def judge_features(syn: Synthesizer, crops: np.ndarray, batch: int = 256) -> np.
     import torch
 
     judge = cast("VAJudge", syn.J)  # a Synthesizer's judge network is a VAJudge
+    side = syn.config.judged_size
     with torch.no_grad():
         return np.concatenate(
             [
-                judge.features(D.to_tensor_images(crops[i : i + batch])).numpy()
+                judge.features(D.to_tensor_images(judge_input(crops[i : i + batch], side))).numpy()
                 for i in range(0, len(crops), batch)
             ]
         )
@@ -104,7 +105,9 @@ def landmark_sanity(syn: Synthesizer, val: D.FaceSet, valences=(-0.8, 0.0, 0.8))
 
 
 def evaluate(syn: Synthesizer, faces: D.FaceSet, max_per_class: int = 300, seed: int = 0) -> dict:
-    """All metrics on the validation split of `faces` (the set the model trained beside)."""
+    """All metrics on the validation split of `faces` (the set the model trained
+    beside), resized to the model's crop size if they are not at it."""
+    faces = faces.resized(syn.size)
     val = faces.split(val=True)
     train = faces.split(val=False)
     res: dict = {"n_val": int(len(val.va))}

@@ -1,7 +1,8 @@
 """Inference with an exported avLandmarkGAN model: the `Synthesizer`.
 
-    syn = Synthesizer.load("models/synth/synth-64.pt")     # path, bytes or a binary file
+    syn = Synthesizer.load("models/synth/synth-128.pt")    # path, bytes or a binary file
     images, target_lm = syn.transform(crops, crop_landmarks, va)
+    g = syn.generate(crops, crop_landmarks, va)            # + colour C and attention A
     judged = syn.judge(images)
 
 Pure torch + numpy + OpenCV (no dlib, no gRPC): it runs inside a TorchServe
@@ -16,8 +17,12 @@ The model file is `train.export`'s format, read with ``weights_only=True``:
 `transform` does what the image stage trained on (solver.image_step):
 normalise the face's landmarks (zero mean, unit RMS radius), move them with
 G_l(x_l, c_e), draw the target landmarks at the face's own centre and RMS
-radius, and run G_i(face, landmark image, c_e). The target landmarks come back
-in crop pixels (same centre/radius as the input face).
+radius, and run G_i(face, landmark image, c_e) -- on the luminance of the
+face for a one-channel model, whose output then carries the input's chroma
+(``colour.py``). The target landmarks come back in crop pixels (same
+centre/radius as the input face). `generate` also returns the generator's
+colour C and attention A, which `paste.paste_back` needs to put the face back
+into its photo at full resolution.
 
 Everything runs in eval mode under ``torch.no_grad``; invalid inputs raise
 ValueError with a message that says what is wrong.
@@ -25,16 +30,20 @@ ValueError with a message that says what is wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import numpy as np
 import torch
 
+from services.synth import colour as C
 from services.synth import data as D
 from services.synth import landmarks as L
+from services.synth import paste as P
 from services.synth import solver as S
+from services.synth.model import ImageGenerator
 
 MODEL_FORMAT = 1
 N_POINTS = L.N_POINTS
@@ -48,10 +57,31 @@ def _array(name: str, value, dtype=None) -> np.ndarray:
         raise ValueError(f"{name}: not a numeric array ({e})") from None
 
 
+def judge_input(crops: np.ndarray, side: int) -> np.ndarray:
+    """(B, S, S, 3) uint8 crops at the judge's side (area-averaged when smaller)."""
+    if crops.shape[1] == side:
+        return crops
+    import cv2
+
+    interp = cv2.INTER_AREA if side < crops.shape[1] else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(c, (side, side), interpolation=interp) for c in crops])
+
+
+@dataclasses.dataclass
+class Generated:
+    """`Synthesizer.generate`'s result, batch-first arrays (see there)."""
+
+    images: np.ndarray
+    landmarks: np.ndarray
+    colour: np.ndarray
+    attention: np.ndarray | None
+    raw: np.ndarray  # the generator's own output crop, unfeathered (ablations, identity)
+
+
 class Synthesizer:
     """The three serving networks of one exported model (CPU, eval mode)."""
 
-    def __init__(self, cfg: S.Config, G_l: torch.nn.Module, G_i: torch.nn.Module, judge: torch.nn.Module):
+    def __init__(self, cfg: S.Config, G_l: torch.nn.Module, G_i: ImageGenerator, judge: torch.nn.Module):
         self.config = cfg
         self.G_l = G_l.eval()
         self.G_i = G_i.eval()
@@ -90,7 +120,7 @@ class Synthesizer:
                 net.load_state_dict(blob[k])
             except RuntimeError as e:
                 raise ValueError(f"synth model: {k} does not match its config: {e}") from e
-        return cls(cfg, nets["G_l"], nets["G_i"], nets["judge"])
+        return cls(cfg, nets["G_l"], cast("ImageGenerator", nets["G_i"]), nets["judge"])
 
     @property
     def size(self) -> int:
@@ -136,18 +166,34 @@ class Synthesizer:
 
     # -- inference -------------------------------------------------------------------
     @torch.no_grad()
-    def transform(self, crops, crop_landmarks, va) -> tuple[np.ndarray, np.ndarray]:
-        """Faces moved to the target VA.
+    def generate(self, crops, crop_landmarks, va) -> Generated:
+        """Faces moved to the target VA, with what pasting them back needs.
 
         crops (B, S, S, 3) uint8 aligned RGB crops, crop_landmarks (B, 68, 2)
         in crop pixels (or (B, 136) ``[x.., y..]``), va (B, 2) in [-1, 1]
-        -> (images (B, S, S, 3) uint8, target landmarks (B, 68, 2) float32 crop pixels)."""
+        -> `Generated`: the output crops (RGB; a luminance model's carry the
+        input's chroma), the target landmarks in crop pixels, the colour C
+        in [0, 255] ((B, S, S) luma or (B, S, S, 3) RGB) and the attention A
+        (B, S, S) in [0, 1] (None for a model without a mask).
+
+        The output crop is the input crop with the generated face pasted in
+        exactly as `paste.paste_back` pastes it into a photo (the blend
+        feathered over the face's hull), so what is judged and shown at
+        crop size is what a photo gets."""
         x = self.check_crops(crops)
         b, s = len(x), self.size
         pts = self.check_landmarks(crop_landmarks, b)
         c_e = self.check_va(va, b)
+        ch = self.config.channels
         if b == 0:
-            return np.zeros((0, s, s, 3), np.uint8), np.zeros((0, N_POINTS, 2), np.float32)
+            empty = np.zeros((0, s, s), np.float32)
+            return Generated(
+                np.zeros((0, s, s, 3), np.uint8),
+                np.zeros((0, N_POINTS, 2), np.float32),
+                empty if ch == 1 else np.zeros((0, s, s, 3), np.float32),
+                empty if self.config.attention else None,
+                np.zeros((0, s, s, 3), np.uint8),
+            )
         try:
             lm, centres, radii = D.normalised_landmarks(pts)
         except ValueError as e:
@@ -155,19 +201,42 @@ class Synthesizer:
         c = torch.from_numpy(c_e)
         c_l = self.G_l(torch.from_numpy(lm), c).numpy()
         lm_image = D.draw_batch(c_l, s, centres, radii)
-        fake = self.G_i(D.to_tensor_images(x), lm_image, c)
+        fake, colour, A = self.G_i.parts(C.to_model(x, ch), lm_image, c)
         target = np.stack(
             [L.denormalise(v, s, centres[i], float(radii[i])) for i, v in enumerate(c_l)]
         ).astype(np.float32)
-        return D.to_uint8_images(fake), target
+        col = C.to_unit(colour)
+        col = col[..., 0] if ch == 1 else col
+        att = None if A is None else A[:, 0].numpy().astype(np.float32)
+        # the output crop is what pasting back makes of it (paste.py): the
+        # generator's blend, feathered over the face, at the crop's size
+        identity = np.eye(2, 3)
+        images = np.stack(
+            [
+                P.paste_back(
+                    x[i],
+                    identity,
+                    col[i],
+                    P.change_mask(None if att is None else att[i], P.feather(s, pts[i], target[i])),
+                )
+                for i in range(b)
+            ]
+        )
+        return Generated(images, target, col, att, C.from_model(fake, x))
+
+    def transform(self, crops, crop_landmarks, va) -> tuple[np.ndarray, np.ndarray]:
+        """`generate`'s (output crops (B, S, S, 3) uint8, target landmarks (B, 68, 2) crop px)."""
+        g = self.generate(crops, crop_landmarks, va)
+        return g.images, g.landmarks
 
     @torch.no_grad()
     def judge(self, crops) -> np.ndarray:
-        """(B, S, S, 3) uint8 crops -> (B, 2) valence/arousal from the VA judge."""
+        """(B, S, S, 3) uint8 crops -> (B, 2) valence/arousal from the VA judge
+        (resized to the side it was trained on, `Config.judged_size`)."""
         x = self.check_crops(crops)
         if len(x) == 0:
             return np.zeros((0, 2), np.float32)
-        return self.J(D.to_tensor_images(x)).numpy().astype(np.float32)
+        return self.J(D.to_tensor_images(judge_input(x, self.config.judged_size))).numpy().astype(np.float32)
 
     @torch.no_grad()
     def landmarks(self, lm136, va) -> np.ndarray:

@@ -18,8 +18,13 @@ REST form fields), values bytes:
   - ``valence``, ``arousal``  ASCII floats in [-1, 1]
   - ``judge``     optional, "1" / "true": also the VA judge on input and output
   -> JSON ``{"image_png_b64": str, "landmarks": [136 floats, crop px],
-             "judged_input": [v, a], "judged_output": [v, a]}`` (the judged
-     fields only with judge=1)
+             "colour_png_b64": str, "attention_png_b64": str,
+             "judged_input": [v, a], "judged_output": [v, a]}``: the output
+     crop (RGB), the target landmarks, the generator's colour C (grey PNG
+     for a luminance model, RGB otherwise) and its attention mask A as a
+     grey PNG (255 = the input kept; absent for a model without a mask),
+     which the synth service needs to paste the face back into the photo
+     (``paste.py``); the judged fields only with judge=1
 * mode ``judge``: ``crop`` only -> JSON ``{"va": [v, a]}``
 
 All transform requests of a batch go through the networks in one forward pass,
@@ -224,14 +229,19 @@ class SynthHandler:
         res = {i: r for i, r in enumerate(results) if r is not None}
         tr = [i for i, p in enumerate(parsed) if p is not None and p["mode"] == "transform"]
         if tr:
-            images, target = syn.transform(
+            g = syn.generate(
                 np.stack([reqs[i]["crop"] for i in tr]),
                 np.stack([reqs[i]["landmarks"] for i in tr]),
                 np.array([reqs[i]["va"] for i in tr], np.float32),
             )
             for k, i in enumerate(tr):
-                res[i]["image"] = images[k]
-                res[i]["landmarks"] = target[k]
+                res[i]["image"] = g.images[k]
+                res[i]["landmarks"] = g.landmarks[k]
+                res[i]["colour"] = np.clip(np.rint(g.colour[k]), 0, 255).astype(
+                    np.uint8
+                )  # (S, S) or (S, S, 3)
+                if g.attention is not None:
+                    res[i]["attention"] = np.clip(np.rint(g.attention[k] * 255), 0, 255).astype(np.uint8)
         to_judge = []  # (request index, result key, image)
         for i, p in enumerate(parsed):
             if p is None:
@@ -247,10 +257,12 @@ class SynthHandler:
         return results
 
     @staticmethod
-    def _png(rgb: np.ndarray) -> bytes:
+    def _png(img: np.ndarray) -> bytes:
+        """PNG of an (S, S, 3) RGB or an (S, S) / (S, S, 1) grey image."""
         import cv2
 
-        ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        a = img[..., 0] if img.ndim == 3 and img.shape[2] == 1 else img
+        ok, buf = cv2.imencode(".png", cv2.cvtColor(a, cv2.COLOR_RGB2BGR) if a.ndim == 3 else a)
         if not ok:
             raise RuntimeError("PNG encoding failed")
         return buf.tobytes()
@@ -269,6 +281,9 @@ class SynthHandler:
                 lm = r["landmarks"]
                 body["image_png_b64"] = base64.b64encode(self._png(r["image"])).decode("ascii")
                 body["landmarks"] = [round(float(x), 4) for x in np.concatenate([lm[:, 0], lm[:, 1]])]
+                body["colour_png_b64"] = base64.b64encode(self._png(r["colour"])).decode("ascii")
+                if "attention" in r:
+                    body["attention_png_b64"] = base64.b64encode(self._png(r["attention"])).decode("ascii")
             for key in ("judged_input", "judged_output", "va"):
                 if key in r:
                     body[key] = r[key]

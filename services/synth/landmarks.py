@@ -130,14 +130,16 @@ def transform_points(points: np.ndarray, M: np.ndarray) -> np.ndarray:
     return p @ M[:, :2].T + M[:, 2]
 
 
-def align_face(image: np.ndarray, points: np.ndarray, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(size, size, 3) uint8 RGB crop (grey input replicated) and the (68, 2)
-    float32 landmarks in crop pixels."""
+def align(image: np.ndarray, points: np.ndarray, size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(crop (size, size, 3) uint8 RGB, landmarks (68, 2) float32 crop
+    pixels, M): `align_face` plus the 2x3 similarity M from the *given*
+    image's pixels to the crop's (what `paste.paste_back` inverts)."""
     img = np.asarray(image)
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
     pts = _points(points)
     M = alignment_matrix(pts, size)
+    M_image = M
     # Shrinking a lot: area-average first so the warp does not alias.
     s = float(np.hypot(M[0, 0], M[1, 0]))
     if s < 0.5:
@@ -147,13 +149,34 @@ def align_face(image: np.ndarray, points: np.ndarray, size: int = 64) -> tuple[n
         fx, fy = nw / w, nh / h
         pts = np.stack([(pts[:, 0] + 0.5) * fx - 0.5, (pts[:, 1] + 0.5) * fy - 0.5], axis=1)
         M = alignment_matrix(pts, size)
+        M_image = on_resized(M, 1 / fx, 1 / fy)  # the same map from the original pixels
     lm = transform_points(pts, M)
     crop = cv2.warpAffine(img, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     if crop.ndim == 2:
         crop = np.repeat(crop[:, :, None], 3, axis=2)
     elif crop.shape[2] == 4:
         crop = crop[:, :, :3]
-    return np.ascontiguousarray(crop, dtype=np.uint8), lm.astype(np.float32)
+    return np.ascontiguousarray(crop, dtype=np.uint8), lm.astype(np.float32), M_image
+
+
+def align_face(image: np.ndarray, points: np.ndarray, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(size, size, 3) uint8 RGB crop (grey input replicated) and the (68, 2)
+    float32 landmarks in crop pixels."""
+    crop, lm, _ = align(image, points, size)
+    return crop, lm
+
+
+def on_resized(M: np.ndarray, fx: float, fy: float) -> np.ndarray:
+    """The 2x3 map M, for the image resized by (fx, fy): M'(q) = M(p) where
+    q = (p + 0.5) f - 0.5 (pixel centres, as cv2.resize maps them)."""
+    A = np.asarray(M, np.float64)[:, :2] / np.array([fx, fy])
+    t = np.asarray(M, np.float64)[:, :2] @ np.array([0.5 / fx - 0.5, 0.5 / fy - 0.5]) + M[:, 2]
+    return np.hstack([A, t[:, None]])
+
+
+def invert(M: np.ndarray) -> np.ndarray:
+    """The inverse of a 2x3 affine map (crop pixels -> image pixels)."""
+    return cv2.invertAffineTransform(np.asarray(M, np.float64))
 
 
 # -- normalisation ---------------------------------------------------------------------

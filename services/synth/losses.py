@@ -70,6 +70,8 @@ class Lambdas:
     lambda_rec: float = 10.0  # λ_rec: cycle reconstruction, L_rec (Eqs. 3, 9)
     lambda_ffc: float = 10.0  # λ_ffc: face-feature centres, L_ffc (Eq. 4)
     lambda_l: float = 10.0  # λ_l: landmark regression by D_i, L_l (Eq. 8)
+    lambda_mask: float = 0.0  # λ_A: sparsity of the change, L_A (GANimation's mask; 0 = no mask)
+    lambda_tv: float = 0.0  # λ_TV: total variation of the mask (GANimation)
     lambda_gp: float = 10.0  # λ_gp: gradient penalty (StarGAN; WGAN-GP only)
 
 
@@ -312,6 +314,31 @@ def image_d_objective(
     )
 
 
+def mask_sparsity(A: torch.Tensor, *, budget: float = 0.0) -> torch.Tensor:
+    """E_images[max(0, mean(1 - A) - budget)]: how far each image's redrawn
+    share (the mean of 1 - A over its pixels) exceeds `budget`.
+
+    GANimation (Pumarola et al. 2018, Eq. 5) penalises E[A] instead, to keep
+    its mask from saturating at "copy the input" -- the easy solution that
+    satisfies the cycle and adversarial losses. Here the goal is the
+    opposite bias, change no more of the face than the expression needs so
+    the person stays recognisable, but a plain penalty on 1 - A drives the
+    mask into that very saturation: in a trial run (λ = 1, no budget) the
+    mask closed to 4.6 % of the crop within 100 steps and the outputs were
+    judged exactly like the inputs. Hence a budget (a hinge): below it a
+    generator may redraw freely what the emotion and landmark losses ask
+    for; above it, every extra pixel costs. budget = 0 is the plain mean."""
+    share = (1 - A).flatten(1).mean(dim=1)
+    return torch.clamp(share - budget, min=0).mean()
+
+
+def mask_tv(A: torch.Tensor) -> torch.Tensor:
+    """Total variation of the mask, mean |A(i+1, j) - A(i, j)| + mean
+    |A(i, j+1) - A(i, j)| (GANimation's smoothness term, as a mean of L1
+    differences): a mask in smooth blobs, not in speckles."""
+    return (A[..., 1:, :] - A[..., :-1, :]).abs().mean() + (A[..., 1:] - A[..., :-1]).abs().mean()
+
+
 def image_g_objective(
     fake_src,
     fake_va_pred,
@@ -321,17 +348,29 @@ def image_g_objective(
     x_rec,
     x,
     *,
+    masks: tuple[torch.Tensor, ...] = (),
+    mask_budget: float = 0.0,
     lambdas: Lambdas = PAPER_LAMBDAS,
     adv: str = "gan",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_{G_i} = L_adv + λ_e L_e^fake + λ_l L_l^fake + λ_rec L_rec.
+    """L_{G_i} = L_adv + λ_e L_e^fake + λ_l L_l^fake + λ_rec L_rec
+    [+ λ_A L_A + λ_TV L_TV, with GANimation's attention masks].
 
     fake_src, fake_va_pred, fake_lm_pred = D_i(G_i(x, c_l, c_e)); c_l the
     target landmarks (B, 136); x_rec = G_i(G_i(x, c_l, c_e), c'_l, c'_e).
+    ``masks``: the attention masks A of both passes (forward and cycle), as
+    GANimation regularises both; L_A (`mask_sparsity`, with ``mask_budget``)
+    and L_TV are their means.
     """
-    return _objective(
-        g_adversarial(fake_src, adv=adv),
-        e_fake=(lambdas.lambda_e, emotion_loss(fake_va_pred, c_e)),
-        l_fake=(lambdas.lambda_l, landmark_loss(fake_lm_pred, c_l)),
-        rec=(lambdas.lambda_rec, reconstruction_loss(x_rec, x)),
-    )
+    terms = {
+        "e_fake": (lambdas.lambda_e, emotion_loss(fake_va_pred, c_e)),
+        "l_fake": (lambdas.lambda_l, landmark_loss(fake_lm_pred, c_l)),
+        "rec": (lambdas.lambda_rec, reconstruction_loss(x_rec, x)),
+    }
+    if masks:
+        terms["mask"] = (
+            lambdas.lambda_mask,
+            torch.stack([mask_sparsity(A, budget=mask_budget) for A in masks]).mean(),
+        )
+        terms["tv"] = (lambdas.lambda_tv, torch.stack([mask_tv(A) for A in masks]).mean())
+    return _objective(g_adversarial(fake_src, adv=adv), **terms)

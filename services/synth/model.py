@@ -19,11 +19,12 @@ Conventions shared by every module here and by ``losses.py``:
   coordinates of the 64/128 px crop mapped to [-1, 1]). ``to_vector`` /
   ``to_points`` convert to and from (B, 68, 2).
 * VA conditions ``c`` are (B, 2) = (valence, arousal) in [-1, 1].
-* Images are (B, 3, H, W) in [-1, 1]; the landmark image is (B, 1, H, W) in
+* Images are (B, C, H, W) in [-1, 1], C = 3 (RGB) or 1 (luminance); the landmark image is (B, 1, H, W) in
   [-1, 1] (white background = +1, drawn landmarks darker).
 
 Image sizes: 128x128 is the paper's configuration (``image_size=128``,
-discriminator ``repeat_num=6``); 64x64 is the CPU configuration
+discriminator ``repeat_num=6``), served today with GANimation's attention
+mask on luminance; 64x64 was the first CPU configuration
 (``image_size=64``, discriminator ``repeat_num=5``). The discriminator's
 ``repeat_num`` must leave a spatial size of at least 1:
 ``image_size / 2**repeat_num`` (2 in both configurations above).
@@ -183,24 +184,46 @@ class ResidualBlock(nn.Module):
 class ImageGenerator(_Counted):
     """G_i(face, landmark_image, c) -> face with the target expression.
 
-    ``forward(face: (B,3,H,W), lm_image: (B,1,H,W), c: (B,2)) -> (B,3,H,W)``
-    with all images in [-1, 1] and H = W = ``image_size``.
+    ``forward(face: (B,C,H,W), lm_image: (B,1,H,W), c: (B,2)) -> (B,C,H,W)``
+    with all images in [-1, 1], H = W = ``image_size`` and C = ``channels``
+    (3: RGB; 1: luminance, the colour being carried from the input by the
+    caller, see ``colour.py``).
 
-    StarGAN's generator with a 6-channel input: the face (3), the target
+    StarGAN's generator with a (C + 3)-channel input: the face (C), the target
     landmarks drawn on a white image (1), and ``c`` broadcast to 2 constant
     channels (as StarGAN broadcasts its domain label). Then conv7x7 ->
     2 down-sampling convs (4x4, stride 2, channels x2) -> ``repeat_num``
-    residual blocks -> 2 up-sampling transposed convs -> conv7x7 -> tanh;
-    instance norm + ReLU throughout. ``image_size`` is only checked (the net
-    is fully convolutional; sides must be divisible by 4).
+    residual blocks -> 2 up-sampling transposed convs -> conv7x7; instance
+    norm + ReLU throughout. ``image_size`` is only checked (the net is fully
+    convolutional; sides must be divisible by 4).
+
+    ``attention=True`` is GANimation's generator (Pumarola et al. 2018, Eq. 1
+    and Fig. 3): the last conv has one more channel, an attention mask
+    A = sigmoid(.) in [0, 1], beside the colour image C = tanh(.), and the
+    output is
+
+        G(x) = A * x + (1 - A) * C,
+
+    so wherever A = 1 the input pixel is copied as it is: only what the
+    expression changes is redrawn. ``parts`` returns (output, C, A);
+    ``attention=False`` is the paper's plain generator (output = C, A None).
     """
 
-    def __init__(self, image_size: int = 64, conv_dim: int = 32, repeat_num: int = 3):
+    def __init__(
+        self,
+        image_size: int = 64,
+        conv_dim: int = 32,
+        repeat_num: int = 3,
+        channels: int = 3,
+        attention: bool = False,
+    ):
         super().__init__()
         if image_size % 4:
             raise ValueError(f"image_size must be divisible by 4, got {image_size}")
         self.image_size = image_size
-        in_ch = 3 + 1 + VA_DIM
+        self.channels = channels
+        self.attention = attention
+        in_ch = channels + 1 + VA_DIM
         layers: list[nn.Module] = [
             nn.Conv2d(in_ch, conv_dim, 7, 1, 3, bias=False),
             _inorm(conv_dim),
@@ -218,42 +241,65 @@ class ImageGenerator(_Counted):
                 nn.ReLU(inplace=True),
             ]
             d //= 2
-        layers += [nn.Conv2d(d, 3, 7, 1, 3, bias=False), nn.Tanh()]
+        # colour C (and the attention mask A): one conv, split in `parts`
+        layers += [nn.Conv2d(d, channels + int(attention), 7, 1, 3, bias=False)]
         self.main = nn.Sequential(*layers)
         _init_gan(self)
 
-    def forward(self, face: torch.Tensor, lm_image: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = face.shape
+    def parts(
+        self, face: torch.Tensor, lm_image: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(output, colour C, attention A or None); see the class docstring."""
+        b, ch, h, w = face.shape
+        if ch != self.channels:
+            raise ValueError(f"face must have {self.channels} channel(s), got {ch}")
         if lm_image.shape != (b, 1, h, w):
             raise ValueError(f"lm_image must be {(b, 1, h, w)}, got {tuple(lm_image.shape)}")
         c_map = c.view(b, VA_DIM, 1, 1).expand(b, VA_DIM, h, w)
-        return self.main(torch.cat([face, lm_image, c_map], dim=1))
+        out = self.main(torch.cat([face, lm_image, c_map], dim=1))
+        colour = torch.tanh(out[:, : self.channels])
+        if not self.attention:
+            return colour, colour, None
+        A = torch.sigmoid(out[:, self.channels :])
+        return A * face + (1 - A) * colour, colour, A
+
+    def forward(self, face: torch.Tensor, lm_image: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.parts(face, lm_image, c)[0]
 
 
 class ImageDiscriminator(_Counted):
     """D_i(image) -> (src, va, landmarks).
 
-    ``forward(x: (B,3,H,W)) -> (src (B,1,h,w), va (B,2), lm (B,136))`` with
-    h = w = image_size / 2**repeat_num.
+    ``forward(x: (B,C,H,W)) -> (src (B,1,h,w), va (B,2), lm (B,136))`` with
+    h = w = image_size / 2**repeat_num and C = ``channels``.
 
     StarGAN's PatchGAN: ``repeat_num`` convs 4x4 stride 2 (channels
-    conv_dim, x2 each layer), LeakyReLU(0.01), no normalisation. Heads on the
+    conv_dim, x2 each layer, at most ``max_dim`` when it is set),
+    LeakyReLU(0.01), no normalisation. Heads on the
     last feature map: ``src`` a 3x3 conv to one channel (a real/fake score per
     patch); ``va`` and ``lm`` convs whose kernel is the whole remaining
     spatial size (StarGAN's classification head), to 2 and 136 channels.
     Outputs are unbounded (logits / regression values).
     """
 
-    def __init__(self, image_size: int = 64, conv_dim: int = 32, repeat_num: int = 5):
+    def __init__(
+        self,
+        image_size: int = 64,
+        conv_dim: int = 32,
+        repeat_num: int = 5,
+        channels: int = 3,
+        max_dim: int = 0,
+    ):
         super().__init__()
         k = image_size // 2**repeat_num
         if k < 1 or image_size % 2**repeat_num:
             raise ValueError(f"image_size {image_size} must be a multiple of 2**repeat_num ({2**repeat_num})")
-        layers: list[nn.Module] = [nn.Conv2d(3, conv_dim, 4, 2, 1), nn.LeakyReLU(0.01)]
+        layers: list[nn.Module] = [nn.Conv2d(channels, conv_dim, 4, 2, 1), nn.LeakyReLU(0.01)]
         d = conv_dim
         for _ in range(1, repeat_num):
-            layers += [nn.Conv2d(d, d * 2, 4, 2, 1), nn.LeakyReLU(0.01)]
-            d *= 2
+            d_next = min(d * 2, max_dim) if max_dim else d * 2
+            layers += [nn.Conv2d(d, d_next, 4, 2, 1), nn.LeakyReLU(0.01)]
+            d = d_next
         self.main = nn.Sequential(*layers)
         self.src = nn.Conv2d(d, 1, 3, 1, 1, bias=False)
         self.va = nn.Conv2d(d, VA_DIM, k, bias=False)

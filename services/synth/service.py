@@ -1,14 +1,16 @@
 """The work of synth's three RPCs, blocking (the servicer in ``server.py``
 runs it in threads):
 
-    Transform  a face photo + target VA -> the aligned face moved to that VA (PNG) + landmarks
+    Transform  a face photo + target VA -> the photo with its face moved to that VA (PNG),
+               the landmarks and the mask of what changed
     Matrix     a face photo + valence/arousal grids -> an avImage matrix (PNG)
     Transfer   a real dyad video (its landmarks from the extractor) + a novel parent face +
                a novel infant face -> an MP4 in which the novel faces follow the real
                partners' per-frame VA
 
 Generation and the VA judge are TorchServe predictions (``backend.py``);
-faces are found and aligned in ``images.py``. Pure post-processing and the
+faces are found and aligned in ``images.py`` and the generated faces pasted
+back into their photos by ``paste.py``. Pure post-processing and the
 video writer are in ``transfer.py``, the matrix figure in ``matrix.py``.
 
 This service's own knobs, from the environment:
@@ -25,7 +27,7 @@ the input), not FAILED_PRECONDITION (which here means the system's state: no
 model loaded, no face tracked in the video).
 
 Store keys are content addresses, written once complete (the store publishes
-atomically): synth/faces/<sha256>.png, synth/matrices/<sha256>.png,
+atomically): synth/faces/<sha256>.png, synth/masks/<sha256>.png, synth/matrices/<sha256>.png,
 synth/transfers/<sha256>.csv, then synth/transfers/<sha256>.mp4 last.
 """
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import functools
 import hashlib
 import logging
 import math
@@ -51,6 +54,7 @@ from dyadlab.messages import object_ref
 from dyadlab.v1 import common_pb2, extractor_pb2, synth_pb2
 from services.synth import landmarks as L
 from services.synth import matrix as MX
+from services.synth import paste as P
 from services.synth import transfer as TR
 from services.synth.backend import Model
 from services.synth.checks import bad, check_model, check_va
@@ -66,6 +70,11 @@ MAX_OUTPUT_SIZE = 1024
 DEFAULT_CELL = 128
 DEFAULT_MIN_CONFIDENCE = 0.5
 ROLES = {"parent": "adult", "infant": "infant"}
+
+
+def role_faces(req: synth_pb2.TransferRequest) -> tuple[tuple[str, synth_pb2.FaceImage], ...]:
+    """(role, novel face photo) of a Transfer request, parent first."""
+    return (("parent", req.parent_face), ("infant", req.infant_face))
 
 
 class Synth:
@@ -141,26 +150,36 @@ class Synth:
         va = check_va(req.target, "target")
         if not 0 <= req.output_size <= MAX_OUTPUT_SIZE:
             raise bad(f"output_size must be 0..{MAX_OUTPUT_SIZE}")
+        if req.output_size and not req.face_only:
+            raise bad("output_size is for face_only; the whole photo keeps its own size")
         raw = self.read_image(req.image, "image")
         rgb = decode_image(raw, "image")
         size = self.model.size(model)
-        crop, lm, stage = find_and_align(rgb, size, "image")
-        out = self.model.transform(model, crop, lm, va, judge=True)
-        img, pts = out["image"], out["landmarks"].astype(np.float64)
-        px = req.output_size or size
-        if px != size:
-            f = px / size
-            img = TR.upscale(img, px)
-            pts = (pts + 0.5) * f - 0.5
+        face = find_and_align(rgb, size, "image")
+        out = self.model.transform(model, face.crop, face.landmarks, va, judge=True)
+        if req.face_only:
+            img, pts = out["image"], out["landmarks"].astype(np.float64)
+            change = P.change_mask(out["attention"], P.feather(size, face.landmarks, out["landmarks"]))
+            mask = np.clip(np.rint(change * 255), 0, 255).astype(np.uint8)
+            px = req.output_size or size
+            if px != size:
+                f = px / size
+                img, mask = TR.upscale(img, px), TR.upscale(mask, px)
+                pts = (pts + 0.5) * f - 0.5
+        else:
+            img, change = P.paste_generated(face.photo, face.M, face.landmarks, out)
+            mask = P.weight_image(face.M, change, img.shape)
+            pts = P.image_points(out["landmarks"], face.M)
         res = synth_pb2.TransformResponse(
             image=self.put_png("synth/faces", png(img)),
             landmarks=[float(v) for v in L.to_vector(pts)],
             judged_input=synth_pb2.VA(valence=out["judged_input"][0], arousal=out["judged_input"][1]),
             judged_output=synth_pb2.VA(valence=out["judged_output"][0], arousal=out["judged_output"][1]),
             model_size=size,
+            mask=self.put_png("synth/masks", png(mask)),
         )
-        if stage != "as_is":
-            res.notes.append(f"face found at detector stage {stage!r}")
+        if face.stage != "as_is":
+            res.notes.append(f"face found at detector stage {face.stage!r}")
         return res
 
     def matrix(self, req: synth_pb2.MatrixRequest) -> synth_pb2.MatrixResponse:
@@ -180,18 +199,26 @@ class Synth:
             raise bad("cell_size must be 16..512 (0 = 128)")
         rgb = decode_image(self.read_image(req.image, "image"), "image")
         size = self.model.size(model)
-        crop, lm, stage = find_and_align(rgb, size, "image")
+        face = find_and_align(rgb, size, "image")
         grid = [(a, v) for a in aros for v in vals]
-        outs = self.map_pool(lambda av: self.model.transform(model, crop, lm, (av[1], av[0]), True), grid)
-        cells = np.stack([TR.upscale(o["image"], cell) for o in outs]).reshape(
-            len(aros), len(vals), cell, cell, 3
+        outs = self.map_pool(
+            lambda av: self.model.transform(model, face.crop, face.landmarks, (av[1], av[0]), True), grid
         )
+        # each cell: the face of the pasted-back photo, aligned at the cell's
+        # size from the photo's own resolution (colour and detail kept)
+        pts = P.image_points(face.landmarks, face.M)
+        cells = np.stack(
+            [
+                L.align_face(P.paste_generated(face.photo, face.M, face.landmarks, o)[0], pts, cell)[0]
+                for o in outs
+            ]
+        ).reshape(len(aros), len(vals), cell, cell, 3)
         judged = np.array([o["judged_output"] for o in outs]).reshape(len(aros), len(vals), 2)
         data = MX.render(
             cells,
             vals,
             aros,
-            source=TR.upscale(crop, cell),
+            source=L.align_face(face.photo, pts, cell)[0],
             judged=judged,
             title=f"avImage ({model}, {size} px)",
         )
@@ -203,17 +230,17 @@ class Synth:
                     judged=synth_pb2.VA(valence=o["judged_output"][0], arousal=o["judged_output"][1]),
                 )
             )
-        if stage != "as_is":
-            res.notes.append(f"face found at detector stage {stage!r}")
+        if face.stage != "as_is":
+            res.notes.append(f"face found at detector stage {face.stage!r}")
         return res
 
     # -- Transfer --------------------------------------------------------------------------
     def transfer_inputs(self, req: synth_pb2.TransferRequest) -> dict:
         """Everything checkable before the extraction: the faces, options, the video key."""
         model = check_model(req.model, self.default_model)
-        face_px = req.face_size or TR.DEFAULT_FACE_PX
-        if not 64 <= face_px <= 1024 or face_px % 2:
-            raise bad("face_size must be an even number of pixels in 64..1024 (0 = 256)")
+        height = req.panel_height
+        if height and (not 64 <= height <= 2160 or height % 2):
+            raise bad("panel_height must be an even number of pixels in 64..2160 (0 = the photos' own)")
         smooth = req.smooth_s if req.HasField("smooth_s") else TR.DEFAULT_SMOOTH_S
         if not (math.isfinite(smooth) and 0 <= smooth <= 10):
             raise bad("smooth_s must be in [0, 10] seconds")
@@ -224,14 +251,14 @@ class Synth:
         if vsize == 0:
             raise bad("the video is empty (0 bytes)")
         size = self.model.size(model)
-        faces = {}
-        for role, img in (("parent", req.parent_face), ("infant", req.infant_face)):
-            crop, lm, stage = self.face(img, f"{role}_face", size)
-            faces[role] = (crop, lm, stage)
+        faces = {role: self.face(img, f"{role}_face", size) for role, img in role_faces(req)}
+        sizes = TR.panel_sizes({r: f.photo.shape for r, f in faces.items()}, height)
+        # each photo at its panel's size once; the faces are pasted into these
+        faces = {r: f.resized(*sizes[r]) for r, f in faces.items()}
         return {
             "model": model,
             "size": size,
-            "face_px": face_px,
+            "sizes": sizes,
             "smooth": smooth,
             "min_conf": min_conf,
             "faces": faces,
@@ -265,7 +292,7 @@ class Synth:
         report: rpc.Report,
     ) -> synth_pb2.TransferResult:
         t0 = time.perf_counter()
-        model, size, face_px = inp["model"], inp["size"], inp["face_px"]
+        model, size = inp["model"], inp["size"]
         report("judge", 0, 1, "reading the frame table")
         df, _ = tables.read_frames(self.store.get_bytes(extract.frames.key))
         with self.store.local_file(req.video.key) as path:
@@ -321,11 +348,19 @@ class Synth:
         report("generate", 0, len(jobs), "")
         faces = inp["faces"]
         outs = self.map_pool(
-            lambda job: self.model.transform(model, faces[job[0]][0], faces[job[0]][1], job[1], True),
+            lambda job: self.model.transform(
+                model, faces[job[0]].crop, faces[job[0]].landmarks, job[1], True
+            ),
             jobs,
             report=lambda d, t: report("generate", d, t, ""),
         )
         made = {job: o for job, o in zip(jobs, outs)}
+
+        @functools.lru_cache(maxsize=16)
+        def panel(role: str, key: tuple[float, float]) -> np.ndarray:
+            f = faces[role]
+            return P.paste_generated(f.photo, f.M, f.landmarks, made[(role, key)])[0]
+
         # 3. Post-processing and the video.
         motions = {
             r: (TR.Motion.none(n) if req.no_motion else TR.motion(times, seed=int(req.seed) * 2 + k))
@@ -338,9 +373,9 @@ class Synth:
                 idx.pts,
                 idx.time_base,
                 idx.avg_fps,
-                lambda role, k: made[(role, keys[role][k])]["image"],
+                lambda role, k: panel(role, keys[role][k]),
                 motions,
-                face_px,
+                inp["sizes"],
                 report=lambda done, tot: report("encode", done, tot, ""),
             )
             check = video.probe(mp4)

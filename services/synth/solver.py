@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from services.synth import colour as C
 from services.synth import data as D
 from services.synth import landmarks as L
 from services.synth import losses as LS
@@ -58,9 +59,13 @@ class Config:
     conv_dim: int = 32  # G_i / D_i width
     g_repeat: int = 3  # residual blocks of G_i
     d_repeat: int = 5  # stride-2 convs of D_i (size / 2**d_repeat >= 1)
+    d_max_dim: int = 0  # widest conv of D_i (0: no cap, StarGAN's doubling)
+    channels: int = 3  # G_i/D_i image channels: 3 RGB, 1 luminance (colour.py)
+    attention: bool = False  # G_i with GANimation's attention mask
     lm_hidden: int = 256
     lm_layers: int = 3
     judge_base: int = 32  # ResNet-18 widths base x (1, 2, 4, 8)
+    judge_size: int = 0  # side the judge sees (crops are resized to it); 0: `size`
     batch: int = 16
     judge_batch: int = 64
     lr: float = 1e-4
@@ -77,6 +82,12 @@ class Config:
     lambda_ffc: float = LS.PAPER_LAMBDAS.lambda_ffc
     lambda_l: float = LS.PAPER_LAMBDAS.lambda_l
     lambda_e_image: float = LS.PAPER_LAMBDAS.lambda_e  # image converter
+    lambda_mask: float = LS.PAPER_LAMBDAS.lambda_mask  # attention mask sparsity (GANimation)
+    lambda_tv: float = LS.PAPER_LAMBDAS.lambda_tv  # attention mask smoothness (GANimation)
+    mask_budget: float = 0.0  # share of each crop redrawn for free (losses.mask_sparsity)
+    # an exported model whose landmark converter and judge this run reuses
+    # (their stages are then not trained; export copies them)
+    base_model: str = ""
     adv: str = "gan"
     target_jitter: float = 0.05
     seed: int = 0
@@ -102,7 +113,14 @@ class Config:
             lambda_rec=self.lambda_rec,
             lambda_ffc=self.lambda_ffc,
             lambda_l=self.lambda_l,
+            lambda_mask=self.lambda_mask,
+            lambda_tv=self.lambda_tv,
         )
+
+    @property
+    def judged_size(self) -> int:
+        """Side of the crops the judge takes."""
+        return self.judge_size or self.size
 
 
 # -- networks -------------------------------------------------------------------------
@@ -114,8 +132,8 @@ def build(stage: str, cfg: Config) -> dict[str, torch.nn.Module]:
         }
     if stage == "image":
         return {
-            "G": ImageGenerator(cfg.size, cfg.conv_dim, cfg.g_repeat),
-            "D": ImageDiscriminator(cfg.size, cfg.conv_dim, cfg.d_repeat),
+            "G": ImageGenerator(cfg.size, cfg.conv_dim, cfg.g_repeat, cfg.channels, cfg.attention),
+            "D": ImageDiscriminator(cfg.size, cfg.conv_dim, cfg.d_repeat, cfg.channels, cfg.d_max_dim),
         }
     if stage == "judge":
         return {"J": VAJudge(cfg.judge_base)}
@@ -250,7 +268,7 @@ def image_step(nets, opts, fs: D.FaceSet, rng, cfg: Config, G_l: LandmarkGenerat
     idx = D.batch_indices(rng, len(fs.va), cfg.batch)
     pts, imgs = _flip_some(rng, fs.landmarks[idx], fs.images[idx], fs.size)
     lm, centres, radii = D.normalised_landmarks(pts)
-    x = D.to_tensor_images(np.ascontiguousarray(imgs))
+    x = C.to_model(imgs, cfg.channels)
     x_l = torch.from_numpy(lm)
     c_real = torch.from_numpy(fs.va[idx])
     c_e = torch.from_numpy(D.class_balanced_targets(rng, len(idx), cfg.target_jitter))
@@ -259,7 +277,7 @@ def image_step(nets, opts, fs: D.FaceSet, rng, cfg: Config, G_l: LandmarkGenerat
     lm_target = D.draw_batch(c_l.numpy(), fs.size, centres, radii)
     lm_own = D.draw_batch(lm, fs.size, centres, radii)
 
-    fake = G(x, lm_target, c_e)
+    fake, _, A = G.parts(x, lm_target, c_e)
     real_src, real_va, real_lm = Di(x)
     fake_src = Di(fake.detach())[0]
     d_loss, d_terms = LS.image_d_objective(
@@ -276,9 +294,20 @@ def image_step(nets, opts, fs: D.FaceSet, rng, cfg: Config, G_l: LandmarkGenerat
     _update(opts["D"], d_loss)
 
     fake_src, fake_va, fake_lm = Di(fake)
-    rec = G(fake, lm_own, c_real)
+    rec, _, A_rec = G.parts(fake, lm_own, c_real)
+    masks = () if A is None or A_rec is None else (A, A_rec)
     g_loss, g_terms = LS.image_g_objective(
-        fake_src, fake_va, c_e, fake_lm, c_l, rec, x, lambdas=lambdas, adv=cfg.adv
+        fake_src,
+        fake_va,
+        c_e,
+        fake_lm,
+        c_l,
+        rec,
+        x,
+        masks=masks,
+        mask_budget=cfg.mask_budget,
+        lambdas=lambdas,
+        adv=cfg.adv,
     )
     _update(opts["G"], g_loss)
     return _gan_row(d_loss, d_terms, g_loss, g_terms)

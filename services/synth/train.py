@@ -35,10 +35,41 @@ from services.synth import solver as S
 MODEL_FORMAT = 1
 
 
-def export(store, run: str, cfg: S.Config) -> bytes:
-    """The serving model: G_l, G_i and the judge of a finished run (float32)."""
+def load_base(cfg: S.Config) -> dict | None:
+    """The exported model named by ``cfg.base_model`` (None when unset)."""
+    if not cfg.base_model:
+        return None
+    return torch.load(cfg.base_model, weights_only=True, map_location="cpu")
+
+
+def with_base(cfg: S.Config, base: dict | None) -> S.Config:
+    """`cfg` with the landmark and judge settings of the base model it reuses."""
+    if base is None:
+        return cfg
+    b = S.Config.from_dict(base["config"])
+    return dataclasses.replace(
+        cfg, lm_hidden=b.lm_hidden, lm_layers=b.lm_layers, judge_base=b.judge_base, judge_size=b.judged_size
+    )
+
+
+def trained_stages(cfg: S.Config) -> tuple[str, ...]:
+    """The stages this run trains: all three, or only the image converter on a base model."""
+    return ("image",) if cfg.base_model else S.STAGES
+
+
+def export(store, run: str, cfg: S.Config, image_step: int | None = None) -> bytes:
+    """The serving model: G_l, G_i and the judge of a finished run (float32);
+    G_l and the judge from the base model when the run has one.
+    `image_step`: G_i of that snapshot instead (ablations, progress checks)."""
+    base = load_base(cfg)
     parts = {}
     for stage, net in (("landmark", "G"), ("image", "G"), ("judge", "J")):
+        if base is not None and stage != "image":
+            parts[stage] = base["G_l" if stage == "landmark" else "judge"]
+            continue
+        if stage == "image" and image_step is not None:
+            parts[stage] = S.load_snapshot(store, run, stage, image_step)["nets"][net]
+            continue
         ck = S.load_checkpoint(store, run, stage)
         if ck is None or int(ck["step"]) < cfg.steps(stage):
             raise RuntimeError(f"stage {stage!r} of run {run!r} is not finished")
@@ -55,6 +86,16 @@ def export(store, run: str, cfg: S.Config) -> bytes:
         bio,
     )
     return bio.getvalue()
+
+
+def _flag(text: str) -> bool:
+    """A boolean option's value: 1/true/yes or 0/false/no."""
+    t = text.strip().lower()
+    if t in ("1", "true", "yes"):
+        return True
+    if t in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 class Progress:
@@ -105,8 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="RUN",
         help="image stage: use this run's landmark converter (ablations share one G_l)",
     )
+    ap.add_argument(
+        "--stop-after", type=int, metavar="STEP", help="stop each stage at this step (resumable; ablations)"
+    )
     for f in dataclasses.fields(S.Config):
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
+        kind = _flag if isinstance(f.default, bool) else type(f.default)
+        ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
     a = ap.parse_args(argv)
 
     from dyadlab.config import Settings
@@ -121,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = S.Config.from_dict({**json.loads(store.get_bytes(cfg_key)), **overrides})
     else:
         cfg = S.Config(**overrides)
+    base = load_base(cfg)
+    cfg = with_base(cfg, base)
     store.put_bytes(cfg_key, json.dumps(cfg.to_dict(), indent=1).encode())
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -141,10 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     bar = Progress()
-    stages = [s for s in a.stages.split(",") if s]
+    stages = [s for s in a.stages.split(",") if s and s in trained_stages(cfg)]
     G_l = None
     for stage in S.STAGES:
-        if stage == "image" and stage in stages:
+        if stage == "image" and stage in stages and base is not None:
+            G_l = cast("S.LandmarkGenerator", S.build("landmark", cfg)["G"])
+            G_l.load_state_dict(base["G_l"])
+            G_l.eval()
+        elif stage == "image" and stage in stages:
             ck = S.load_checkpoint(store, a.landmark_from or a.run, "landmark")
             if ck is None:
                 raise SystemExit("the image stage needs a trained landmark stage in this run")
@@ -152,11 +203,11 @@ def main(argv: list[str] | None = None) -> int:
                 "S.LandmarkGenerator", S.nets_from_checkpoint("landmark", ck, cfg)["G"]
             )  # the landmark stage's G
         if stage in stages:
-            S.train_stage(stage, train, store, a.run, cfg, G_l=G_l, progress=bar)
+            S.train_stage(stage, train, store, a.run, cfg, G_l=G_l, stop_after=a.stop_after, progress=bar)
     bar.close()
     finished = all(
         (ck := S.load_checkpoint(store, a.run, s)) is not None and int(ck["step"]) >= cfg.steps(s)
-        for s in S.STAGES
+        for s in trained_stages(cfg)
     )
     if finished:
         blob = export(store, a.run, cfg)

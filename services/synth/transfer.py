@@ -1,7 +1,7 @@
 """Emotion transfer's pure parts: per-frame VA of the real partners, the
 paper's rotation/resize post-processing, and the side-by-side MP4.
 
-The service (``server.py``) does the I/O -- the extractor's frame table, the
+The service (``service.py``) does the I/O -- the extractor's frame table, the
 judge and the generator in TorchServe, the store -- and hands this module
 arrays and callables, so everything here runs without a network.
 
@@ -61,7 +61,7 @@ M_MAX = 10.0  # degrees
 N_MAX = 0.2
 FREQ_RANGE = (1.0, 2.0)
 DEFAULT_SMOOTH_S = 0.3
-DEFAULT_FACE_PX = 256
+MAX_PANEL_HEIGHT = 1080  # default panel height: the photos' own, at most this
 
 
 # -- VA per frame -----------------------------------------------------------------------
@@ -203,10 +203,31 @@ def apply_motion(img: np.ndarray, theta_deg: float, scale: float) -> np.ndarray:
     )
 
 
+def panel_sizes(shapes: dict[str, tuple[int, ...]], height: int = 0) -> dict[str, tuple[int, int]]:
+    """role -> (width, height) of its panel: every panel `height` pixels high
+    (0: the smallest photo's height, at most MAX_PANEL_HEIGHT), each photo's
+    aspect kept; sides rounded to even numbers (yuv420p)."""
+    h = height or min(MAX_PANEL_HEIGHT, min(int(sh[0]) for sh in shapes.values()))
+    h = max(2, h - h % 2)
+    out = {}
+    for role, sh in shapes.items():
+        w = max(2, int(round(sh[1] * h / sh[0])))
+        out[role] = (w - w % 2, h)
+    return out
+
+
 def upscale(img: np.ndarray, px: int) -> np.ndarray:
     if img.shape[0] == px and img.shape[1] == px:
         return img
     return cv2.resize(img, (px, px), interpolation=cv2.INTER_CUBIC if px > img.shape[0] else cv2.INTER_AREA)
+
+
+def fit(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`img` at (width, height) (area-averaged down, cubic up)."""
+    h, w = img.shape[:2]
+    if (w, h) == tuple(size):
+        return img
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA if size[0] < w else cv2.INTER_CUBIC)
 
 
 def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -283,20 +304,25 @@ def compose(
     avg_fps: float,
     render: Callable[[str, int], np.ndarray],
     motions: dict[str, Motion],
-    face_px: int = DEFAULT_FACE_PX,
+    sizes: dict[str, tuple[int, int]],
     report: Callable[[int, int], None] = lambda done, total: None,
 ) -> int:
     """Write the side-by-side video: frame k = [parent | infant], each
-    `render(role, k)` (an RGB face image) upscaled to face_px and moved by its
-    Motion. `pts` are the frames' presentation times in `time_base` units."""
+    `render(role, k)` (an RGB image, resized to its panel's (width, height)
+    in `sizes` if it is not already) moved by its Motion. `pts` are the
+    frames' presentation times in `time_base` units."""
     n = len(pts)
-    w = Mp4Writer(out, 2 * face_px, face_px, time_base, avg_fps)
+    heights = {h for _, h in sizes.values()}
+    if len(heights) != 1:
+        raise ValueError(f"panels must share one height, got {sizes}")
+    width = sum(w for w, _ in sizes.values())
+    w = Mp4Writer(out, width, heights.pop(), time_base, avg_fps)
     try:
         for k in range(n):
             panels = []
             for role in ("parent", "infant"):
                 m = motions[role]
-                img = upscale(render(role, k), face_px)
+                img = fit(render(role, k), sizes[role])
                 panels.append(apply_motion(img, m.theta[k], float(m.scale[k])))
             w.write(side_by_side(*panels), pts[k] - pts[0])
             report(k + 1, n)
