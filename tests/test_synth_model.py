@@ -707,6 +707,8 @@ def test_mask_sparsity_is_a_hinge_over_the_budget_and_tv_is_zero_for_flat_masks(
     assert float(LS.mask_sparsity(A)) == pytest.approx(0.25)  # mean of 0.5 and 0
     assert float(LS.mask_sparsity(A, budget=0.2)) == pytest.approx(0.15)  # (0.3 + 0) / 2
     assert float(LS.mask_sparsity(A, budget=0.6)) == 0.0
+    # a floor: redrawing nothing costs too (image 1: 0.1 below it; image 0 is inside [0.1, 0.6])
+    assert float(LS.mask_sparsity(A, budget=0.6, floor=0.1)) == pytest.approx(0.05)
     # the hinge has no gradient below the budget and the mean's gradient above it
     A.requires_grad_(True)
     LS.mask_sparsity(A, budget=0.2).backward()
@@ -789,3 +791,21 @@ def test_a_run_on_a_base_model_trains_only_the_image_stage_and_exports_its_parts
     assert not torch.equal(early["G_i"]["main.0.weight"], model["G_i"]["main.0.weight"])
     with pytest.raises(NotFound):
         T.export(store, "m", cfg, image_step=999)
+
+
+def test_a_plain_generators_snapshot_starts_an_attention_generator():
+    torch.manual_seed(0)
+    plain = {"G": ImageGenerator(32, 8, 1, channels=1), "D": ImageDiscriminator(32, 8, 4, channels=1)}
+    snap = {"nets": {k: m.state_dict() for k, m in plain.items()}}
+    masked = {
+        "G": ImageGenerator(32, 8, 1, channels=1, attention=True),
+        "D": ImageDiscriminator(32, 8, 4, channels=1),
+    }
+    S.init_from_snapshot(masked, snap)
+    assert_same(masked["D"].state_dict(), plain["D"].state_dict())
+    x, lm, c = torch.rand(2, 1, 32, 32) * 2 - 1, torch.ones(2, 1, 32, 32), torch.zeros(2, 2)
+    with torch.no_grad():
+        _, colour, A = masked["G"].parts(x, lm, c)
+        # the colour C is the plain generator's output; the mask starts half open
+        torch.testing.assert_close(colour, plain["G"](x, lm, c))
+    assert 0.3 < float(A.mean()) < 0.7

@@ -128,3 +128,23 @@ def test_colour_round_trip_and_channels():
     back = C.from_model(y, rgb)
     assert np.abs(back.astype(int) - rgb.astype(int)).max() <= 1
     assert C.from_model(torch.zeros(2, 3, 16, 16), rgb).shape == rgb.shape
+
+
+def test_blend_weights_learned_face_and_regions(face):
+    from services.synth import paste as P
+
+    lm = face.landmarks
+    A = np.ones((128, 128), np.float32)
+    A[60:90, 40:90] = 0.0  # the generator redraws a mouth-sized box
+    learned = P.blend_weight(A, lm, lm, 128, "face")
+    np.testing.assert_allclose(learned, P.feather(128, lm) * (1 - A))
+    whole = P.blend_weight(None, lm, lm, 128, "face")
+    regions = P.blend_weight(None, lm, lm, 128, "regions")
+    assert regions.sum() < 0.6 * whole.sum()  # only the expression regions
+    mouth = np.round(lm[48:60].mean(axis=0)).astype(int)
+    eye = np.round(lm[36:42].mean(axis=0)).astype(int)
+    nose_bridge = np.round(lm[28]).astype(int)
+    assert regions[mouth[1], mouth[0]] > 0.99 and regions[eye[1], eye[0]] > 0.8
+    assert regions[nose_bridge[1], nose_bridge[0]] < 0.5  # between the eyes: kept
+    with pytest.raises(ValueError, match="paste_mask"):
+        P.blend_weight(None, lm, lm, 128, "everything")

@@ -3,7 +3,7 @@ object store, a real TorchServe over gRPC, and the stack's TorchServe.
 
 Models here are freshly initialised (seeded) nets in train.export's format
 (tests/synthmodel.py), except test_real_model_moves_judged_va_toward_target,
-which needs the trained models/synth/synth-128.pt and skips without it.
+which needs the trained models/synth/synth-64-mask.pt and skips without it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ except ImportError:
 
 REPO = Path(__file__).resolve().parents[1]
 #: the trained model (DYADLAB_SYNTH_TEST_MODEL overrides, e.g. a model not yet committed)
-REAL_MODEL = Path(os.environ.get("DYADLAB_SYNTH_TEST_MODEL") or REPO / "models" / "synth" / "synth-128.pt")
+REAL_MODEL = Path(
+    os.environ.get("DYADLAB_SYNTH_TEST_MODEL") or REPO / "models" / "synth" / "synth-64-mask.pt"
+)
 S = 128
 
 
@@ -40,7 +42,7 @@ S = 128
 def model_file(tmp_path_factory) -> Path:
     # the served configuration (luminance, attention mask), narrow for speed
     return SM.make_model_file(
-        tmp_path_factory.mktemp("synth-model") / "synth-128.pt",
+        tmp_path_factory.mktemp("synth-model") / "synth-64-mask.pt",
         size=S,
         seed=3,
         channels=1,
@@ -166,12 +168,12 @@ def test_handler_batches_and_isolates_bad_requests(tmp_path, model_file, syn):
     out = [json.loads(b) for b in h.handle(batch, ctx)]
     assert out[1] == {"error": "valence must be in [-1, 1], got 1.5", "code": 400}
     assert ctx.statuses == {1: (400, "valence must be in [-1, 1], got 1.5")}
-    parts = {"image_png_b64", "landmarks", "colour_png_b64", "attention_png_b64"}
+    parts = {"image_png_b64", "landmarks", "colour_png_b64", "mask_png_b64"}
     assert out[0]["batch"] == 4 and set(out[0]) == {"batch", "judged_input", "judged_output"} | parts
     assert set(out[3]) == {"batch"} | parts
-    # colour C (luminance model: grey) and attention A (grey, 255 = input kept), the crop's size
+    # the luma of C and the blend weight m (grey PNGs, 255 = all redrawn), the crop's size
     g = syn.generate(crops[2:3], pts[2:3], np.array([va[2]], np.float32))
-    for key, want in (("colour_png_b64", g.colour[0]), ("attention_png_b64", g.attention[0] * 255)):
+    for key, want in (("colour_png_b64", g.colour[0]), ("mask_png_b64", g.mask[0] * 255)):
         got = cv2.imdecode(np.frombuffer(base64.b64decode(out[3][key]), np.uint8), cv2.IMREAD_UNCHANGED)
         assert got.shape == (S, S) and np.abs(got.astype(float) - want).max() <= 0.51
     # the same answer as the Synthesizer on each request alone: nothing mixed up in the batch
@@ -368,8 +370,8 @@ def test_torchserve_bad_request_does_not_fail_its_batch(served):
 
 
 # -- the trained model ----------------------------------------------------------------------
-def _real_faces(n: int):
-    """Aligned crops of real expression images (neutral / sad faces), or skip."""
+def _real_faces(n: int, size: int):
+    """Aligned size x size crops of real expression images (neutral / sad faces), or skip."""
     root = Path(os.environ.get("DYADLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
     legend = root / "expressions" / "legend.csv"
     if not legend.is_file():
@@ -386,7 +388,7 @@ def _real_faces(n: int):
         p = legend.parent / "images" / name
         if not p.is_file():
             continue
-        found = D.crop_face(D._load_image(p), S, cnn_fallback=False)
+        found = D.crop_face(D._load_image(p), size, cnn_fallback=False)
         if found is not None:
             crops.append(found[0])
             pts.append(found[1])
@@ -401,9 +403,9 @@ def test_real_model_moves_judged_va_toward_target(torchserve_factory, tmp_path):
     if not REAL_MODEL.is_file():
         pytest.skip(
             f"no trained model at {REAL_MODEL} (train and export it: "
-            "python -m services.synth.train ... --export models/synth/synth-128.pt)"
+            "python -m services.synth.train ... --export models/synth/synth-64-mask.pt)"
         )
-    crops, pts = _real_faces(8)
+    crops, pts = _real_faces(8, Synthesizer.load(REAL_MODEL).size)
     store = LocalStore(tmp_path / "store")
     key = archive.publish(store, archive.build(REAL_MODEL, tmp_path / "build"))
     local = archive.fetch(store, key, tmp_path / "model-store")

@@ -150,9 +150,9 @@ class Model:
     def transform(
         self, model: str, crop: np.ndarray, lm: np.ndarray, va: tuple[float, float], judge: bool = True
     ) -> dict:
-        """-> {"image": (S, S, 3) uint8, "landmarks": (68, 2) crop px, "colour": (S, S) or
-        (S, S, 3) float in [0, 255], "attention": (S, S) float in [0, 1] or None,
-        "judged_input", "judged_output"} (handler.py's reply, decoded)."""
+        """-> {"image": (S, S, 3) uint8, "landmarks": (68, 2) crop px, "colour": (S, S)
+        luma in [0, 255], "mask": (S, S) blend weight in [0, 1], "judged_input",
+        "judged_output"} (handler.py's reply, decoded)."""
         fields = {
             "mode": b"transform",
             "crop": png(crop),
@@ -167,21 +167,21 @@ class Model:
             img = decode_png_rgb(base64.b64decode(out["image_png_b64"], validate=True))
             lm_out = L.to_points(np.asarray(out["landmarks"], np.float32))
             colour = _png_field(out, "colour_png_b64")
-            attention = _png_field(out, "attention_png_b64", grey=True)
+            mask = _png_field(out, "mask_png_b64", grey=True)
             if colour is None or colour.shape[:2] != img.shape[:2]:
                 raise ValueError("colour")
-            if attention is not None and attention.shape != img.shape[:2]:
-                raise ValueError("attention")
+            if mask is None or mask.shape != img.shape[:2]:
+                raise ValueError("mask")
         except (KeyError, ValueError, TypeError):
             raise rpc.UserError(
                 grpc.StatusCode.INTERNAL,
-                f"model {model!r}: transform reply lacks a valid image, landmarks, colour or attention",
+                f"model {model!r}: transform reply lacks a valid image, landmarks, colour or mask",
             ) from None
         res: dict[str, np.ndarray | tuple[float, float] | None] = {
             "image": img,
             "landmarks": lm_out,
             "colour": colour.astype(np.float32),
-            "attention": None if attention is None else attention.astype(np.float32) / 255.0,
+            "mask": mask.astype(np.float32) / 255.0,
         }
         if judge:
             res["judged_input"] = _va_pair(out.get("judged_input"), model)

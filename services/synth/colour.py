@@ -11,7 +11,10 @@ where the input had closed lips gets the lips' chroma on its teeth, tinted,
 not white; with the attention mask the area is small.
 
 Channel-count rule, shared by training and serving: ``channels == 1`` means
-luminance (this module), ``channels == 3`` means RGB as it is.
+the model sees and makes luminance (this module), ``channels == 3`` RGB as it
+is. Either way what is pasted into a photo is the generator's luma with the
+photo's chroma (`generate.Synthesizer.generate`): a three-channel model
+trained on these mostly grey faces makes mostly grey colour too.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Inference with an exported avLandmarkGAN model: the `Synthesizer`.
 
-    syn = Synthesizer.load("models/synth/synth-128.pt")    # path, bytes or a binary file
+    syn = Synthesizer.load("models/synth/synth-64-mask.pt")    # path, bytes or a binary file
     images, target_lm = syn.transform(crops, crop_landmarks, va)
     g = syn.generate(crops, crop_landmarks, va)            # + colour C and attention A
     judged = syn.judge(images)
@@ -75,6 +75,7 @@ class Generated:
     landmarks: np.ndarray
     colour: np.ndarray
     attention: np.ndarray | None
+    mask: np.ndarray  # the blend weight m (B, S, S) in [0, 1] that made `images` (paste.blend_weight)
     raw: np.ndarray  # the generator's own output crop, unfeathered (ablations, identity)
 
 
@@ -171,10 +172,12 @@ class Synthesizer:
 
         crops (B, S, S, 3) uint8 aligned RGB crops, crop_landmarks (B, 68, 2)
         in crop pixels (or (B, 136) ``[x.., y..]``), va (B, 2) in [-1, 1]
-        -> `Generated`: the output crops (RGB; a luminance model's carry the
-        input's chroma), the target landmarks in crop pixels, the colour C
-        in [0, 255] ((B, S, S) luma or (B, S, S, 3) RGB) and the attention A
-        (B, S, S) in [0, 1] (None for a model without a mask).
+        -> `Generated`: the output crops (RGB, with the input's chroma), the
+        target landmarks in crop pixels, the luma of the generator's colour
+        C (B, S, S) in [0, 255], the attention A (B, S, S) in [0, 1] (None
+        for a model without a mask) and the blend weight m that pasting uses
+        (`paste.blend_weight`: 1 - A over the face, or the model's geometric
+        `paste_mask` when it has no A).
 
         The output crop is the input crop with the generated face pasted in
         exactly as `paste.paste_back` pastes it into a photo (the blend
@@ -190,8 +193,9 @@ class Synthesizer:
             return Generated(
                 np.zeros((0, s, s, 3), np.uint8),
                 np.zeros((0, N_POINTS, 2), np.float32),
-                empty if ch == 1 else np.zeros((0, s, s, 3), np.float32),
+                empty,
                 empty if self.config.attention else None,
+                empty,
                 np.zeros((0, s, s, 3), np.uint8),
             )
         try:
@@ -205,24 +209,23 @@ class Synthesizer:
         target = np.stack(
             [L.denormalise(v, s, centres[i], float(radii[i])) for i, v in enumerate(c_l)]
         ).astype(np.float32)
+        # what is pasted is the generator's luma; the chroma stays the input's
+        # (colour.py: most training faces are grey, so a three-channel model's
+        # own chroma is mostly grey too)
         col = C.to_unit(colour)
-        col = col[..., 0] if ch == 1 else col
+        col = col[..., 0] if ch == 1 else C.luma(col)
         att = None if A is None else A[:, 0].numpy().astype(np.float32)
         # the output crop is what pasting back makes of it (paste.py): the
         # generator's blend, feathered over the face, at the crop's size
-        identity = np.eye(2, 3)
-        images = np.stack(
+        mask = np.stack(
             [
-                P.paste_back(
-                    x[i],
-                    identity,
-                    col[i],
-                    P.change_mask(None if att is None else att[i], P.feather(s, pts[i], target[i])),
-                )
+                P.blend_weight(None if att is None else att[i], pts[i], target[i], s, self.config.paste_mask)
                 for i in range(b)
             ]
         )
-        return Generated(images, target, col, att, C.from_model(fake, x))
+        identity = np.eye(2, 3)
+        images = np.stack([P.paste_back(x[i], identity, col[i], mask[i]) for i in range(b)])
+        return Generated(images, target, col, att, mask, C.from_model(fake, x))
 
     def transform(self, crops, crop_landmarks, va) -> tuple[np.ndarray, np.ndarray]:
         """`generate`'s (output crops (B, S, S, 3) uint8, target landmarks (B, 68, 2) crop px)."""

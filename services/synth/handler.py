@@ -18,13 +18,13 @@ REST form fields), values bytes:
   - ``valence``, ``arousal``  ASCII floats in [-1, 1]
   - ``judge``     optional, "1" / "true": also the VA judge on input and output
   -> JSON ``{"image_png_b64": str, "landmarks": [136 floats, crop px],
-             "colour_png_b64": str, "attention_png_b64": str,
+             "colour_png_b64": str, "mask_png_b64": str,
              "judged_input": [v, a], "judged_output": [v, a]}``: the output
-     crop (RGB), the target landmarks, the generator's colour C (grey PNG
-     for a luminance model, RGB otherwise) and its attention mask A as a
-     grey PNG (255 = the input kept; absent for a model without a mask),
-     which the synth service needs to paste the face back into the photo
-     (``paste.py``); the judged fields only with judge=1
+     crop (RGB), the target landmarks, the luma of the generator's colour C
+     (grey PNG; the photo keeps its own chroma) and the blend weight m as a
+     grey PNG (255 = all redrawn; ``paste.blend_weight``), which the synth
+     service needs to paste the face back into the photo (``paste.py``);
+     the judged fields only with judge=1
 * mode ``judge``: ``crop`` only -> JSON ``{"va": [v, a]}``
 
 All transform requests of a batch go through the networks in one forward pass,
@@ -240,8 +240,7 @@ class SynthHandler:
                 res[i]["colour"] = np.clip(np.rint(g.colour[k]), 0, 255).astype(
                     np.uint8
                 )  # (S, S) or (S, S, 3)
-                if g.attention is not None:
-                    res[i]["attention"] = np.clip(np.rint(g.attention[k] * 255), 0, 255).astype(np.uint8)
+                res[i]["mask"] = np.clip(np.rint(g.mask[k] * 255), 0, 255).astype(np.uint8)
         to_judge = []  # (request index, result key, image)
         for i, p in enumerate(parsed):
             if p is None:
@@ -282,8 +281,7 @@ class SynthHandler:
                 body["image_png_b64"] = base64.b64encode(self._png(r["image"])).decode("ascii")
                 body["landmarks"] = [round(float(x), 4) for x in np.concatenate([lm[:, 0], lm[:, 1]])]
                 body["colour_png_b64"] = base64.b64encode(self._png(r["colour"])).decode("ascii")
-                if "attention" in r:
-                    body["attention_png_b64"] = base64.b64encode(self._png(r["attention"])).decode("ascii")
+                body["mask_png_b64"] = base64.b64encode(self._png(r["mask"])).decode("ascii")
             for key in ("judged_input", "judged_output", "va"):
                 if key in r:
                     body[key] = r[key]

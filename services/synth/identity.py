@@ -20,7 +20,7 @@ Two reference rows put the numbers in scale (`floor`, `others`): the input
 face at the model's crop size, upscaled, against itself at chip size (what
 the crop size alone costs), and different people's inputs against each other.
 
-Used by ``scripts/synth_identity.py`` and the ablation script; no faces or
+Used by ``scripts/synth_report.py`` and tests/test_synth_identity.py; no faces or
 file names are printed or logged.
 """
 
@@ -94,12 +94,8 @@ def outputs(syn: Synthesizer, faces: list[PhotoFace], va: tuple[float, float], m
             if mode == "crop":
                 chips.append(cv2.resize(g.raw[k], (CHIP, CHIP), interpolation=cv2.INTER_CUBIC))
                 continue
-            out = {
-                "colour": g.colour[k],
-                "attention": None if g.attention is None else g.attention[k],
-                "landmarks": g.landmarks[k],
-            }
-            photo, _ = P.paste_generated(f.photo, aligned[k][2], lms[k], out)
+            out = {"colour": g.colour[k], "mask": g.mask[k]}
+            photo, _ = P.paste_generated(f.photo, aligned[k][2], out)
             chips.append(chip(photo, f.points))
     return chips
 

@@ -23,9 +23,9 @@ Conventions shared by every module here and by ``losses.py``:
   [-1, 1] (white background = +1, drawn landmarks darker).
 
 Image sizes: 128x128 is the paper's configuration (``image_size=128``,
-discriminator ``repeat_num=6``), served today with GANimation's attention
-mask on luminance; 64x64 was the first CPU configuration
-(``image_size=64``, discriminator ``repeat_num=5``). The discriminator's
+discriminator ``repeat_num=6``; implemented, not yet trained to a usable
+model on CPU); 64x64 is the CPU configuration (``image_size=64``,
+discriminator ``repeat_num=5``), served with GANimation's attention mask. The discriminator's
 ``repeat_num`` must leave a spatial size of at least 1:
 ``image_size / 2**repeat_num`` (2 in both configurations above).
 

@@ -16,9 +16,10 @@ border, so no seam shows where the crop ends. Wherever the mask keeps the
 input, the original pixel survives untouched at full resolution: only what
 the expression changed is redrawn, at the crop's resolution.
 
-Colour (`colour.py`): a one-channel (luminance) model's C replaces only the
-image's luma (BT.601 YCrCb); the image's own chroma is kept, so colour in is
-colour out and grey stays grey. A three-channel model's C replaces RGB.
+Colour (`colour.py`): the Synthesizer hands over the luma of C (a luminance
+model's C itself, a three-channel model's C converted), which replaces only
+the image's luma (BT.601 YCrCb); the image's own chroma is kept, so colour in
+is colour out and grey stays grey. An RGB C given directly replaces RGB.
 A model without a mask (A = None) is treated as A = 0: the feathered face
 hull is replaced.
 
@@ -48,9 +49,39 @@ def feather(size: int, *point_sets: np.ndarray) -> np.ndarray:
     hull_image = np.zeros((size, size), np.float32)
     shift = 4
     cv2.fillConvexPoly(hull_image, np.round(hull * (1 << shift)).astype(np.int32), 1.0, cv2.LINE_AA, shift)
+    return _soften(hull_image, size)
+
+
+#: the regions an expression moves (0-based iBUG-68 indices) and how far each
+#: hull is grown about its centroid: the mouth's to the cheeks and nasolabial
+#: folds a smile raises, the eyes' to the brows above them
+REGIONS: dict[str, tuple[tuple[int, ...], float]] = {
+    "mouth": (tuple(range(48, 68)) + (31, 35), 1.6),
+    "right_eye": (tuple(range(17, 22)) + tuple(range(36, 42)), 1.35),
+    "left_eye": (tuple(range(22, 27)) + tuple(range(42, 48)), 1.35),
+}
+PASTE_MASKS = ("face", "regions")
+
+
+def region_feather(size: int, *point_sets: np.ndarray) -> np.ndarray:
+    """Like `feather`, over the expression regions only (`REGIONS`: mouth with
+    cheeks, each eye with its brow; input and target points): a geometric
+    attention, for generators without a learned one."""
+    pts = [np.asarray(p, np.float64).reshape(-1, 2) for p in point_sets]
+    img = np.zeros((size, size), np.float32)
+    shift = 4
+    for idx, grow in REGIONS.values():
+        q = np.concatenate([p[list(idx)] for p in pts])
+        c = q.mean(axis=0)
+        hull = cv2.convexHull(((q - c) * grow + c).astype(np.float32)).reshape(-1, 2)
+        cv2.fillConvexPoly(img, np.round(hull * (1 << shift)).astype(np.int32), 1.0, cv2.LINE_AA, shift)
+    return _soften(img, size)
+
+
+def _soften(hull_image: np.ndarray, size: int) -> np.ndarray:
+    """Gaussian edge of FEATHER_SIGMA, clipped to [0, 1], zero at the crop border."""
     sigma = max(0.5, FEATHER_SIGMA * size)
     f = cv2.GaussianBlur(hull_image, (0, 0), sigma)
-    # a ramp from 0 at the border to 1 at EDGE + 2 sigma inside
     ramp = np.clip((np.arange(size) - EDGE * size) / (2 * sigma), 0, 1)
     ramp = np.minimum(ramp, ramp[::-1]).astype(np.float32)
     return np.clip(f, 0, 1) * np.minimum(ramp[:, None], ramp[None, :])
@@ -133,10 +164,24 @@ def weight_image(M: np.ndarray, change: np.ndarray, shape: tuple[int, ...]) -> n
     return np.clip(np.rint(m * 255), 0, 255).astype(np.uint8)
 
 
-def paste_generated(photo: np.ndarray, M: np.ndarray, crop_landmarks: np.ndarray, out: dict):
-    """A synth prediction (`backend.Model.transform`'s dict: colour,
-    attention, target landmarks) pasted into the photo its crop came from.
-    -> (the photo with the new expression, the crop-space weight m)."""
-    size = int(out["colour"].shape[0])
-    change = change_mask(out.get("attention"), feather(size, crop_landmarks, out["landmarks"]))
+def blend_weight(
+    attention: np.ndarray | None, crop_landmarks, target, size: int, paste_mask: str
+) -> np.ndarray:
+    """m in crop space: where the face may change (`paste_mask`: "face", the
+    whole face hull; "regions", the expression regions), times the learned
+    attention's 1 - A when the generator has one."""
+    if paste_mask == "face":
+        where = feather(size, crop_landmarks, target)
+    elif paste_mask == "regions":
+        where = region_feather(size, crop_landmarks, target)
+    else:
+        raise ValueError(f"paste_mask must be one of {PASTE_MASKS}, got {paste_mask!r}")
+    return change_mask(attention, where)
+
+
+def paste_generated(photo: np.ndarray, M: np.ndarray, out: dict):
+    """A synth prediction (`backend.Model.transform`'s dict: the luma of C as
+    "colour" and the blend weight m as "mask") pasted into the photo its crop
+    came from. -> (the photo with the new expression, m)."""
+    change = np.asarray(out["mask"], np.float32)
     return paste_back(photo, M, out["colour"], change), change

@@ -159,15 +159,14 @@ class Synth:
         out = self.model.transform(model, face.crop, face.landmarks, va, judge=True)
         if req.face_only:
             img, pts = out["image"], out["landmarks"].astype(np.float64)
-            change = P.change_mask(out["attention"], P.feather(size, face.landmarks, out["landmarks"]))
-            mask = np.clip(np.rint(change * 255), 0, 255).astype(np.uint8)
+            mask = np.clip(np.rint(out["mask"] * 255), 0, 255).astype(np.uint8)
             px = req.output_size or size
             if px != size:
                 f = px / size
                 img, mask = TR.upscale(img, px), TR.upscale(mask, px)
                 pts = (pts + 0.5) * f - 0.5
         else:
-            img, change = P.paste_generated(face.photo, face.M, face.landmarks, out)
+            img, change = P.paste_generated(face.photo, face.M, out)
             mask = P.weight_image(face.M, change, img.shape)
             pts = P.image_points(out["landmarks"], face.M)
         res = synth_pb2.TransformResponse(
@@ -208,10 +207,7 @@ class Synth:
         # size from the photo's own resolution (colour and detail kept)
         pts = P.image_points(face.landmarks, face.M)
         cells = np.stack(
-            [
-                L.align_face(P.paste_generated(face.photo, face.M, face.landmarks, o)[0], pts, cell)[0]
-                for o in outs
-            ]
+            [L.align_face(P.paste_generated(face.photo, face.M, o)[0], pts, cell)[0] for o in outs]
         ).reshape(len(aros), len(vals), cell, cell, 3)
         judged = np.array([o["judged_output"] for o in outs]).reshape(len(aros), len(vals), 2)
         data = MX.render(
@@ -359,7 +355,7 @@ class Synth:
         @functools.lru_cache(maxsize=16)
         def panel(role: str, key: tuple[float, float]) -> np.ndarray:
             f = faces[role]
-            return P.paste_generated(f.photo, f.M, f.landmarks, made[(role, key)])[0]
+            return P.paste_generated(f.photo, f.M, made[(role, key)])[0]
 
         # 3. Post-processing and the video.
         motions = {

@@ -84,10 +84,18 @@ class Config:
     lambda_e_image: float = LS.PAPER_LAMBDAS.lambda_e  # image converter
     lambda_mask: float = LS.PAPER_LAMBDAS.lambda_mask  # attention mask sparsity (GANimation)
     lambda_tv: float = LS.PAPER_LAMBDAS.lambda_tv  # attention mask smoothness (GANimation)
-    mask_budget: float = 0.0  # share of each crop redrawn for free (losses.mask_sparsity)
+    mask_budget: float = 0.0  # most of each crop redrawn for free (losses.mask_sparsity)
+    mask_floor: float = 0.0  # least of each crop redrawn for free
     # an exported model whose landmark converter and judge this run reuses
     # (their stages are then not trained; export copies them)
     base_model: str = ""
+    # where the image stage starts: "RUN@STEP", that run's snapshot (G_i and
+    # D_i), or an exported model file (its G_i; D_i fresh); a generator
+    # without a mask gains one (`init_from_snapshot`)
+    init_from: str = ""
+    # the blend weight of a generator without a learned mask (paste.blend_weight):
+    # "face" (the whole face hull) or "regions" (the expression regions)
+    paste_mask: str = "face"
     adv: str = "gan"
     target_jitter: float = 0.05
     seed: int = 0
@@ -306,6 +314,7 @@ def image_step(nets, opts, fs: D.FaceSet, rng, cfg: Config, G_l: LandmarkGenerat
         x,
         masks=masks,
         mask_budget=cfg.mask_budget,
+        mask_floor=cfg.mask_floor,
         lambdas=lambdas,
         adv=cfg.adv,
     )
@@ -383,6 +392,8 @@ def train_stage(
         for k, o in opts.items():
             o.load_state_dict(ck["opts"][k])
         step, history = int(ck["step"]), list(ck["history"])
+    elif stage == "image" and cfg.init_from:
+        init_from_snapshot(nets, initial_nets(store, cfg.init_from))
     stage_id = STAGES.index(stage)
     weights = balanced_weights(fs.label) if stage == "judge" else None
     if stage == "image" and G_l is None:
@@ -426,6 +437,37 @@ def train_stage(
         assert ck is not None  # saved at step `end` in the loop, or loaded before it
         return ck
     return {"nets": {k: m.state_dict() for k, m in nets.items()}, "step": 0, "history": history}
+
+
+def initial_nets(store, source: str) -> dict:
+    """`Config.init_from` -> {"nets": {name: state dict}}: a snapshot
+    "RUN@STEP", or an exported model file (its G_i only)."""
+    if "@" in source and not source.endswith(".pt"):
+        run_from, step_from = source.rsplit("@", 1)
+        return load_snapshot(store, run_from, "image", int(step_from))
+    blob = torch.load(source, weights_only=True, map_location="cpu")
+    return {"nets": {"G": blob["G_i"]}}
+
+
+def init_from_snapshot(nets: dict[str, torch.nn.Module], snapshot: dict) -> None:
+    """Load a snapshot's G_i and D_i (those it has) into `nets`. A plain generator's weights
+    go into an attention generator too: its last conv gains the mask's output
+    channel, initialised like every other weight (N(0, 0.02), so A starts
+    near 0.5): the colour C starts as the plain generator's output, which is
+    what lets the mask learn where C is needed (a freshly initialised C costs
+    so much reconstruction wherever it is used that the mask closes for
+    good; see losses.mask_sparsity)."""
+    for k, m in nets.items():
+        if k not in snapshot["nets"]:
+            continue
+        state = dict(snapshot["nets"][k])
+        own = m.state_dict()
+        for name, t in own.items():
+            if name in state and state[name].shape != t.shape and t.shape[1:] == state[name].shape[1:]:
+                grown = torch.empty_like(t).normal_(0.0, 0.02)
+                grown[: state[name].shape[0]] = state[name]
+                state[name] = grown
+        m.load_state_dict(state)
 
 
 def nets_from_checkpoint(stage: str, ck: dict, cfg: Config) -> dict[str, torch.nn.Module]:

@@ -2,7 +2,7 @@
 
     python -m services.synth.train --images DIR --labels legend.csv --run r64 \\
         [--size 64] [--steps-landmark N] [--steps-image N] [--steps-judge N] \\
-        [--seed 0] [--export models/synth-64.pt]
+        [--seed 0] [--export models/synth/synth-64-mask.pt]
 
 A batch job (CLI, Kubernetes Job), not an RPC. Everything it makes goes to the
 object store configured by the DYADLAB_* environment (the embedded default is
