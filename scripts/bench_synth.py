@@ -259,11 +259,8 @@ def transfer_rows(model: Path, clip: Path, label: str) -> None:
         print(f"Transfer: skipped, not found: {', '.join(missing)}")
         return
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as home:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DYADLAB_")}
-        env.update({"DYADLAB_HOME": home, "DYADLAB_SYNTH_MODEL": str(model)})
-        os.environ.clear()
-        os.environ.update(env)
-        settings = Settings.from_env()
+        # this stack's settings only (the services get them from Settings.to_env)
+        settings = Settings.from_env({"DYADLAB_HOME": home, "DYADLAB_SYNTH_MODEL": str(model)})
         store = open_store(settings)
         t0 = time.perf_counter()
         with stack.ensure(settings, serving=("synth",)) as st:

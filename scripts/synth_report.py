@@ -60,10 +60,8 @@ def _split(spec: str) -> tuple[str, str, str]:
 
 def load_run(store, source: str) -> Synthesizer:
     run, step = source.split("@", 1)
-    cfg = T.with_base(
-        cfg := S.Config.from_dict(json.loads(store.get_bytes(f"synth/runs/{run}/config.json"))),
-        T.load_base(cfg),
-    )
+    cfg = S.Config.from_dict(json.loads(store.get_bytes(f"synth/runs/{run}/config.json")))
+    cfg = T.with_base(cfg, T.load_base(cfg))
     return Synthesizer.load(T.export(store, run, cfg, image_step=int(step)))
 
 
