@@ -13,6 +13,9 @@ ports with token auth, warms it up, then measures over gRPC
 * sequential  -- one client, one request at a time (TorchServe batch of 1);
 * batched     -- `concurrency` clients at once, TorchServe batching them
                  (batch_size / max_batch_delay of the archive);
+* one face    -- batched, every request the same face at new targets (what
+                 Transfer and Matrix send: a residual-paste model renders
+                 the face as itself once; every other row uses new faces);
 * in-process  -- Synthesizer.transform alone, batch 1 and batch `batch`, in
                  this process with the same thread count (the model's own cost).
 
@@ -47,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dyadlab import torchserve as T  # noqa: E402
-from dyadlab.config import Settings  # noqa: E402
+from dyadlab.config import DEFAULT_SYNTH_MODEL, Settings  # noqa: E402
 from dyadlab.storage import LocalStore  # noqa: E402
 from services.synth import archive  # noqa: E402
 from services.synth import landmarks as L  # noqa: E402
@@ -136,7 +139,7 @@ def run_clients(client: T.InferenceClient, reqs: list[dict], concurrency: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(REPO / "models" / "synth" / "synth-64-mask.pt"))
+    ap.add_argument("--model", default=str(DEFAULT_SYNTH_MODEL))
     ap.add_argument("--requests", type=int, default=48, help="requests per measured row")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8, help="TorchServe batch_size")
@@ -177,25 +180,25 @@ def main(argv=None) -> int:
         startup = time.perf_counter() - t0
         rows = []
         try:
-            faces = [face(s, i) for i in range(a.requests)]
             rng = np.random.default_rng(1)
             va = rng.uniform(-1, 1, (a.requests, 2))
-            reqs = [fields(c, p, v) for (c, p), v in zip(faces, va)]
+
+            def requests(row: int, n: int = a.requests, judge: bool = False, one_face: bool = False):
+                # new faces for every row: a residual-paste model renders each
+                # face as itself once and caches it (generate.Synthesizer._own_luma)
+                return [
+                    fields(*face(s, 1000 * row + (0 if one_face else i)), va[i % len(va)], judge)
+                    for i in range(n)
+                ]
+
             with ts.client() as c:
-                run_clients(c, reqs[: a.concurrency * 2], a.concurrency)  # warm-up
+                run_clients(c, requests(0, a.concurrency * 2), a.concurrency)  # warm-up
                 for name, conc, rq in (
-                    ("sequential (batch 1)", 1, reqs),
-                    (f"batched ({a.concurrency} clients)", a.concurrency, reqs),
-                    (
-                        "sequential, judge=1",
-                        1,
-                        [dict(r, judge=b"1") for r in reqs[: max(8, a.requests // 3)]],
-                    ),
-                    (
-                        f"batched ({a.concurrency} clients), judge=1",
-                        a.concurrency,
-                        [dict(r, judge=b"1") for r in reqs],
-                    ),
+                    ("sequential (batch 1)", 1, requests(1)),
+                    (f"batched ({a.concurrency} clients)", a.concurrency, requests(2)),
+                    ("sequential, judge=1", 1, requests(3, max(8, a.requests // 3), judge=True)),
+                    (f"batched ({a.concurrency} clients), judge=1", a.concurrency, requests(4, judge=True)),
+                    ("batched, one face (as Transfer)", a.concurrency, requests(5, one_face=True)),
                 ):
                     wall, lat, batches = run_clients(c, rq, conc)
                     rows.append(
@@ -213,15 +216,17 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-        crops = np.stack([f[0] for f in faces])
-        pts = np.stack([f[1] for f in faces])
         for b in (1, a.batch):
             lat = []
-            syn.transform(crops[:b], pts[:b], va[:b])
-            for i in range(0, max(b, a.requests // 2), b):
-                j = i % (len(crops) - b + 1)
+            calls = max(1, a.requests // 2 // b)
+            faces = [face(s, 10000 * b + i) for i in range(b * (calls + 1))]  # new faces for every call
+            crops = np.stack([f[0] for f in faces])
+            pts = np.stack([f[1] for f in faces])
+            vas = np.resize(va, (len(faces), 2))
+            syn.transform(crops[:b], pts[:b], vas[:b])
+            for j in range(b, len(faces), b):
                 t0 = time.perf_counter()
-                syn.transform(crops[j : j + b], pts[j : j + b], va[j : j + b])
+                syn.transform(crops[j : j + b], pts[j : j + b], vas[j : j + b])
                 lat.append(time.perf_counter() - t0)
             rows.append(
                 (f"in-process batch {b}", b / statistics.mean(lat), pct(lat, 50) * 1e3, pct(lat, 95) * 1e3, b)

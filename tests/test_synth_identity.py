@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
+from dyadlab.config import DEFAULT_SYNTH_MODEL
 from services.synth import data as D
 from services.synth import identity as ID
 from services.synth import landmarks as L
@@ -20,10 +21,7 @@ from services.synth import paste as P
 
 from media import media_dirs
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_MODEL = Path(
-    os.environ.get("DYADLAB_SYNTH_TEST_MODEL") or REPO / "models" / "synth" / "synth-64-mask.pt"
-)
+REAL_MODEL = Path(os.environ.get("DYADLAB_SYNTH_TEST_MODEL") or DEFAULT_SYNTH_MODEL)
 STILLS = ("single_face.jpg", "0-f1-su-ph.jpg", "0-f15-hao-ph.jpg", "15-f13-anc-ph.jpg", "45-m7-di-ph.jpg")
 
 

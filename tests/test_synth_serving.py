@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from dyadlab import torchserve as T
+from dyadlab.config import DEFAULT_SYNTH_MODEL
 from dyadlab.storage import LocalStore
 from services.synth import archive
 from services.synth.generate import Synthesizer
@@ -32,9 +33,7 @@ except ImportError:
 
 REPO = Path(__file__).resolve().parents[1]
 #: the trained model (DYADLAB_SYNTH_TEST_MODEL overrides, e.g. a model not yet committed)
-REAL_MODEL = Path(
-    os.environ.get("DYADLAB_SYNTH_TEST_MODEL") or REPO / "models" / "synth" / "synth-64-mask.pt"
-)
+REAL_MODEL = Path(os.environ.get("DYADLAB_SYNTH_TEST_MODEL") or DEFAULT_SYNTH_MODEL)
 S = 128
 
 
@@ -137,6 +136,76 @@ def test_synthesizer_rejects_bad_model_files(tmp_path):
         Synthesizer.from_dict(blob)
     with pytest.raises(FileNotFoundError):
         Synthesizer.load(tmp_path / "missing.pt")
+    blob["config"]["conv_dim"] = 32
+    with pytest.raises(ValueError, match="paste_colour must be one of"):
+        Synthesizer.from_dict(blob, paste_colour="sepia")
+    with pytest.raises(ValueError, match=r"can be overridden, not \['conv_dim'\]"):
+        Synthesizer.from_dict(blob, conv_dim=8)
+    # the same weights at another crop side (G_i is fully convolutional)
+    crop, pts = SM.synthetic_face(64, 0)
+    images, _ = Synthesizer.from_dict(blob, size="64").transform(crop[None], pts[None], np.zeros((1, 2)))
+    assert images.shape == (1, 64, 64, 3)
+
+
+def _residual(model_file: Path, paste_colour: str, blind: bool = False) -> Synthesizer:
+    """The test model with `paste_colour`; `blind`: G_i deaf to its target (the
+    first conv's weights on the landmark image and VA channels zeroed)."""
+    import torch
+
+    blob = torch.load(model_file, weights_only=True)
+    blob["config"]["paste_colour"] = paste_colour
+    if blind:
+        w = blob["G_i"]["main.0.weight"].clone()
+        w[:, blob["config"]["channels"] :] = 0
+        blob["G_i"]["main.0.weight"] = w
+    return Synthesizer.from_dict(blob)
+
+
+def test_residual_paste_cancels_what_the_generator_draws_whatever_the_target(model_file):
+    crops, pts = _faces(2)
+    va = np.array([[0.66, 0.13], [-0.69, -0.26]], np.float32)
+    from services.synth import colour as C
+
+    # a generator that ignores its target draws the same C for target and own
+    # face: the residual paste gives back the input's luma, so the photo is unchanged
+    g = _residual(model_file, "residual", blind=True).generate(crops, pts, va)
+    np.testing.assert_allclose(g.colour, C.luma(crops), atol=1e-3)
+    assert np.abs(g.images.astype(int) - crops).max() <= 1
+    # pasting that generator's own C instead redraws the masked face (an untrained C)
+    g = _residual(model_file, "generated", blind=True).generate(crops, pts, va)
+    assert np.abs(g.colour - C.luma(crops))[g.mask > 0.5].mean() > 20
+    assert (g.mask > 0.5).any()
+
+
+def test_residual_paste_renders_each_face_once(model_file):
+    syn = _residual(model_file, "residual")
+    calls = []
+    syn.G_i.main.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    crops, pts = _faces(3)
+    happy = np.tile(np.float32([0.66, 0.13]), (3, 1))
+    first = syn.generate(crops[:2], pts[:2], happy[:2])
+    assert calls == [2, 2]  # the target pass, then each face's own
+    again = syn.generate(crops, pts, -happy)
+    assert calls == [2, 2, 3, 1]  # only the new face is rendered as itself
+    # the cache changes no result: a fresh Synthesizer agrees
+    fresh = _residual(model_file, "residual").generate(crops, pts, -happy)
+    np.testing.assert_array_equal(fresh.images, again.images)
+    np.testing.assert_array_equal(first.images, syn.generate(crops[:2], pts[:2], happy[:2]).images)
+
+
+def test_residual_paste_takes_batches_larger_than_its_cache(model_file, monkeypatch):
+    from services.synth import generate as G
+
+    monkeypatch.setattr(G, "OWN_CACHE", 2)
+    crops, pts = _faces(5)
+    va = np.tile(np.float32([0.66, 0.13]), (5, 1))
+    syn = _residual(model_file, "residual")
+    big = syn.generate(crops, pts, va)
+    assert len(syn._own) == 2
+    each = [
+        _residual(model_file, "residual").generate(crops[i : i + 1], pts[i : i + 1], va[:1]) for i in range(5)
+    ]
+    np.testing.assert_array_equal(big.images, np.concatenate([g.images for g in each]))
 
 
 # -- the handler in-process (TorchServe's calling convention, no server) -------------------

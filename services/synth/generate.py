@@ -30,9 +30,12 @@ ValueError with a message that says what is wrong.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import io
 import os
+import threading
 from typing import BinaryIO, cast
 
 import numpy as np
@@ -48,6 +51,10 @@ from services.synth.model import ImageGenerator
 MODEL_FORMAT = 1
 N_POINTS = L.N_POINTS
 _KEYS = ("config", "G_l", "G_i", "judge")
+PASTE_COLOURS = ("generated", "residual")  # Config.paste_colour
+#: config settings a caller may override without changing a weight (Synthesizer.from_dict)
+SERVING = {"paste_mask": str, "paste_colour": str, "size": int}
+OWN_CACHE = 64  # faces whose own rendering C(own) is kept (Synthesizer._own_luma)
 
 
 def _array(name: str, value, dtype=None) -> np.ndarray:
@@ -87,11 +94,14 @@ class Synthesizer:
         self.G_l = G_l.eval()
         self.G_i = G_i.eval()
         self.J = judge.eval()
+        self._own: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+        self._own_lock = threading.Lock()
 
     # -- loading ---------------------------------------------------------------------
     @classmethod
-    def load(cls, src: str | os.PathLike | bytes | bytearray | BinaryIO) -> Synthesizer:
-        """From a model file path, its bytes, or a readable binary file object."""
+    def load(cls, src: str | os.PathLike | bytes | bytearray | BinaryIO, **serving) -> Synthesizer:
+        """From a model file path, its bytes, or a readable binary file object
+        (`serving`: settings that change no weight, see `from_dict`)."""
         if isinstance(src, (bytes, bytearray, memoryview)):
             src = io.BytesIO(bytes(src))
         try:
@@ -100,17 +110,27 @@ class Synthesizer:
             raise
         except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
             raise ValueError(f"not a synth model file: {e}") from e
-        return cls.from_dict(blob)
+        return cls.from_dict(blob, **serving)
 
     @classmethod
-    def from_dict(cls, blob: dict) -> Synthesizer:
+    def from_dict(cls, blob: dict, **serving) -> Synthesizer:
+        """From `train.export`'s dict. `serving` overrides settings of its config
+        that change no weight (`SERVING`: what is pasted, where; the crop side,
+        as G_i is fully convolutional), for comparisons and ablations."""
         if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
             fmt = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
             raise ValueError(f"not a synth model (format {fmt!r}; expected {MODEL_FORMAT})")
         missing = [k for k in _KEYS if k not in blob]
         if missing:
             raise ValueError(f"synth model file lacks {missing}")
-        cfg = S.Config.from_dict(blob["config"])
+        unknown = set(serving) - set(SERVING)
+        if unknown:
+            raise ValueError(f"only {tuple(SERVING)} can be overridden, not {sorted(unknown)}")
+        cfg = S.Config.from_dict({**blob["config"], **{k: SERVING[k](v) for k, v in serving.items()}})
+        if cfg.paste_colour not in PASTE_COLOURS:
+            raise ValueError(
+                f"synth model: paste_colour must be one of {PASTE_COLOURS}, got {cfg.paste_colour!r}"
+            )
         nets = {
             "G_l": S.build("landmark", cfg)["G"],
             "G_i": S.build("image", cfg)["G"],
@@ -173,8 +193,9 @@ class Synthesizer:
         crops (B, S, S, 3) uint8 aligned RGB crops, crop_landmarks (B, 68, 2)
         in crop pixels (or (B, 136) ``[x.., y..]``), va (B, 2) in [-1, 1]
         -> `Generated`: the output crops (RGB, with the input's chroma), the
-        target landmarks in crop pixels, the luma of the generator's colour
-        C (B, S, S) in [0, 255], the attention A (B, S, S) in [0, 1] (None
+        target landmarks in crop pixels, the luma to paste (B, S, S) in
+        [0, 255] (the generator's colour C's, or the input's moved by C's
+        change, `Config.paste_colour`), the attention A (B, S, S) in [0, 1] (None
         for a model without a mask) and the blend weight m that pasting uses
         (`paste.blend_weight`: 1 - A over the face, or the model's geometric
         `paste_mask` when it has no A).
@@ -212,8 +233,9 @@ class Synthesizer:
         # what is pasted is the generator's luma; the chroma stays the input's
         # (colour.py: most training faces are grey, so a three-channel model's
         # own chroma is mostly grey too)
-        col = C.to_unit(colour)
-        col = col[..., 0] if ch == 1 else C.luma(col)
+        col = self._luma(colour)
+        if self.config.paste_colour == "residual":
+            col = self._residual(x, pts, col, lm, centres, radii)
         att = None if A is None else A[:, 0].numpy().astype(np.float32)
         # the output crop is what pasting back makes of it (paste.py): the
         # generator's blend, feathered over the face, at the crop's size
@@ -226,6 +248,46 @@ class Synthesizer:
         identity = np.eye(2, 3)
         images = np.stack([P.paste_back(x[i], identity, col[i], mask[i]) for i in range(b)])
         return Generated(images, target, col, att, mask, C.from_model(fake, x))
+
+    def _luma(self, colour: torch.Tensor) -> np.ndarray:
+        """(B, S, S) luma in [0, 255] of the generator's colour C."""
+        col = C.to_unit(colour)
+        return col[..., 0] if self.config.channels == 1 else C.luma(col)
+
+    def _residual(self, x: np.ndarray, pts: np.ndarray, col: np.ndarray, lm, centres, radii) -> np.ndarray:
+        """The input's luma moved by C(target) - C(own) (`Config.paste_colour` "residual").
+
+        C(own) is the generator asked for the face it was given: its own
+        landmarks and its own VA (as judged). Whatever the generator draws
+        regardless of the target -- its darker, blurrier rendering of skin
+        seen mostly in grey, its checkerboard -- is in both and cancels; what
+        is left is the change the target expression makes, added to the
+        photo's own luma, whose texture and exposure stay."""
+        y = C.luma(x.astype(np.float32))
+        return np.clip(y + col - self._own_luma(x, pts, lm, centres, radii), 0.0, 255.0).astype(np.float32)
+
+    def _own_luma(self, x: np.ndarray, pts: np.ndarray, lm, centres, radii) -> np.ndarray:
+        """(B, S, S) luma of C(own) for each face, from a small cache keyed by
+        the crop and its landmarks: a face driven through many targets (a
+        Transfer's frames, a Matrix's cells) costs its own pass once."""
+        keys = [hashlib.sha1(x[i].tobytes() + pts[i].tobytes()).digest() for i in range(len(x))]
+        with self._own_lock:
+            found = {k: self._own[k] for k in keys if k in self._own}
+            for k in found:
+                self._own.move_to_end(k)
+        todo = sorted({keys[i]: i for i in range(len(x)) if keys[i] not in found}.values())
+        if todo:
+            own_va = torch.from_numpy(self.judge(x[todo]))
+            own_image = D.draw_batch(lm[todo], self.size, centres[todo], radii[todo])
+            _, own, _ = self.G_i.parts(C.to_model(x[todo], self.config.channels), own_image, own_va)
+            found.update(zip((keys[i] for i in todo), self._luma(own)))
+            with self._own_lock:
+                for i in todo:
+                    self._own[keys[i]] = found[keys[i]]
+                    self._own.move_to_end(keys[i])
+                while len(self._own) > OWN_CACHE:
+                    self._own.popitem(last=False)
+        return np.stack([found[k] for k in keys])
 
     def transform(self, crops, crop_landmarks, va) -> tuple[np.ndarray, np.ndarray]:
         """`generate`'s (output crops (B, S, S, 3) uint8, target landmarks (B, 68, 2) crop px)."""

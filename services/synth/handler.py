@@ -20,8 +20,9 @@ REST form fields), values bytes:
   -> JSON ``{"image_png_b64": str, "landmarks": [136 floats, crop px],
              "colour_png_b64": str, "mask_png_b64": str,
              "judged_input": [v, a], "judged_output": [v, a]}``: the output
-     crop (RGB), the target landmarks, the luma of the generator's colour C
-     (grey PNG; the photo keeps its own chroma) and the blend weight m as a
+     crop (RGB), the target landmarks, the luma to paste (the generator's
+     colour C's or the input's moved by C's change, `Synthesizer.generate`;
+     grey PNG; the photo keeps its own chroma) and the blend weight m as a
      grey PNG (255 = all redrawn; ``paste.blend_weight``), which the synth
      service needs to paste the face back into the photo (``paste.py``);
      the judged fields only with judge=1

@@ -16,8 +16,9 @@ border, so no seam shows where the crop ends. Wherever the mask keeps the
 input, the original pixel survives untouched at full resolution: only what
 the expression changed is redrawn, at the crop's resolution.
 
-Colour (`colour.py`): the Synthesizer hands over the luma of C (a luminance
-model's C itself, a three-channel model's C converted), which replaces only
+Colour (`colour.py`): the Synthesizer hands over a luma to paste (the luma of
+C, or the crop's own luma moved by what the target changes in C: the model's
+`paste_colour`, see generate.py), which replaces only
 the image's luma (BT.601 YCrCb); the image's own chroma is kept, so colour in
 is colour out and grey stays grey. An RGB C given directly replaces RGB.
 A model without a mask (A = None) is treated as A = 0: the feathered face
@@ -180,7 +181,7 @@ def blend_weight(
 
 
 def paste_generated(photo: np.ndarray, M: np.ndarray, out: dict):
-    """A synth prediction (`backend.Model.transform`'s dict: the luma of C as
+    """A synth prediction (`backend.Model.transform`'s dict: the luma to paste as
     "colour" and the blend weight m as "mask") pasted into the photo its crop
     came from. -> (the photo with the new expression, m)."""
     change = np.asarray(out["mask"], np.float32)

@@ -96,6 +96,10 @@ class Config:
     # the blend weight of a generator without a learned mask (paste.blend_weight):
     # "face" (the whole face hull) or "regions" (the expression regions)
     paste_mask: str = "face"
+    # what is pasted (generate.Synthesizer.generate): "generated", the luma of
+    # the generator's C; "residual", the input's luma plus C(target) - C(own),
+    # the change the target makes to the generator's own rendering of the face
+    paste_colour: str = "generated"
     adv: str = "gan"
     target_jitter: float = 0.05
     seed: int = 0
