@@ -46,7 +46,6 @@ from dyadlab.storage import open_store  # noqa: E402
 from services.synth import data as D  # noqa: E402
 from services.synth import evaluate as E  # noqa: E402
 from services.synth import identity as ID  # noqa: E402
-from services.synth import solver as S  # noqa: E402
 from services.synth import train as T  # noqa: E402
 from services.synth.generate import SERVING, Synthesizer  # noqa: E402
 
@@ -73,9 +72,7 @@ def load(store, source: str, kind: str, overrides: dict) -> Synthesizer:
         blob = Path(source).read_bytes()
     else:
         run, step = source.split("@", 1)
-        cfg = S.Config.from_dict(json.loads(store.get_bytes(f"synth/runs/{run}/config.json")))
-        cfg = T.with_base(cfg, T.load_base(cfg))
-        blob = T.export(store, run, cfg, image_step=int(step))
+        blob = T.export_snapshot(store, run, int(step))
     return Synthesizer.load(blob, **overrides)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 
 import numpy as np
@@ -791,6 +792,37 @@ def test_a_run_on_a_base_model_trains_only_the_image_stage_and_exports_its_parts
     assert not torch.equal(early["G_i"]["main.0.weight"], model["G_i"]["main.0.weight"])
     with pytest.raises(NotFound):
         T.export(store, "m", cfg, image_step=999)
+    # a snapshot by run name and step, with the config the run stored
+    store.put_bytes("synth/runs/m/config.json", json.dumps(cfg.to_dict()).encode())
+    assert_same(
+        torch.load(io.BytesIO(T.export_snapshot(store, "m", 2)), weights_only=True)["G_i"], early["G_i"]
+    )
+
+
+def test_a_model_starts_a_generator_at_twice_its_side(straight_run, faceset32, tmp_path):
+    """Resolution transfer (the served 128 px model's recipe): G_i is fully
+    convolutional, so a 32 px model's G_i starts a 64 px run; D_i, whose
+    heads depend on the side, starts fresh; the run trains and resumes."""
+    store_a, _ = straight_run
+    base_file = tmp_path / "base.pt"
+    base_file.write_bytes(T.export(store_a, "a", TINY))
+    small = torch.load(base_file, weights_only=True)
+    cfg = dataclasses.replace(
+        TINY, size=64, d_repeat=5, base_model=str(base_file), init_from=str(base_file), steps_image=2
+    )
+    nets = S.build("image", cfg)
+    S.init_from_snapshot(nets, S.initial_nets(None, cfg.init_from))
+    assert_same(nets["G"].state_dict(), small["G_i"])
+    store = LocalStore(tmp_path / "store", bucket="dyadlab")
+    g_l = S.build("landmark", cfg)["G"]
+    g_l.load_state_dict(small["G_l"])
+    S.train_stage("image", faceset32.resized(64), store, "big", cfg, G_l=g_l)
+    syn = Synthesizer.from_dict(torch.load(io.BytesIO(T.export(store, "big", cfg)), weights_only=True))
+    assert syn.size == 64
+    moved = syn.transform(
+        faceset32.resized(64).images[:2], faceset32.resized(64).landmarks[:2], np.zeros((2, 2))
+    )[0]
+    assert moved.shape == (2, 64, 64, 3)
 
 
 def test_a_plain_generators_snapshot_starts_an_attention_generator():

@@ -88,6 +88,13 @@ def export(store, run: str, cfg: S.Config, image_step: int | None = None) -> byt
     return bio.getvalue()
 
 
+def export_snapshot(store, run: str, step: int) -> bytes:
+    """The model a run's image snapshot at `step` makes (`export` with that G_i;
+    G_l and the judge from the run's base model, or its own finished stages)."""
+    cfg = S.Config.from_dict(json.loads(store.get_bytes(f"synth/runs/{run}/config.json")))
+    return export(store, run, with_base(cfg, load_base(cfg)), image_step=step)
+
+
 def _flag(text: str) -> bool:
     """A boolean option's value: 1/true/yes or 0/false/no."""
     t = text.strip().lower()
