@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 
 
 #: the exported synth model `dyadlab up` serves unless DYADLAB_SYNTH_MODEL says otherwise
-DEFAULT_SYNTH_MODEL = Path(__file__).resolve().parents[1] / "models" / "synth" / "synth-64-mask.pt"
+DEFAULT_SYNTH_MODEL = Path(__file__).resolve().parents[1] / "models" / "synth" / "synth-128-mask.pt"
 
 
 # -- parsers: (variable name, raw text) -> value -------------------------------------------
@@ -265,7 +265,7 @@ VARS: tuple[Var, ...] = (
         "exported synth model `dyadlab up` serves (missing: no TorchServe)",
         str(DEFAULT_SYNTH_MODEL),
         lambda n, r: Path(r).expanduser(),
-        doc_default="<repo>/models/synth/synth-64-mask.pt",
+        doc_default="<repo>/models/synth/synth-128-mask.pt",
         section="synth",
     ),
     Var(
@@ -343,8 +343,8 @@ VARS: tuple[Var, ...] = (
     Var(
         "DYADLAB_SYNTH_THREADS",
         "synth_threads",
-        "torch threads per worker",
-        "1",
+        "torch threads per worker (2: a 128 px face costs two generator passes, which want both cores of a small machine)",
+        "2",
         _int_at_least(1),
         section="synth",
     ),

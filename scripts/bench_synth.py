@@ -1,9 +1,9 @@
 """Throughput and latency of synth's Transform through a real TorchServe, on
 CPU, and Transfer's frames/s on a real dyad clip, in one run.
 
-    .venv/bin/python scripts/bench_synth.py [--model models/synth/synth-64-mask.pt]
+    .venv/bin/python scripts/bench_synth.py [--model models/synth/synth-128-mask.pt]
         [--requests 48] [--concurrency 8] [--batch 8] [--delay-ms 20]
-        [--workers 1] [--threads 1] [--clip VIDEO] [--no-transfer]
+        [--workers N] [--threads N] [--clip VIDEO] [--no-transfer]
 
 One run: builds the .mar (services/synth/archive.py) from the model file (or,
 when it does not exist, from freshly initialised nets of the default config:
@@ -65,7 +65,10 @@ def random_model(path: Path, size: int = 128) -> Path:
 
     from services.synth import solver as S
 
-    cfg = S.Config(size=size, channels=1, attention=True, d_repeat=6, conv_dim=24)
+    # the served model's configuration (models/synth/MODEL_CARD.md)
+    cfg = S.Config(
+        size=size, attention=True, d_repeat=6, d_max_dim=256, paste_mask="regions", paste_colour="residual"
+    )
     torch.manual_seed(0)
     blob = {
         "format": 1,
@@ -144,8 +147,9 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8, help="TorchServe batch_size")
     ap.add_argument("--delay-ms", type=int, default=20, help="TorchServe max_batch_delay")
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    defaults = Settings.from_env({})  # what `dyadlab up` serves with
+    ap.add_argument("--workers", type=int, default=defaults.synth_workers)
+    ap.add_argument("--threads", type=int, default=defaults.synth_threads, help="torch threads per worker")
     ap.add_argument("--clip", default=str(SHARED / "videos" / PEEKABOO), help="the dyad video for Transfer")
     ap.add_argument("--no-transfer", action="store_true", help="only the Transform rows")
     a = ap.parse_args(argv)

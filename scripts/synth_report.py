@@ -3,9 +3,9 @@ sanity of synth models, side by side, on the same faces.
 
     DYADLAB_HOME=... .venv/bin/python scripts/synth_report.py \\
         --faces synth/faces/<key>-128px.npz --images DIR/expressions/images \\
-        --model "before (crop)=synth-64.pt:crop" \\
-        --model "attention mask, 128 px=models/synth/synth-64-mask.pt:photo" \\
-        --run "mask, 500 steps=r128@500:photo" --run "no mask, 500 steps=r128-nomask@500:photo" \\
+        --model "served=models/synth/synth-128-mask.pt:photo" \\
+        --model "its C pasted=models/synth/synth-128-mask.pt:photo,paste_colour=generated" \\
+        --model "before (crop)=synth-64.pt:crop" --run "no mask, 500 steps=r128-nomask@500:photo" \\
         [--max-photos 890] [--json report.json]
     .venv/bin/python scripts/synth_report.py --merge report.json other.json   # the tables of both
 

@@ -47,11 +47,14 @@ def faces():
 def test_outputs_are_the_same_person_and_keep_size_and_colour(syn, faces):
     refs = [ID.descriptor(ID.chip(f.photo, f.points)) for f in faces]
     judged = {}
-    for t in ("happy", "sad", "surprise"):
-        d = ID.distances(refs, ID.outputs(syn, faces, D.TABLE_II[t], "photo"))
-        assert (d < ID.SAME_PERSON).all(), (t, d.round(3))
-        # not vacuous: the face did change
-        assert d.min() > 0.02, (t, d.round(3))
+    targets = ("happy", "sad", "surprise")
+    d = np.stack([ID.distances(refs, ID.outputs(syn, faces, D.TABLE_II[t], "photo")) for t in targets])
+    assert (d < ID.SAME_PERSON).all(), dict(zip(targets, d.round(3).tolist()))
+    # not vacuous: every face changes for some target, every target changes
+    # some face (a smiling face moved to happy may rightly barely change)
+    assert (d.max(axis=0) > 0.1).all() and (d.max(axis=1) > 0.1).all(), dict(
+        zip(targets, d.round(3).tolist())
+    )
     face = faces[0]  # a colour photo
     crop, lm, M = L.align(face.photo, face.points, syn.size)
     for t in ("happy", "sad"):

@@ -841,3 +841,53 @@ def test_a_plain_generators_snapshot_starts_an_attention_generator():
         # the colour C is the plain generator's output; the mask starts half open
         torch.testing.assert_close(colour, plain["G"](x, lm, c))
     assert 0.3 < float(A.mean()) < 0.7
+
+
+def test_the_training_command_resumes_and_exports_a_snapshot(straight_run, tmp_path, monkeypatch, capsys):
+    """`python -m services.synth.train` on a folder of real photos: the image
+    stage on a base model, stopped and resumed, and its step-2 snapshot
+    exported (the served model's last step) -- equal to the snapshot's G_i."""
+    import cv2
+
+    store_a, _ = straight_run
+    base = tmp_path / "base.pt"
+    base.write_bytes(T.export(store_a, "a", TINY))
+    images = tmp_path / "images"
+    images.mkdir()
+    frames = video_frames("single_face.mp4", [0, 24, 48]) + video_frames(
+        "WolfgangLanger_Pexels.mp4", [0, 150, 300]
+    )
+    emotions = ["happiness", "neutral", "surprise", "sadness", "happiness", "anger"]
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(images / f"f{i}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    legend = tmp_path / "legend.csv"
+    pd.DataFrame({"image": [f"f{i}.png" for i in range(6)], "emotion": emotions}).to_csv(legend, index=False)
+    monkeypatch.setenv("DYADLAB_HOME", str(tmp_path / "home"))
+    args = ["--images", str(images), "--labels", str(legend), "--run", "r", "--workers", "1"]
+    args += ["--base-model", str(base), "--init-from", str(base), "--size", "32", "--d-repeat", "4"]
+    args += [
+        "--conv-dim",
+        "8",
+        "--g-repeat",
+        "1",
+        "--batch",
+        "4",
+        "--steps-image",
+        "4",
+        "--snapshot-every",
+        "2",
+    ]
+    assert T.main([*args, "--stop-after", "2"]) == 0
+    assert "exported" not in capsys.readouterr().err  # stopped half way: nothing to export yet
+    out = tmp_path / "served.pt"
+    assert T.main([*args, "--export-snapshot", "2", "--export", str(out)]) == 0
+    assert "exported synth/models/r@2.pt" in capsys.readouterr().err
+    from dyadlab.config import Settings
+    from dyadlab.storage import open_store
+
+    store = open_store(Settings.from_env())
+    assert S.load_checkpoint(store, "r", "image")["step"] == 4  # the run went on to its end
+    model = torch.load(out, weights_only=True)
+    assert_same(model["G_i"], S.load_snapshot(store, "r", "image", 2)["nets"]["G"])
+    assert store.get_bytes("synth/models/r@2.pt") == out.read_bytes()
+    assert Synthesizer.from_dict(model).size == 32

@@ -3,7 +3,7 @@ object store, a real TorchServe over gRPC, and the stack's TorchServe.
 
 Models here are freshly initialised (seeded) nets in train.export's format
 (tests/synthmodel.py), except test_real_model_moves_judged_va_toward_target,
-which needs the trained models/synth/synth-64-mask.pt and skips without it.
+which needs the trained models/synth/synth-128-mask.pt and skips without it.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ S = 128
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    # the served configuration (luminance, attention mask), narrow for speed
+    # the served side and mask on the luminance path (the served model, RGB with the
+    # residual paste, is test_real_model_...'s), narrow for speed
     return SM.make_model_file(
-        tmp_path_factory.mktemp("synth-model") / "synth-64-mask.pt",
+        tmp_path_factory.mktemp("synth-model") / "served-config.pt",
         size=S,
         seed=3,
         channels=1,
@@ -472,7 +473,7 @@ def test_real_model_moves_judged_va_toward_target(torchserve_factory, tmp_path):
     if not REAL_MODEL.is_file():
         pytest.skip(
             f"no trained model at {REAL_MODEL} (train and export it: "
-            "python -m services.synth.train ... --export models/synth/synth-64-mask.pt)"
+            "python -m services.synth.train ... --export models/synth/synth-128-mask.pt)"
         )
     crops, pts = _real_faces(8, Synthesizer.load(REAL_MODEL).size)
     store = LocalStore(tmp_path / "store")

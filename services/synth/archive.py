@@ -1,6 +1,6 @@
 """synth model archives (.mar) for TorchServe: build, publish to the object store, fetch.
 
-    mar = build("models/synth/synth-64-mask.pt", "/tmp/out")          # -> /tmp/out/synth.mar
+    mar = build("models/synth/synth-128-mask.pt", "/tmp/out")          # -> /tmp/out/synth.mar
     key = publish(store, mar)                                    # synth/archives/synth-<sha12>.mar
     local = fetch(store, key, model_store_dir)                   # model_store_dir/synth-<sha12>.mar
     TorchServe(workdir, model_store_dir, {"synth": local.name}).start()

@@ -1,6 +1,6 @@
 """Inference with an exported avLandmarkGAN model: the `Synthesizer`.
 
-    syn = Synthesizer.load("models/synth/synth-64-mask.pt")    # path, bytes or a binary file
+    syn = Synthesizer.load("models/synth/synth-128-mask.pt")    # path, bytes or a binary file
     images, target_lm = syn.transform(crops, crop_landmarks, va)
     g = syn.generate(crops, crop_landmarks, va)            # + colour C and attention A
     judged = syn.judge(images)

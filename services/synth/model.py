@@ -23,11 +23,13 @@ Conventions shared by every module here and by ``losses.py``:
   [-1, 1] (white background = +1, drawn landmarks darker).
 
 Image sizes: 128x128 is the paper's configuration (``image_size=128``,
-discriminator ``repeat_num=6``; implemented, not yet trained to a usable
-model on CPU); 64x64 is the CPU configuration (``image_size=64``,
-discriminator ``repeat_num=5``), served with GANimation's attention mask. The discriminator's
-``repeat_num`` must leave a spatial size of at least 1:
-``image_size / 2**repeat_num`` (2 in both configurations above).
+discriminator ``repeat_num=6``), the served one, with GANimation's attention
+mask; 64x64 (``repeat_num=5``) is where it was first trained on CPU. The
+generator is fully convolutional, so a 64 px generator's weights start a
+128 px run (resolution transfer, models/synth/MODEL_CARD.md); the
+discriminator's heads depend on the side. Its ``repeat_num`` must leave a
+spatial size of at least 1: ``image_size / 2**repeat_num`` (2 in both
+configurations above).
 
 Every module has ``count_params()``; ``count_params(module)`` works on any
 ``nn.Module``.

@@ -2,7 +2,7 @@
 
     python -m services.synth.train --images DIR --labels legend.csv --run r64 \\
         [--size 64] [--steps-landmark N] [--steps-image N] [--steps-judge N] \\
-        [--seed 0] [--export models/synth/synth-64-mask.pt]
+        [--seed 0] [--export models/synth/synth-128-mask.pt]
 
 A batch job (CLI, Kubernetes Job), not an RPC. Everything it makes goes to the
 object store configured by the DYADLAB_* environment (the embedded default is
@@ -156,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--stop-after", type=int, metavar="STEP", help="stop each stage at this step (resumable; ablations)"
     )
+    ap.add_argument(
+        "--export-snapshot",
+        type=int,
+        metavar="STEP",
+        help="export the image converter's snapshot at this step (to synth/models/<run>@<STEP>.pt and --export)",
+    )
     for f in dataclasses.fields(S.Config):
         kind = _flag if isinstance(f.default, bool) else type(f.default)
         ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
@@ -216,16 +222,20 @@ def main(argv: list[str] | None = None) -> int:
         (ck := S.load_checkpoint(store, a.run, s)) is not None and int(ck["step"]) >= cfg.steps(s)
         for s in trained_stages(cfg)
     )
-    if finished:
-        blob = export(store, a.run, cfg)
-        store.put_bytes(f"synth/models/{a.run}.pt", blob)
+    blob = None
+    if a.export_snapshot is not None:
+        blob, name = export_snapshot(store, a.run, a.export_snapshot), f"{a.run}@{a.export_snapshot}"
+    elif finished:
+        blob, name = export(store, a.run, cfg), a.run
+    if blob is not None:
+        store.put_bytes(f"synth/models/{name}.pt", blob)
         if a.export:
             from pathlib import Path
 
             Path(a.export).parent.mkdir(parents=True, exist_ok=True)
             Path(a.export).write_bytes(blob)
         print(
-            f"synth train: exported synth/models/{a.run}.pt ({len(blob) / 1e6:.1f} MB) "
+            f"synth train: exported synth/models/{name}.pt ({len(blob) / 1e6:.1f} MB) "
             f"after {time.time() - t0:.0f} s",
             file=sys.stderr,
             flush=True,
