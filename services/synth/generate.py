@@ -230,7 +230,8 @@ class Synthesizer:
         target = np.stack(
             [L.denormalise(v, s, centres[i], float(radii[i])) for i, v in enumerate(c_l)]
         ).astype(np.float32)
-        # what is pasted is the generator's luma; the chroma stays the input's
+        # what is pasted is luma (the generator's, or the input's moved by the
+        # generator's change: `_residual`); the chroma stays the input's
         # (colour.py: most training faces are grey, so a three-channel model's
         # own chroma is mostly grey too)
         col = self._luma(colour)
