@@ -55,12 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=48, help="validation faces")
     a = ap.parse_args(argv)
     store = open_store(Settings.from_env())
-    serving = dict(kv.split("=", 1) for kv in a.set)
-    if Path(a.source).is_file():
-        syn = Synthesizer.load(a.source, **serving)
-    else:
-        run, step = a.source.rsplit("@", 1)
-        syn = Synthesizer.load(T.export_snapshot(store, run, int(step)), **serving)
+    syn = Synthesizer.load(T.model_bytes(store, a.source), **dict(kv.split("=", 1) for kv in a.set))
     faces = D.FaceSet.from_bytes(store.get_bytes(a.faces or faces_key(store, syn.size))).split(val=True)
     if faces.size != syn.size:
         faces = faces.resized(syn.size)

@@ -65,17 +65,6 @@ def _split(spec: str) -> tuple[str, str, str, dict]:
     return name, source, mode, overrides
 
 
-def load(store, source: str, kind: str, overrides: dict) -> Synthesizer:
-    """An exported model file, or a run's snapshot "RUN@STEP" (with the run's base
-    model's landmark converter and judge), with the serving `overrides`."""
-    if kind == "file":
-        blob = Path(source).read_bytes()
-    else:
-        run, step = source.split("@", 1)
-        blob = T.export_snapshot(store, run, int(step))
-    return Synthesizer.load(blob, **overrides)
-
-
 def identity_rows(syn: Synthesizer, faces: list[ID.PhotoFace], mode: str, refs: list[np.ndarray]) -> dict:
     rows = {"floor": ID.summary(ID.distances(refs, ID.floor(syn, faces)))}
     for t in TARGETS:
@@ -125,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"sets": {k: len(v) for k, v in sets.items()}, "models": {}}
     for k in sets:
         report.setdefault("others", {})[k] = ID.summary(ID.others(refs[k]))
-    models = [(*_split(s), "file") for s in a.model] + [(*_split(s), "run") for s in a.run]
-    for name, source, mode, overrides, kind in models:
+    models = [_split(s) for s in a.model + a.run]
+    for name, source, mode, overrides in models:
         t1 = time.time()
-        syn = load(store, source, kind, overrides)
+        syn = Synthesizer.load(T.model_bytes(store, source), **overrides)
         res = E.evaluate(syn, faces)
         res["identity"] = {k: identity_rows(syn, sets[k], mode, refs[k]) for k in sets}
         res["mode"], res["size"] = mode, syn.size

@@ -797,6 +797,11 @@ def test_a_run_on_a_base_model_trains_only_the_image_stage_and_exports_its_parts
     assert_same(
         torch.load(io.BytesIO(T.export_snapshot(store, "m", 2)), weights_only=True)["G_i"], early["G_i"]
     )
+    # a model by name: a file, or a run's snapshot
+    assert T.model_bytes(store, str(base_file)) == base_file.read_bytes()
+    assert_same(torch.load(io.BytesIO(T.model_bytes(store, "m@2")), weights_only=True)["G_i"], early["G_i"])
+    with pytest.raises(FileNotFoundError, match="neither a model file nor RUN@STEP"):
+        T.model_bytes(store, str(tmp_path / "missing.pt"))
 
 
 def test_a_model_starts_a_generator_at_twice_its_side(straight_run, faceset32, tmp_path):

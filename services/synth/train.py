@@ -95,6 +95,19 @@ def export_snapshot(store, run: str, step: int) -> bytes:
     return export(store, run, with_base(cfg, load_base(cfg)), image_step=step)
 
 
+def model_bytes(store, source: str) -> bytes:
+    """A model by name: an exported model file's path, or "RUN@STEP", a run's
+    snapshot in `store` (`export_snapshot`)."""
+    from pathlib import Path
+
+    if Path(source).is_file():
+        return Path(source).read_bytes()
+    run, sep, step = source.rpartition("@")
+    if not sep or not step.isdigit():
+        raise FileNotFoundError(f"{source!r} is neither a model file nor RUN@STEP")
+    return export_snapshot(store, run, int(step))
+
+
 def _flag(text: str) -> bool:
     """A boolean option's value: 1/true/yes or 0/false/no."""
     t = text.strip().lower()
